@@ -1,0 +1,95 @@
+"""The `flywheel` command: one entry point for every layer.
+
+Settings come from one TOML file (`--config`, default ./flywheel.toml if present), each
+layer reading its own section, then environment variables FLYWHEEL_<SECTION>_<FIELD>,
+then command-line flags; later sources win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def load_config(cls: type[C], section: str, config_path: str | None, flags: dict[str, Any]) -> C:
+    """Build the dataclass `cls` from [section] of the TOML file, env vars and non-None flags."""
+    values: dict[str, Any] = {}
+    path = Path(config_path or "flywheel.toml")
+    if config_path or path.exists():
+        with path.open("rb") as f:
+            values.update(tomllib.load(f).get(section, {}))
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise SystemExit(f"{path}: unknown setting(s) in [{section}]: {', '.join(sorted(unknown))}")
+    for name, spec in known.items():
+        env = os.environ.get(f"FLYWHEEL_{section.upper()}_{name.upper()}")
+        if env is not None:
+            values[name] = _parse(env, type(spec.default), name)
+        if flags.get(name) is not None:
+            values[name] = flags[name]
+    return cls(**values)
+
+
+def _parse(text: str, kind: type, name: str) -> Any:
+    try:
+        if kind is bool:
+            return text.lower() in ("1", "true", "yes", "on")
+        return kind(text)
+    except ValueError:
+        raise SystemExit(f"setting {name}: cannot read {text!r} as {kind.__name__}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from proxy.app import run
+    from proxy.config import ProxyConfig
+
+    config = load_config(ProxyConfig, "proxy", args.config, vars(args))
+    run(config)
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    from proxy.sql_cli import run_sql
+
+    return run_sql(args.query, url=args.url, db=args.db, fmt=args.format)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the logging proxy in front of an OpenAI-compatible server")
+    serve.add_argument("--upstream", help="upstream base URL, e.g. http://127.0.0.1:8000")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb)")
+    serve.add_argument("--config", help="TOML settings file (default ./flywheel.toml if present)")
+    serve.set_defaults(run=_serve)
+
+    sql = sub.add_parser("sql", help="run a read-only SQL query on the store")
+    sql.add_argument("query")
+    where = sql.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running proxy (default http://127.0.0.1:8400)")
+    where.add_argument("--db", help="a DuckDB file no process holds")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.set_defaults(run=_sql)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

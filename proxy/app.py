@@ -1,0 +1,66 @@
+"""The proxy's aiohttp application: routes, start-up and clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from proxy import episodes
+from proxy.capture import CHAT, COMPLETIONS
+from proxy.config import ProxyConfig
+from proxy.errors import error_middleware
+from proxy.forward import completion_handler, models_handler
+from proxy.state import STATE, ProxyState
+from store.db import Store
+from store.writer import BatchWriter
+
+log = logging.getLogger("flywheel.proxy")
+
+# Attribution by base_url: every OpenAI route is also served under these prefixes.
+_PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
+
+
+def build_app(config: ProxyConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    for prefix in _PREFIXES:
+        app.router.add_post(f"{prefix}/v1/chat/completions", completion_handler(CHAT))
+        app.router.add_post(f"{prefix}/v1/completions", completion_handler(COMPLETIONS))
+        app.router.add_get(f"{prefix}/v1/models", models_handler)
+    app.router.add_post("/v1/episodes", episodes.create_episode)
+    app.router.add_get("/v1/episodes/{episode}", episodes.get_episode)
+    app.router.add_post("/v1/episodes/{episode}/feedback", episodes.post_feedback)
+    app.router.add_post("/v1/episodes/{episode}/close", episodes.close_episode)
+    app.router.add_post("/v1/sql", episodes.run_sql)
+    app.router.add_get("/healthz", _health)
+    app.cleanup_ctx.append(_lifecycle(config))
+    return app
+
+
+def _lifecycle(config: ProxyConfig):
+    async def lifecycle(app: web.Application):
+        writer = BatchWriter(Store(config.db), config.queue_size, config.batch_max)
+        writer.start()
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=config.upstream_timeout_s, sock_connect=10),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        )
+        app[STATE] = ProxyState(config=config, writer=writer, session=session)
+        log.info("proxy up: upstream %s, store %s", config.upstream, config.db)
+        yield
+        await session.close()
+        await writer.close()  # writes everything still queued
+        log.info("proxy stopped; store flushed")
+
+    return lifecycle
+
+
+async def _health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"status": "ok", "queued_records": state.writer.pending})
+
+
+def run(config: ProxyConfig) -> None:
+    web.run_app(build_app(config), host=config.host, port=config.port, print=None,
+                access_log=None, shutdown_timeout=30)

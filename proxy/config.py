@@ -1,0 +1,30 @@
+"""The proxy's settings: `[proxy]` in flywheel.toml, then FLYWHEEL_PROXY_* env vars, then CLI flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    # OpenAI-compatible server to forward to, e.g. http://127.0.0.1:8000 (vLLM); /v1 is optional
+    upstream: str = "http://127.0.0.1:8000"
+    # address the proxy listens on
+    host: str = "127.0.0.1"
+    port: int = 8400
+    # DuckDB file; this process is its only writer, others read through POST /v1/sql
+    db: str = "flywheel.duckdb"
+    # agent name for calls that name none
+    default_agent: str = "default"
+    # largest request body accepted, in bytes (413 above it)
+    max_body_bytes: int = 32 * 1024 * 1024
+    # records waiting for the writer; when full, handlers wait (back-pressure, never a drop)
+    queue_size: int = 10_000
+    # most records the writer commits in one transaction
+    batch_max: int = 512
+    # total time allowed for one upstream call, seconds (504 beyond it)
+    upstream_timeout_s: float = 600.0
+    # most rows POST /v1/sql returns (the reply says when it truncated)
+    sql_max_rows: int = 10_000
+    # a SQL query running longer than this is interrupted, seconds
+    sql_timeout_s: float = 30.0

@@ -1,0 +1,123 @@
+"""Episodes, feedback and SQL: the routes that write outcomes and read the store."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+
+from aiohttp import web
+
+from proxy.attribution import new_id
+from proxy.errors import ApiError, read_json_object
+from proxy.state import STATE
+from store.db import QueryError, ReadOnlyViolation
+from store.records import EpisodeClose, EpisodeOpen, Feedback, UnknownCall, UnknownEpisode
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _optional_str(body: dict, key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, f"'{key}' must be a string", "invalid_field")
+    return value
+
+
+def _finite_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"'{name}' must be a number, got {json.dumps(value)}", "invalid_reward")
+    if not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be finite", "invalid_reward")
+    return float(value)
+
+
+async def create_episode(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ApiError(400, "'metadata' must be an object", "invalid_field")
+    op = EpisodeOpen(
+        episode_id=new_id("ep"),
+        created_at=_now(),
+        task_id=_optional_str(body, "task"),
+        agent=_optional_str(body, "agent"),
+        metadata=json.dumps(metadata) if metadata is not None else None,
+    )
+    await request.app[STATE].writer.submit(op)
+    return web.json_response({"episode_id": op.episode_id, "task_id": op.task_id}, status=201)
+
+
+async def post_feedback(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    if "reward" not in body:
+        raise ApiError(400, "'reward' is required", "invalid_reward")
+    reward = _finite_number(body["reward"], "reward")
+    dims = body.get("dims")
+    if dims is not None:
+        if not isinstance(dims, dict):
+            raise ApiError(400, "'dims' must be an object {name: number}", "invalid_field")
+        dims = {str(k): _finite_number(v, f"dims.{k}") for k, v in dims.items()}
+    op = Feedback(
+        feedback_id=new_id("fb"),
+        episode_id=request.match_info["episode"],
+        reward=reward,
+        created_at=_now(),
+        call_id=_optional_str(body, "call_id"),
+        dims=json.dumps(dims) if dims is not None else None,
+        source=_optional_str(body, "source"),
+        idempotency_key=_optional_str(body, "idempotency_key") or request.headers.get("Idempotency-Key"),
+    )
+    try:
+        result = await request.app[STATE].writer.submit(op)
+    except (UnknownEpisode, UnknownCall) as missing:
+        raise ApiError(404, str(missing), "not_found") from None
+    return web.json_response({
+        "feedback_id": result.feedback_id,
+        "episode_id": op.episode_id,
+        "duplicate": result.duplicate,
+        "episode_reward": result.episode_reward,
+    })
+
+
+async def close_episode(request: web.Request) -> web.Response:
+    episode_id = request.match_info["episode"]
+    try:
+        await request.app[STATE].writer.submit(EpisodeClose(episode_id, _now()))
+    except UnknownEpisode as missing:
+        raise ApiError(404, str(missing), "not_found") from None
+    return web.json_response({"episode_id": episode_id, "status": "closed"})
+
+
+async def get_episode(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    await state.writer.flush()  # read your own writes: calls still queued become visible
+    try:
+        episode = await state.writer.read(state.writer.store.episode, request.match_info["episode"])
+    except UnknownEpisode as missing:
+        raise ApiError(404, str(missing), "not_found") from None
+    return web.json_response(episode)
+
+
+async def run_sql(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await read_json_object(request)
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise ApiError(400, "'query' must be a non-empty SQL string", "invalid_query")
+    max_rows = body.get("max_rows", state.config.sql_max_rows)
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
+        raise ApiError(400, "'max_rows' must be a non-negative integer", "invalid_field")
+    await state.writer.flush()
+    try:
+        result = await state.writer.read(
+            state.writer.store.query, query, min(max_rows, state.config.sql_max_rows),
+            state.config.sql_timeout_s,
+        )
+    except ReadOnlyViolation as refused:
+        raise ApiError(400, f"refused: {refused}", "read_only") from None
+    except QueryError as bad:
+        raise ApiError(400, f"query failed: {bad}", "query_error") from None
+    return web.json_response(result)

@@ -1,0 +1,216 @@
+"""Forwarding LLM calls to the upstream, streaming or not, and recording each one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import aiohttp
+from aiohttp import web
+
+from proxy.attribution import Attribution, attribute, new_id
+from proxy.capture import Capture, Wants, strip_unrequested, upstream_body
+from proxy.errors import error_body, error_response, read_json_object
+from proxy.state import STATE, ProxyState
+from store.records import CallRecord
+
+_MAX_ERROR_CHARS = 4000  # upstream error bodies are recorded up to this length
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass
+class _Call:
+    """One call in flight: what the handler knows so far, turned into a CallRecord at the end."""
+
+    state: ProxyState
+    endpoint: str
+    who: Attribution
+    call_id: str
+    created_at: datetime
+    started: float  # perf_counter at arrival
+    request_json: str
+    model: str | None
+    stream: bool
+    capture: Capture
+    ttft_ms: float | None = None
+    capture_error: str | None = None  # an error event the upstream sent inside the stream
+
+    def ids(self) -> dict[str, str]:
+        return {"X-Flywheel-Episode": self.who.episode_id, "X-Flywheel-Call": self.call_id}
+
+    def mark_first_token(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self.started) * 1000
+
+    async def record(self, status: int, error: str | None = None) -> None:
+        cap = self.capture
+        await self.state.writer.put(CallRecord(
+            call_id=self.call_id,
+            episode_id=self.who.episode_id,
+            agent=self.who.agent,
+            created_at=self.created_at,
+            endpoint=self.endpoint,
+            stream=self.stream,
+            model=self.model,
+            adapter=cap.model,
+            request=self.request_json,
+            response=json.dumps(cap.response_json()) if cap.choices else None,
+            prompt_token_ids=cap.prompt_token_ids,
+            completion_token_ids=cap.completion_token_ids(),
+            completion_logprobs=cap.completion_logprobs(),
+            finish_reason=cap.first.finish_reason,
+            prompt_tokens=cap.prompt_tokens(),
+            completion_tokens=cap.completion_tokens(),
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            ttft_ms=self.ttft_ms,
+            status=status,
+            error=error,
+            task_id=self.who.task_id,
+        ))
+
+
+def completion_handler(endpoint: str):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _forward(request, endpoint)
+
+    return handler
+
+
+async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
+    state = request.app[STATE]
+    started = time.perf_counter()
+    created_at = datetime.now(timezone.utc)
+    body = await read_json_object(request)
+    who = attribute(request.match_info, request.headers, body, state.config.default_agent)
+    call = _Call(
+        state=state, endpoint=endpoint, who=who, call_id=new_id("call"), created_at=created_at,
+        started=started, request_json=json.dumps(body, ensure_ascii=False), model=body.get("model"),
+        stream=bool(body.get("stream")), capture=Capture(endpoint),
+    )
+    forward, wants = upstream_body(body, endpoint)
+    headers = {"Content-Type": "application/json"}
+    if "Authorization" in request.headers:
+        headers["Authorization"] = request.headers["Authorization"]
+    try:
+        async with state.session.post(
+            state.upstream_url(endpoint), data=_dumps(forward), headers=headers
+        ) as upstream:
+            if upstream.status != 200:
+                return await _relay_error(request, call, upstream)
+            if call.stream:
+                return await _relay_stream(request, call, upstream, wants)
+            return await _relay_whole(request, call, upstream, wants)
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as failure:
+        timed_out = isinstance(failure, asyncio.TimeoutError)
+        status = 504 if timed_out else 502
+        message = (
+            f"upstream {state.config.upstream} did not answer within {state.config.upstream_timeout_s:g} s"
+            if timed_out else f"upstream {state.config.upstream} unreachable: {failure}"
+        )
+        await call.record(status, message)
+        return error_response(status, message, "upstream_timeout" if timed_out else "upstream_unreachable",
+                              headers=call.ids())
+
+
+async def _relay_error(request: web.Request, call: _Call, upstream: aiohttp.ClientResponse) -> web.Response:
+    """Upstream said no: the client gets its status and body, the call is recorded with it."""
+    raw = await upstream.read()
+    response = web.Response(status=upstream.status, body=raw, headers=call.ids(),
+                            content_type=upstream.content_type)
+    await response.prepare(request)
+    await response.write_eof()
+    await call.record(upstream.status, raw.decode(errors="replace")[:_MAX_ERROR_CHARS])
+    return response
+
+
+async def _relay_whole(request: web.Request, call: _Call, upstream: aiohttp.ClientResponse,
+                       wants: Wants) -> web.Response:
+    raw = await upstream.read()
+    data = json.loads(raw)
+    call.capture.add(data)
+    if not wants.everything:
+        strip_unrequested(data, call.endpoint, wants)
+        raw = _dumps(data)
+    response = web.Response(body=raw, content_type="application/json", headers=call.ids())
+    await response.prepare(request)
+    await response.write_eof()
+    await call.record(200)
+    return response
+
+
+async def _relay_stream(request: web.Request, call: _Call, upstream: aiohttp.ClientResponse,
+                        wants: Wants) -> web.StreamResponse:
+    """Relay SSE events as they arrive, capturing each `data:` chunk on the way."""
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **call.ids(),
+    })
+    await response.prepare(request)
+    error: str | None = None
+    status = 200
+    pending = b""
+    try:
+        async for block in upstream.content.iter_any():
+            *lines, pending = (pending + block).split(b"\n")
+            out = [_relay_line(call, line, wants) for line in lines]
+            await response.write(b"\n".join(out) + b"\n")
+        if pending:
+            await response.write(_relay_line(call, pending, wants) + b"\n")
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as broken:
+        error, status = f"upstream stream broke: {broken!r}", 502
+        await _write_quietly(response, b"data: " + _dumps(error_body(502, error, "upstream_stream_broken")) + b"\n\n")
+    except ConnectionResetError:
+        error, status = "client disconnected before the stream ended", 499
+    await _write_eof_quietly(response)
+    await call.record(status, error or call.capture_error)
+    return response
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionResetError:
+        pass
+
+
+async def _write_eof_quietly(response: web.StreamResponse) -> None:
+    try:
+        await response.write_eof()
+    except ConnectionResetError:
+        pass
+
+
+def _relay_line(call: _Call, line: bytes, wants: Wants) -> bytes:
+    if not line.startswith(b"data:"):
+        return line
+    payload = line[5:].strip()
+    if payload == b"[DONE]":
+        return line
+    try:
+        chunk = json.loads(payload)
+    except json.JSONDecodeError:
+        return line
+    if "error" in chunk and not chunk.get("choices"):
+        call.capture_error = json.dumps(chunk["error"])[:_MAX_ERROR_CHARS]
+    if call.capture.add(chunk):
+        call.mark_first_token()
+    if wants.everything:
+        return line
+    strip_unrequested(chunk, call.endpoint, wants)
+    return b"data: " + _dumps(chunk)
+
+
+async def models_handler(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        async with state.session.get(state.upstream_url("models")) as upstream:
+            return web.Response(status=upstream.status, body=await upstream.read(),
+                                content_type=upstream.content_type)
+    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as failure:
+        return error_response(502, f"upstream {state.config.upstream} unreachable: {failure}",
+                              "upstream_unreachable")

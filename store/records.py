@@ -1,0 +1,82 @@
+"""Records the proxy hands to the store. Frozen: once accepted, a record is what lands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class EpisodeOpen:
+    """Create an episode if it does not exist yet (first call, or POST /v1/episodes)."""
+
+    episode_id: str
+    created_at: datetime
+    task_id: str | None = None
+    agent: str | None = None
+    metadata: str | None = None  # JSON text
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One forwarded LLM call; `seq` is assigned by the store in arrival order."""
+
+    call_id: str
+    episode_id: str
+    agent: str | None
+    created_at: datetime
+    endpoint: str
+    stream: bool
+    model: str | None
+    adapter: str | None
+    request: str  # JSON text
+    response: str | None  # JSON text
+    prompt_token_ids: list[int] | None
+    completion_token_ids: list[int] | None
+    completion_logprobs: list[float] | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: float
+    ttft_ms: float | None
+    status: int
+    error: str | None
+    task_id: str | None = None  # goes to the episode row, not the call row
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """An outcome for an episode, or for one of its calls when `call_id` is set."""
+
+    feedback_id: str
+    episode_id: str
+    reward: float
+    created_at: datetime
+    call_id: str | None = None
+    dims: str | None = None  # JSON text {name: number}
+    source: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class EpisodeClose:
+    episode_id: str
+    closed_at: datetime
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    feedback_id: str
+    duplicate: bool  # the idempotency key was seen before; nothing new was applied
+    episode_reward: float | None
+
+
+class UnknownEpisode(LookupError):
+    pass
+
+
+class UnknownCall(LookupError):
+    pass
+
+
+StoreOp = EpisodeOpen | CallRecord | Feedback | EpisodeClose

@@ -1,0 +1,123 @@
+"""The DuckDB schema, declared once.
+
+Each table is a tuple of `Column`s. From that one spec we render the DDL, the Arrow
+schema the batch writer inserts with, and the in-place upgrade (tables and columns
+that a newer Flywheel adds are created on open). `SCHEMA_VERSION` is bumped with
+every change to the spec; `tests/test_schema.py` fails if the spec and a freshly
+created database drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str  # DuckDB type as written in DDL
+    doc: str
+    primary_key: bool = False
+
+
+_ARROW_TYPES = {
+    "VARCHAR": pa.string(),
+    "JSON": pa.string(),
+    "INTEGER": pa.int32(),
+    "BIGINT": pa.int64(),
+    "DOUBLE": pa.float64(),
+    "BOOLEAN": pa.bool_(),
+    "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
+    "INTEGER[]": pa.list_(pa.int32()),
+    "FLOAT[]": pa.list_(pa.float32()),
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def ddl(self) -> str:
+        cols = ",\n  ".join(
+            f"{c.name} {c.sql_type}{' PRIMARY KEY' if c.primary_key else ''}" for c in self.columns
+        )
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols}\n)"
+
+    def arrow_schema(self) -> pa.Schema:
+        return pa.schema([(c.name, _ARROW_TYPES[c.sql_type]) for c in self.columns])
+
+
+EPISODES = Table(
+    "episodes",
+    (
+        Column("episode_id", "VARCHAR", "client-given or generated id", primary_key=True),
+        Column("task_id", "VARCHAR", "groups repeated attempts of one task (GRPO group)"),
+        Column("agent", "VARCHAR", "agent that opened the episode, if named"),
+        Column("created_at", "TIMESTAMPTZ", "first call or explicit creation"),
+        Column("closed_at", "TIMESTAMPTZ", "set by POST /v1/episodes/{id}/close"),
+        Column("status", "VARCHAR", "open | closed"),
+        Column("reward", "DOUBLE", "latest episode-level feedback reward"),
+        Column("n_calls", "INTEGER", "calls logged so far; the next call's seq"),
+        Column("metadata", "JSON", "free-form metadata from POST /v1/episodes"),
+    ),
+)
+
+CALLS = Table(
+    "calls",
+    (
+        Column("call_id", "VARCHAR", "id returned in X-Flywheel-Call"),
+        Column("episode_id", "VARCHAR", "episode the call belongs to"),
+        Column("agent", "VARCHAR", "agent that made the call"),
+        Column("seq", "INTEGER", "0-based order of the call within its episode"),
+        Column("created_at", "TIMESTAMPTZ", "when the proxy received the request"),
+        Column("endpoint", "VARCHAR", "chat.completions | completions"),
+        Column("stream", "BOOLEAN", "client asked for SSE streaming"),
+        Column("model", "VARCHAR", "model the client asked for"),
+        Column("adapter", "VARCHAR", "model or adapter name the upstream served"),
+        Column("request", "JSON", "request body as the client sent it, minus metadata"),
+        Column("response", "JSON", "choices: text or message, tool calls, finish reasons"),
+        Column("prompt_token_ids", "INTEGER[]", "exact prompt tokens from the upstream"),
+        Column("completion_token_ids", "INTEGER[]", "exact sampled tokens of choice 0"),
+        Column("completion_logprobs", "FLOAT[]", "behaviour logprob of each sampled token"),
+        Column("finish_reason", "VARCHAR", "choice 0's finish reason"),
+        Column("prompt_tokens", "INTEGER", "usage.prompt_tokens (or counted)"),
+        Column("completion_tokens", "INTEGER", "usage.completion_tokens (or counted)"),
+        Column("latency_ms", "DOUBLE", "request received to last byte sent"),
+        Column("ttft_ms", "DOUBLE", "request received to first content chunk (streaming)"),
+        Column("status", "INTEGER", "HTTP status returned to the client"),
+        Column("error", "VARCHAR", "upstream or proxy error message"),
+    ),
+)
+
+FEEDBACK = Table(
+    "feedback",
+    (
+        Column("feedback_id", "VARCHAR", "generated id", primary_key=True),
+        Column("episode_id", "VARCHAR", "episode the outcome belongs to"),
+        Column("call_id", "VARCHAR", "set when the reward is for one call"),
+        Column("reward", "DOUBLE", "finite scalar reward"),
+        Column("dims", "JSON", "named reward dimensions {name: number}"),
+        Column("source", "VARCHAR", "who judged: grader, user, ..."),
+        Column("created_at", "TIMESTAMPTZ", "when it was committed"),
+        Column("idempotency_key", "VARCHAR", "a repeated key within an episode is applied once"),
+    ),
+)
+
+META = Table(
+    "flywheel_meta",
+    (
+        Column("key", "VARCHAR", "setting name", primary_key=True),
+        Column("value", "VARCHAR", "setting value"),
+    ),
+)
+
+TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK)

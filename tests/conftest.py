@@ -1,0 +1,94 @@
+"""Servers for the tests: each started and stopped by the test that uses it, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from proxy.app import build_app
+from proxy.config import ProxyConfig
+from proxy.state import STATE
+from store.db import Store
+from tests.fake_upstream import RECEIVED, make_app
+
+
+class Running:
+    """An aiohttp app served on an ephemeral 127.0.0.1 port."""
+
+    def __init__(self, app: web.Application):
+        self.app = app
+        self.runner = web.AppRunner(app, access_log=None)
+
+    async def start(self) -> "Running":
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+class Proxy(Running):
+    def __init__(self, config: ProxyConfig):
+        super().__init__(build_app(config))
+        self.config = config
+
+    @property
+    def state(self):
+        return self.app[STATE]
+
+    async def rows(self, sql: str) -> list[dict]:
+        """Everything queued is committed first, then `sql` runs on the live store."""
+        await self.state.writer.flush()
+        out = self.state.writer.store.query(sql, 100_000, 30)
+        return [dict(zip(out["columns"], row)) for row in out["rows"]]
+
+
+@pytest.fixture
+async def upstream():
+    server = await Running(make_app()).start()
+    server.received = server.app[RECEIVED]
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "flywheel.duckdb")
+
+
+@pytest.fixture
+async def start_proxy(upstream, db_path):
+    """Factory: start a proxy in front of the fake upstream (settings overridable)."""
+    started: list[Proxy] = []
+
+    async def start(**overrides) -> Proxy:
+        config = dataclasses.replace(ProxyConfig(upstream=upstream.url, db=db_path, port=0), **overrides)
+        proxy = await Proxy(config).start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def proxy(start_proxy) -> Proxy:
+    return await start_proxy()
+
+
+def read_db(path: str, sql: str) -> list[dict]:
+    """Open a closed store file and query it."""
+    store = Store(path, read_only=True)
+    try:
+        out = store.query(sql, 100_000, 30)
+    finally:
+        store.close()
+    return [dict(zip(out["columns"], row)) for row in out["rows"]]

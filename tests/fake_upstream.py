@@ -1,0 +1,161 @@
+"""An OpenAI-compatible upstream that answers like vLLM, for tests and bench/proxy.py.
+
+Deterministic: the reply to any request is `max_tokens` (default 4) tokens " w0", " w1", ...
+with ids 1000, 1001, ...; the prompt's token ids are 1..len(words of the prompt). Like
+vLLM it returns `prompt_token_ids`/`token_ids` only when `return_token_ids` is set and
+logprobs only when asked. With `tools` in the request (and tool_choice not "none") it
+answers with a call to the first tool. Models named `fail-<status>` answer with that
+error status. It keeps the bodies it received in `app[RECEIVED]` for tests to inspect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+RECEIVED = web.AppKey("received", list)
+DELAY_S = web.AppKey("delay_s", float)
+TOOL_ARGS = ('{"city": ', '"Paris"}')
+
+
+def _prompt_ids(body: dict) -> list[int]:
+    if "messages" in body:
+        text = " ".join(str(m.get("content") or "") for m in body["messages"])
+    else:
+        text = body["prompt"] if isinstance(body["prompt"], str) else " ".join(map(str, body["prompt"]))
+    return list(range(1, len(text.split()) + 2))
+
+
+def _tokens(body: dict) -> list[tuple[int, str, float]]:
+    n = body.get("max_tokens") or body.get("max_completion_tokens") or 4
+    return [(1000 + i, f" w{i}", -0.125 * (i + 1)) for i in range(n)]
+
+
+def _wants_tool(body: dict) -> bool:
+    return bool(body.get("tools")) and body.get("tool_choice") != "none"
+
+
+def _chat_logprobs(tokens) -> dict:
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                        for _, t, lp in tokens]}
+
+
+def _completion_logprobs(tokens) -> dict:
+    return {"tokens": [t for _, t, _ in tokens], "token_logprobs": [lp for _, _, lp in tokens],
+            "top_logprobs": [{t: lp} for _, t, lp in tokens], "text_offset": []}
+
+
+def _tool_call(body: dict) -> dict:
+    name = body["tools"][0]["function"]["name"]
+    return {"id": "call_fake", "type": "function", "function": {"name": name, "arguments": "".join(TOOL_ARGS)}}
+
+
+def _whole(body: dict, chat: bool) -> dict:
+    tokens = _tokens(body)
+    ids = body.get("return_token_ids")
+    text = "".join(t for _, t, _ in tokens)
+    usage = {"prompt_tokens": len(_prompt_ids(body)), "completion_tokens": len(tokens),
+             "total_tokens": len(_prompt_ids(body)) + len(tokens)}
+    if chat:
+        tool = _wants_tool(body)
+        message = {"role": "assistant", "content": None if tool else text,
+                   "tool_calls": [_tool_call(body)] if tool else []}
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "length",
+                  "logprobs": _chat_logprobs(tokens) if body.get("logprobs") else None,
+                  "token_ids": [i for i, _, _ in tokens] if ids else None}
+        out = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
+               "choices": [choice], "usage": usage,
+               "prompt_token_ids": _prompt_ids(body) if ids else None}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": "length",
+                  "logprobs": _completion_logprobs(tokens) if body.get("logprobs") is not None else None,
+                  "token_ids": [i for i, _, _ in tokens] if ids else None,
+                  "prompt_token_ids": _prompt_ids(body) if ids else None}
+        out = {"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
+               "choices": [choice], "usage": usage}
+    return out
+
+
+def _chunks(body: dict, chat: bool):
+    """The SSE chunks vLLM would send, in order."""
+    tokens = _tokens(body)
+    ids = body.get("return_token_ids")
+    base = {"id": "fake-stream", "model": body.get("model"),
+            "object": "chat.completion.chunk" if chat else "text_completion"}
+    if chat:
+        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+               **({"prompt_token_ids": _prompt_ids(body)} if ids else {})}
+        if _wants_tool(body):
+            call = _tool_call(body)
+            pieces = [{"index": 0, "id": call["id"], "type": "function",
+                       "function": {"name": call["function"]["name"], "arguments": TOOL_ARGS[0]}},
+                      {"index": 0, "function": {"arguments": TOOL_ARGS[1]}}]
+            for k, piece in enumerate(pieces):
+                part = tokens[k * len(tokens) // 2:(k + 1) * len(tokens) // 2]
+                yield {**base, "choices": [{"index": 0, "delta": {"tool_calls": [piece]},
+                       "logprobs": _chat_logprobs(part) if body.get("logprobs") else None,
+                       **({"token_ids": [i for i, _, _ in part]} if ids else {})}]}
+            finish = "tool_calls"
+        else:
+            for tok in tokens:
+                yield {**base, "choices": [{"index": 0, "delta": {"content": tok[1]},
+                       "logprobs": _chat_logprobs([tok]) if body.get("logprobs") else None,
+                       **({"token_ids": [tok[0]]} if ids else {})}]}
+            finish = "length"
+        yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+    else:
+        for k, tok in enumerate(tokens):
+            choice = {"index": 0, "text": tok[1],
+                      "logprobs": _completion_logprobs([tok]) if body.get("logprobs") is not None else None,
+                      "finish_reason": "length" if k == len(tokens) - 1 else None}
+            if ids:
+                choice["token_ids"] = [tok[0]]
+                if k == 0:
+                    choice["prompt_token_ids"] = _prompt_ids(body)
+            yield {**base, "choices": [choice]}
+    if (body.get("stream_options") or {}).get("include_usage"):
+        n_prompt = len(_prompt_ids(body))
+        yield {**base, "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(tokens),
+                                                "total_tokens": n_prompt + len(tokens)}}
+
+
+def _handler(chat: bool):
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        request.app[RECEIVED].append(body)
+        if request.app[DELAY_S]:
+            await asyncio.sleep(request.app[DELAY_S])
+        model = str(body.get("model") or "")
+        if model.startswith("fail-"):
+            status = int(model.split("-")[1])
+            return web.json_response({"error": {"message": f"fake failure {status}", "type": "BadRequestError",
+                                                "code": status}}, status=status)
+        if not body.get("stream"):
+            return web.json_response(_whole(body, chat))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in _chunks(body, chat):
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    return handle
+
+
+async def _models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [
+        {"id": "fake-model", "object": "model", "created": int(time.time()), "owned_by": "fake"}]})
+
+
+def make_app(delay_s: float = 0.0) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[RECEIVED] = []
+    app[DELAY_S] = delay_s
+    app.router.add_post("/v1/chat/completions", _handler(chat=True))
+    app.router.add_post("/v1/completions", _handler(chat=False))
+    app.router.add_get("/v1/models", _models)
+    return app
