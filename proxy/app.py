@@ -40,7 +40,7 @@ def build_app(config: ProxyConfig) -> web.Application:
 
 def _lifecycle(config: ProxyConfig):
     async def lifecycle(app: web.Application):
-        writer = BatchWriter(Store(config.db), config.queue_size, config.batch_max)
+        writer = BatchWriter(Store(config.db), config.queue_size, config.batch_max, config.batch_linger_ms / 1000)
         writer.start()
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=config.upstream_timeout_s, sock_connect=10),
@@ -63,4 +63,13 @@ async def _health(request: web.Request) -> web.Response:
 
 def run(config: ProxyConfig) -> None:
     web.run_app(build_app(config), host=config.host, port=config.port, print=None,
-                access_log=None, shutdown_timeout=30)
+                access_log=None, shutdown_timeout=30, loop=_fast_loop())
+
+
+def _fast_loop():
+    """uvloop where it installs (Linux, macOS): about twice the event loop throughput."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop()

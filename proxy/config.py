@@ -22,6 +22,8 @@ class ProxyConfig:
     queue_size: int = 10_000
     # most records the writer commits in one transaction
     batch_max: int = 512
+    # how long the writer lets a batch fill before committing, ms (feedback never waits for it)
+    batch_linger_ms: float = 50.0
     # total time allowed for one upstream call, seconds (504 beyond it)
     upstream_timeout_s: float = 600.0
     # most rows POST /v1/sql returns (the reply says when it truncated)

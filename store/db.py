@@ -13,7 +13,8 @@ import json
 import logging
 import math
 import threading
-from dataclasses import fields
+from collections import OrderedDict
+from dataclasses import dataclass, fields
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Sequence
@@ -40,6 +41,16 @@ log = logging.getLogger("flywheel.store")
 _READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
+_CALL_FIELDS = [f.name for f in fields(CallRecord) if f.name in CALLS.column_names]
+_EPISODE_CACHE = 100_000  # episodes whose next seq the writer remembers (LRU)
+
+
+@dataclass
+class _EpisodeState:
+    next_seq: int
+    has_task: bool
+
+
 class ReadOnlyViolation(ValueError):
     pass
 
@@ -60,6 +71,7 @@ class Store:
     def __init__(self, path: str, read_only: bool = False):
         self.path = path
         self.con = connect(path, read_only=read_only)
+        self._episodes: OrderedDict[str, _EpisodeState] = OrderedDict()  # writer thread only
         if not read_only:
             migrate(self.con)
 
@@ -81,6 +93,7 @@ class Store:
             return results
         except duckdb.Error as batch_error:
             self.con.rollback()
+            self._episodes.clear()  # it may hold seqs the rollback undid
             if len(ops) == 1:
                 log.error("store write failed: %s (%r)", batch_error, ops[0])
                 return [batch_error]
@@ -103,59 +116,69 @@ class Store:
         return results
 
     def _open_episodes(self, ops: Sequence[StoreOp]) -> None:
+        """Create the episodes these ops name; learn each one's next seq and whether it has a task."""
         first: dict[str, dict[str, Any]] = {}
         for op in ops:
-            if isinstance(op, EpisodeOpen):
+            if isinstance(op, (EpisodeOpen, CallRecord)):
                 row = dict(episode_id=op.episode_id, task_id=op.task_id, agent=op.agent,
-                           created_at=op.created_at, metadata=op.metadata)
-            elif isinstance(op, CallRecord):
-                row = dict(episode_id=op.episode_id, task_id=op.task_id, agent=op.agent,
-                           created_at=op.created_at, metadata=None)
-            else:
-                continue
-            seen = first.setdefault(op.episode_id, row)
-            if seen is not row:  # the first op names the episode; later ones fill gaps
-                for key, value in row.items():
-                    if seen[key] is None:
-                        seen[key] = value
+                           created_at=op.created_at, metadata=getattr(op, "metadata", None))
+                seen = first.setdefault(op.episode_id, row)
+                if seen is not row:  # the first op names the episode; later ones fill gaps
+                    for key, value in row.items():
+                        if seen[key] is None:
+                            seen[key] = value
         if not first:
             return
-        rows = [dict(r, status="open", closed_at=None, reward=None, n_calls=0) for r in first.values()]
-        self._insert_rows(
-            EPISODES, rows,
-            "ON CONFLICT (episode_id) DO UPDATE SET "
-            "task_id = coalesce(episodes.task_id, excluded.task_id), "
-            "agent = coalesce(episodes.agent, excluded.agent)",
-        )
+        rows = [dict(r, status="open", closed_at=None, reward=None) for r in first.values()]
+        created = {r[0] for r in self._insert_rows(
+            EPISODES, rows, "ON CONFLICT (episode_id) DO NOTHING RETURNING episode_id")}
+        for episode_id in created:
+            self._episodes[episode_id] = _EpisodeState(next_seq=0, has_task=first[episode_id]["task_id"] is not None)
+        self._load_episode_states([e for e in first if e not in self._episodes])
+        late_tasks = [(e, r["task_id"]) for e, r in first.items()
+                      if r["task_id"] is not None and not self._episodes[e].has_task]
+        if late_tasks:  # an episode opened without a task, now named by a later call
+            self.con.executemany(
+                "UPDATE episodes SET task_id = ? WHERE episode_id = ? AND task_id IS NULL",
+                [(task, episode) for episode, task in late_tasks],
+            )
+            for episode, _ in late_tasks:
+                self._episodes[episode].has_task = True
+        while len(self._episodes) > _EPISODE_CACHE:
+            self._episodes.popitem(last=False)
+
+    def _load_episode_states(self, episode_ids: list[str]) -> None:
+        """Episodes that existed before this process, or fell out of the cache (rare)."""
+        if not episode_ids:
+            return
+        found = self.con.execute(
+            "SELECT e.episode_id, e.task_id IS NOT NULL, coalesce(max(c.seq) + 1, 0) "
+            "FROM episodes e LEFT JOIN calls c USING (episode_id) "
+            "WHERE e.episode_id IN (SELECT unnest($1)) GROUP BY ALL",
+            [episode_ids],
+        ).fetchall()
+        for episode_id, has_task, next_seq in found:
+            self._episodes[episode_id] = _EpisodeState(next_seq=next_seq, has_task=has_task)
 
     def _insert_calls(self, calls: list[CallRecord]) -> None:
-        episode_ids = sorted({c.episode_id for c in calls})
-        next_seq = dict(
-            self.con.execute(
-                "SELECT episode_id, n_calls FROM episodes WHERE episode_id IN (SELECT unnest($1))",
-                [episode_ids],
-            ).fetchall()
-        )
-        call_fields = [f.name for f in fields(CallRecord) if f.name in CALLS.column_names]
         rows = []
         for call in calls:
-            row = {name: getattr(call, name) for name in call_fields}
-            row["seq"] = next_seq[call.episode_id]
-            next_seq[call.episode_id] += 1
+            row = {name: getattr(call, name) for name in _CALL_FIELDS}
+            state = self._episodes[call.episode_id]
+            row["seq"] = state.next_seq
+            state.next_seq += 1
+            self._episodes.move_to_end(call.episode_id)
             rows.append(row)
         self._insert_rows(CALLS, rows)
-        self.con.execute(
-            "UPDATE episodes SET n_calls = v.n FROM (SELECT unnest($1) AS id, unnest($2) AS n) v "
-            "WHERE episodes.episode_id = v.id",
-            [list(next_seq), list(next_seq.values())],
-        )
 
-    def _insert_rows(self, table: Table, rows: list[dict[str, Any]], conflict: str = "") -> None:
+    def _insert_rows(self, table: Table, rows: list[dict[str, Any]], suffix: str = "") -> list[tuple]:
         """Bulk insert through Arrow: ~20x faster than executemany for list columns."""
         self.con.register("_new_rows", pa.Table.from_pylist(rows, schema=table.arrow_schema()))
         try:
             names = ", ".join(table.column_names)
-            self.con.execute(f"INSERT INTO {table.name} ({names}) SELECT {names} FROM _new_rows {conflict}")
+            return self.con.execute(
+                f"INSERT INTO {table.name} ({names}) SELECT {names} FROM _new_rows {suffix}"
+            ).fetchall()
         finally:
             self.con.unregister("_new_rows")
 

@@ -66,7 +66,6 @@ EPISODES = Table(
         Column("closed_at", "TIMESTAMPTZ", "set by POST /v1/episodes/{id}/close"),
         Column("status", "VARCHAR", "open | closed"),
         Column("reward", "DOUBLE", "latest episode-level feedback reward"),
-        Column("n_calls", "INTEGER", "calls logged so far; the next call's seq"),
         Column("metadata", "JSON", "free-form metadata from POST /v1/episodes"),
     ),
 )

@@ -3,6 +3,10 @@
 `put` never drops: when the queue is full it waits (back-pressure). `submit` waits until
 its op is committed and returns the op's result, so an acknowledged outcome is durable.
 Ops are applied in the order they were queued. `close` writes everything queued first.
+
+Every DuckDB statement costs about a millisecond whatever its size, so the writer lets a
+batch fill for up to `linger_s` before committing; anyone awaiting a commit (`submit`,
+`flush`) cuts the wait short.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ _FLUSH = object()  # a barrier: resolved once everything queued before it is com
 
 
 class BatchWriter:
-    def __init__(self, store: Store, queue_size: int = 10_000, batch_max: int = 512):
+    def __init__(self, store: Store, queue_size: int = 10_000, batch_max: int = 512, linger_s: float = 0.05):
         self.store = store
         self.batch_max = batch_max
+        self.linger_s = linger_s
+        self._someone_waits = asyncio.Event()
         self._queue: asyncio.Queue[tuple[Any, asyncio.Future | None]] = asyncio.Queue(queue_size)
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="flywheel-writer")
         self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="flywheel-reader")
@@ -40,6 +46,7 @@ class BatchWriter:
         """Queue `op` and wait for its commit; re-raises the op's error, if any."""
         done = asyncio.get_running_loop().create_future()
         await self._queue.put((op, done))
+        self._someone_waits.set()
         result = await done
         if isinstance(result, Exception):
             raise result
@@ -48,6 +55,7 @@ class BatchWriter:
     async def flush(self) -> None:
         done = asyncio.get_running_loop().create_future()
         await self._queue.put((_FLUSH, done))
+        self._someone_waits.set()
         await done
 
     async def read(self, fn, *args) -> Any:
@@ -75,6 +83,12 @@ class BatchWriter:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
+            if self._queue.qsize() < self.batch_max and not self._someone_waits.is_set():
+                try:
+                    await asyncio.wait_for(self._someone_waits.wait(), self.linger_s)
+                except asyncio.TimeoutError:
+                    pass
+            self._someone_waits.clear()
             while len(batch) < self.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             ops = [op for op, _ in batch if op is not _FLUSH]

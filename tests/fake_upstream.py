@@ -159,3 +159,18 @@ def make_app(delay_s: float = 0.0) -> web.Application:
     app.router.add_post("/v1/completions", _handler(chat=False))
     app.router.add_get("/v1/models", _models)
     return app
+
+
+def main() -> None:
+    """Serve the fake on its own (bench/proxy.py runs it as a separate process)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    web.run_app(make_app(args.delay_ms / 1000), host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -82,7 +82,7 @@ async def test_cli_through_a_running_proxy_and_on_a_file(start_proxy, db_path):
     held = await asyncio.to_thread(_cli, "SELECT 1", "--db", db_path)
     assert held.returncode != 0 and "--url" in held.stderr  # the proxy holds the file
     await proxy.stop()
-    table = await asyncio.to_thread(_cli, "SELECT task_id, n_calls FROM episodes", "--db", db_path)
+    table = await asyncio.to_thread(_cli, "SELECT task_id, status FROM episodes", "--db", db_path)
     assert table.returncode == 0 and "cli-task" in table.stdout and "(1 row)" in table.stdout
     csv_out = await asyncio.to_thread(_cli, "SELECT task_id FROM episodes", "--db", db_path, "--format", "csv")
     assert csv_out.stdout.splitlines() == ["task_id", "cli-task"]

@@ -37,8 +37,8 @@ def test_older_file_is_upgraded_in_place_and_keeps_its_rows(db_path):
     con.execute("INSERT INTO episodes VALUES ('old-ep', 'old-task')")
     con.close()
     Store(db_path).close()
-    [row] = read_db(db_path, "SELECT episode_id, task_id, status, n_calls FROM episodes")
-    assert row == {"episode_id": "old-ep", "task_id": "old-task", "status": None, "n_calls": None}
+    [row] = read_db(db_path, "SELECT episode_id, task_id, status, reward FROM episodes")
+    assert row == {"episode_id": "old-ep", "task_id": "old-task", "status": None, "reward": None}
     assert read_db(db_path, "SELECT count(*) AS n FROM calls") == [{"n": 0}]
 
 
@@ -110,3 +110,18 @@ def test_one_bad_record_does_not_take_its_batch_down(db_path):
     assert results[0] is None and isinstance(results[1], duckdb.Error)
     store.close()
     assert [r["episode_id"] for r in read_db(db_path, "SELECT episode_id FROM episodes")] == ["ep-good"]
+
+
+async def test_a_restarted_proxy_continues_an_episode_and_a_late_task_is_kept(start_proxy):
+    for round_ in range(2):
+        proxy = await start_proxy()
+        headers = {"X-Flywheel-Task": "late-task"} if round_ else {}
+        client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/episodes/ep-long/v1", api_key="x",
+                                    default_headers=headers)
+        for _ in range(3):
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        await proxy.stop()
+    proxy = await start_proxy()
+    rows = await proxy.rows("SELECT seq FROM calls ORDER BY created_at")
+    assert [r["seq"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert await proxy.rows("SELECT task_id FROM episodes") == [{"task_id": "late-task"}]
