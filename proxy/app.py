@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
 from aiohttp import web
 
-from proxy import episodes
+from proxy import adapters, episodes
 from proxy.capture import CHAT, COMPLETIONS
 from proxy.config import ProxyConfig
 from proxy.errors import error_middleware
@@ -33,6 +34,9 @@ def build_app(config: ProxyConfig) -> web.Application:
     app.router.add_post("/v1/episodes/{episode}/feedback", episodes.post_feedback)
     app.router.add_post("/v1/episodes/{episode}/close", episodes.close_episode)
     app.router.add_post("/v1/sql", episodes.run_sql)
+    app.router.add_get("/v1/adapters", adapters.list_adapters)
+    app.router.add_post("/v1/adapters", adapters.register_adapter)
+    app.router.add_post("/v1/adapters/{agent}/rollback", adapters.rollback_adapter)
     app.router.add_get("/healthz", _health)
     app.cleanup_ctx.append(_lifecycle(config))
     return app
@@ -46,9 +50,13 @@ def _lifecycle(config: ProxyConfig):
             timeout=aiohttp.ClientTimeout(total=config.upstream_timeout_s, sock_connect=10),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         )
-        app[STATE] = ProxyState(config=config, writer=writer, session=session)
+        state = app[STATE] = ProxyState(config=config, writer=writer, session=session)
+        state.registry = adapters.Registry(state, config.base_model or None, config.max_lora_rank)
+        restoring = asyncio.get_running_loop().create_task(
+            state.registry.restore(await writer.read(writer.store.adapter_rows)))
         log.info("proxy up: upstream %s, store %s", config.upstream, config.db)
         yield
+        restoring.cancel()
         await session.close()
         await writer.close()  # writes everything still queued
         log.info("proxy stopped; store flushed")

@@ -14,6 +14,10 @@ class ProxyConfig:
     port: int = 8400
     # DuckDB file; this process is its only writer, others read through POST /v1/sql
     db: str = "flywheel.duckdb"
+    # served name of the base model in vLLM; adapters apply to calls for it ("" = to any model)
+    base_model: str = ""
+    # vLLM's --max-lora-rank: adapters of higher rank are refused at registration
+    max_lora_rank: int = 16
     # agent name for calls that name none
     default_agent: str = "default"
     # largest request body accepted, in bytes (413 above it)

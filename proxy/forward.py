@@ -97,9 +97,22 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     headers = {"Content-Type": "application/json"}
     if "Authorization" in request.headers:
         headers["Authorization"] = request.headers["Authorization"]
+    version = state.registry.route(who.agent, call.model)
+    if version is not None:
+        forward["model"] = version.served_name
+    try:
+        return await _exchange(request, call, forward, headers, wants)
+    finally:
+        if version is not None:
+            state.registry.release(version)
+
+
+async def _exchange(request: web.Request, call: _Call, forward: dict, headers: dict,
+                    wants: Wants) -> web.StreamResponse:
+    state = call.state
     try:
         async with state.session.post(
-            state.upstream_url(endpoint), data=_dumps(forward), headers=headers
+            state.upstream_url(call.endpoint), data=_dumps(forward), headers=headers
         ) as upstream:
             if upstream.status != 200:
                 return await _relay_error(request, call, upstream)

@@ -1,8 +1,9 @@
-"""What the proxy's handlers share: settings, the store writer, the upstream HTTP session."""
+"""What the proxy's handlers share: settings, store writer, upstream session, adapter registry."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -10,12 +11,16 @@ from aiohttp import web
 from proxy.config import ProxyConfig
 from store.writer import BatchWriter
 
+if TYPE_CHECKING:
+    from proxy.adapters import Registry
+
 
 @dataclass
 class ProxyState:
     config: ProxyConfig
     writer: BatchWriter
     session: aiohttp.ClientSession
+    registry: "Registry | None" = None  # set right after construction: it needs the state too
 
     def upstream_url(self, route: str) -> str:
         """`route` is the part after /v1/, e.g. "chat/completions"."""

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Sequence
@@ -23,6 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from store.records import (
+    AdapterRow,
     CallRecord,
     EpisodeClose,
     EpisodeOpen,
@@ -32,7 +33,7 @@ from store.records import (
     UnknownCall,
     UnknownEpisode,
 )
-from store.schema import CALLS, EPISODES, META, SCHEMA_VERSION, TABLES, Table
+from store.schema import ADAPTERS, CALLS, EPISODES, META, SCHEMA_VERSION, TABLES, Table
 
 log = logging.getLogger("flywheel.store")
 
@@ -111,6 +112,10 @@ class Store:
                 results.append(self._feedback(op))
             elif isinstance(op, EpisodeClose):
                 results.append(self._close(op))
+            elif isinstance(op, AdapterRow):
+                self._insert_rows(ADAPTERS, [asdict(op)],
+                                  "ON CONFLICT (served_name) DO UPDATE SET status = excluded.status")
+                results.append(None)
             else:
                 results.append(None)
         return results
@@ -280,6 +285,13 @@ class Store:
             "rows": [[_jsonable(v, t) for v, t in zip(row, types)] for row in rows[:max_rows]],
             "truncated": len(rows) > max_rows,
         }
+
+    def adapter_rows(self) -> list[AdapterRow]:
+        """The whole adapter registry, oldest first (read once at start-up)."""
+        out = self._read(lambda cur: cur.execute(
+            "SELECT * FROM adapters ORDER BY agent, version"), 1_000_000, 60)
+        rows = [dict(zip(out["columns"], row)) for row in out["rows"]]
+        return [AdapterRow(**{**r, "created_at": datetime.fromisoformat(r["created_at"])}) for r in rows]
 
     def episode(self, episode_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
         """The episode row with its calls (in seq order) and feedback."""

@@ -65,6 +65,19 @@ class EpisodeClose:
 
 
 @dataclass(frozen=True)
+class AdapterRow:
+    """An adapter version's registry row, written whole on every change of status."""
+
+    served_name: str
+    agent: str
+    version: int
+    path: str
+    base_model: str | None
+    created_at: datetime
+    status: str
+
+
+@dataclass(frozen=True)
 class FeedbackResult:
     feedback_id: str
     duplicate: bool  # the idempotency key was seen before; nothing new was applied
@@ -79,4 +92,4 @@ class UnknownCall(LookupError):
     pass
 
 
-StoreOp = EpisodeOpen | CallRecord | Feedback | EpisodeClose
+StoreOp = EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow

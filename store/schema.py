@@ -111,6 +111,19 @@ FEEDBACK = Table(
     ),
 )
 
+ADAPTERS = Table(
+    "adapters",
+    (
+        Column("served_name", "VARCHAR", "name in vLLM and in calls.adapter: {agent}-v{version}", primary_key=True),
+        Column("agent", "VARCHAR", "agent whose calls it serves"),
+        Column("version", "INTEGER", "1, 2, ... per agent; never reused"),
+        Column("path", "VARCHAR", "PEFT adapter directory vLLM loads it from"),
+        Column("base_model", "VARCHAR", "served name of the base model it applies to"),
+        Column("created_at", "TIMESTAMPTZ", "when it was registered"),
+        Column("status", "VARCHAR", "active | standby (rollback target) | retired | rolled_back"),
+    ),
+)
+
 META = Table(
     "flywheel_meta",
     (
@@ -119,4 +132,4 @@ META = Table(
     ),
 )
 
-TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK)
+TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS)

@@ -5,18 +5,22 @@ with ids 1000, 1001, ...; the prompt's token ids are 1..len(words of the prompt)
 vLLM it returns `prompt_token_ids`/`token_ids` only when `return_token_ids` is set and
 logprobs only when asked. With `tools` in the request (and tool_choice not "none") it
 answers with a call to the first tool. Models named `fail-<status>` answer with that
-error status. It keeps the bodies it received in `app[RECEIVED]` for tests to inspect.
+error status. A body field `fake_delay_ms` delays one answer. LoRA adapters can be loaded and unloaded as in vLLM; a name ending in
+`-v<N>` that is not loaded is a 404. It keeps the bodies it received in `app[RECEIVED]` for tests to inspect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 from aiohttp import web
 
 RECEIVED = web.AppKey("received", list)
+LORAS = web.AppKey("loras", dict)  # served name -> path, as loaded through /v1/load_lora_adapter
+LORA_CALLS = web.AppKey("lora_calls", list)  # ("load" | "unload", name) in arrival order
 DELAY_S = web.AppKey("delay_s", float)
 TOOL_ARGS = ('{"city": ', '"Paris"}')
 
@@ -126,9 +130,13 @@ def _handler(chat: bool):
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         request.app[RECEIVED].append(body)
-        if request.app[DELAY_S]:
-            await asyncio.sleep(request.app[DELAY_S])
+        delay_s = float(body.get("fake_delay_ms", 0)) / 1000 or request.app[DELAY_S]
+        if delay_s:
+            await asyncio.sleep(delay_s)
         model = str(body.get("model") or "")
+        if re.search(r"-v\d+$", model) and model not in request.app[LORAS]:
+            return web.json_response({"error": {"message": f"The model `{model}` does not exist.",
+                                                "type": "NotFoundError", "code": 404}}, status=404)
         if model.startswith("fail-"):
             status = int(model.split("-")[1])
             return web.json_response({"error": {"message": f"fake failure {status}", "type": "BadRequestError",
@@ -146,6 +154,25 @@ def _handler(chat: bool):
     return handle
 
 
+async def _load_lora(request: web.Request) -> web.Response:
+    body = await request.json()
+    name = body["lora_name"]
+    request.app[LORA_CALLS].append(("load", name))
+    if name in request.app[LORAS]:
+        return web.json_response({"error": {"message": f"The lora adapter '{name}' has already been loaded."}},
+                                 status=400)
+    request.app[LORAS][name] = body["lora_path"]
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def _unload_lora(request: web.Request) -> web.Response:
+    name = (await request.json())["lora_name"]
+    request.app[LORA_CALLS].append(("unload", name))
+    if request.app[LORAS].pop(name, None) is None:
+        return web.json_response({"error": {"message": f"The lora adapter '{name}' cannot be found."}}, status=404)
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+
 async def _models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [
         {"id": "fake-model", "object": "model", "created": int(time.time()), "owned_by": "fake"}]})
@@ -155,6 +182,10 @@ def make_app(delay_s: float = 0.0) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[RECEIVED] = []
     app[DELAY_S] = delay_s
+    app[LORAS] = {}
+    app[LORA_CALLS] = []
+    app.router.add_post("/v1/load_lora_adapter", _load_lora)
+    app.router.add_post("/v1/unload_lora_adapter", _unload_lora)
     app.router.add_post("/v1/chat/completions", _handler(chat=True))
     app.router.add_post("/v1/completions", _handler(chat=False))
     app.router.add_get("/v1/models", _models)

@@ -1,0 +1,117 @@
+"""The adapter registry against the fake vLLM: validation, routing, versions, in-flight, rollback, restore."""
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from tests.fake_upstream import LORA_CALLS, LORAS
+from tests.test_feedback import api
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def adapter_dir(tmp_path, name="a", rank=8, peft_type="LORA"):
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type, "r": rank}))
+    (directory / "adapter_model.safetensors").write_bytes(b"")
+    return str(directory)
+
+
+async def chat(proxy, agent, **extra):
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/{agent}/v1", api_key="x", max_retries=0)
+    return await client.chat.completions.create(model="base", messages=MESSAGES, extra_body=extra or None)
+
+
+async def test_registration_validates_the_directory(proxy, tmp_path):
+    cases = [
+        ({"agent": "s", "path": str(tmp_path / "missing")}, "adapter_config.json"),
+        ({"agent": "s", "path": adapter_dir(tmp_path, "big", rank=64)}, "exceeds"),
+        ({"agent": "s", "path": adapter_dir(tmp_path, "ia3", peft_type="IA3")}, "only LoRA"),
+        ({"agent": "bad name!", "path": adapter_dir(tmp_path, "ok")}, "agent name"),
+        ({"agent": "s"}, "required"),
+    ]
+    for payload, message in cases:
+        status, body = await api(proxy, "POST", "/v1/adapters", payload)
+        assert status == 400 and message in body["error"]["message"], body
+    assert (await api(proxy, "GET", "/v1/adapters"))[1] == {"agents": {}}
+
+
+async def test_register_routes_only_that_agent_and_records_the_version(proxy, upstream, tmp_path):
+    status, row = await api(proxy, "POST", "/v1/adapters", {"agent": "solver", "path": adapter_dir(tmp_path)})
+    assert status == 201 and row["served_name"] == "solver-v1" and row["status"] == "active"
+    reply = await chat(proxy, "solver")
+    assert upstream.received[-1]["model"] == "solver-v1" and reply.model == "solver-v1"
+    await chat(proxy, "router")
+    assert upstream.received[-1]["model"] == "base"
+    rows = await proxy.rows("SELECT agent, model, adapter FROM calls ORDER BY created_at")
+    assert rows == [{"agent": "solver", "model": "base", "adapter": "solver-v1"},
+                    {"agent": "router", "model": "base", "adapter": "base"}]
+
+
+async def test_versions_keep_active_and_standby_loaded_and_unload_older(proxy, upstream, tmp_path):
+    for n in range(1, 4):
+        await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, f"v{n}")})
+    await asyncio.sleep(0.05)  # unloading runs as a task
+    assert sorted(upstream.app[LORAS]) == ["s-v2", "s-v3"]
+    _, listing = await api(proxy, "GET", "/v1/adapters")
+    assert listing["agents"]["s"]["current"] == "s-v3"
+    assert [(h["served_name"], h["status"]) for h in listing["agents"]["s"]["history"]] == [
+        ("s-v1", "retired"), ("s-v2", "standby"), ("s-v3", "active")]
+    rows = await proxy.rows("SELECT served_name, status FROM adapters ORDER BY version")
+    assert [r["status"] for r in rows] == ["retired", "standby", "active"]
+
+
+async def test_a_call_in_flight_finishes_on_its_version_before_it_is_unloaded(proxy, upstream, tmp_path):
+    await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, "v1")})
+    slow = asyncio.create_task(chat(proxy, "s", fake_delay_ms=400))
+    await asyncio.sleep(0.1)
+    for n in (2, 3):  # v1 goes standby, then retired, while its call runs
+        await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, f"v{n}")})
+    assert "s-v1" in upstream.app[LORAS]
+    assert (await slow).model == "s-v1"
+    await asyncio.sleep(0.05)
+    assert "s-v1" not in upstream.app[LORAS] and ("unload", "s-v1") in upstream.app[LORA_CALLS]
+
+
+async def test_rollback_walks_back_to_the_base_model(proxy, upstream, tmp_path):
+    for n in (1, 2, 3):
+        await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, f"v{n}")})
+    status, body = await api(proxy, "POST", "/v1/adapters/s/rollback")
+    assert status == 200 and body["current"] == "s-v2"
+    assert (await chat(proxy, "s")).model == "s-v2"
+    status, body = await api(proxy, "POST", "/v1/adapters/s/rollback")
+    assert body["current"] == "s-v1" and (await chat(proxy, "s")).model == "s-v1"  # reloaded on demand
+    status, body = await api(proxy, "POST", "/v1/adapters/s/rollback")
+    assert body["current"] is None and (await chat(proxy, "s")).model == "base"
+    status, body = await api(proxy, "POST", "/v1/adapters/s/rollback")
+    assert status == 409 and "nothing to roll back" in body["error"]["message"]
+    status, row = await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, "v4")})
+    assert row["served_name"] == "s-v4"  # names are never reused
+
+
+async def test_a_restarted_proxy_restores_routing_into_a_fresh_vllm(start_proxy, upstream, tmp_path):
+    proxy = await start_proxy()
+    for n in (1, 2):
+        await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, f"v{n}")})
+    await proxy.stop()
+    upstream.app[LORAS].clear()  # as if vLLM had restarted too
+    proxy = await start_proxy()
+    for _ in range(100):
+        if sorted(upstream.app[LORAS]) == ["s-v1", "s-v2"]:
+            break
+        await asyncio.sleep(0.02)
+    assert sorted(upstream.app[LORAS]) == ["s-v1", "s-v2"]
+    assert (await chat(proxy, "s")).model == "s-v2"
+
+
+async def test_calls_for_another_model_are_not_rerouted(proxy, upstream, tmp_path):
+    await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path), "base_model": "base"})
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/s/v1", api_key="x")
+    await client.chat.completions.create(model="other-model", messages=MESSAGES)
+    assert upstream.received[-1]["model"] == "other-model"
+    await client.chat.completions.create(model="base", messages=MESSAGES)
+    assert upstream.received[-1]["model"] == "s-v1"
