@@ -123,3 +123,22 @@ def vllm(smollm2, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def real_proxy(start_proxy, vllm):
+    """A proxy in front of the session's real vLLM, with its own store."""
+    return await start_proxy(upstream=vllm.settings.url, base_model="smollm2")
+
+
+def random_lora(model_dir: str, out: str, rank: int = 8, seed: int = 0) -> str:
+    """A PEFT LoRA with random A and B (peft's default B=0 would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out

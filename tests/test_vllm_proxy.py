@@ -11,11 +11,6 @@ pytestmark = pytest.mark.vllm
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 
 
-@pytest.fixture
-async def real_proxy(start_proxy, vllm):
-    return await start_proxy(upstream=vllm.settings.url)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(smollm2):
     return AutoTokenizer.from_pretrained(smollm2)
