@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install model test test-fast bench-proxy clean
+.PHONY: install model demo test test-fast bench-proxy clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 
 model: install
 	$(PY) -m flywheel model prepare
+
+demo: install model
+	$(PY) -m examples.demo
 
 test: install model
 	$(PY) -m pytest -q
