@@ -27,13 +27,15 @@ from store.records import (
     CallRecord,
     EpisodeClose,
     EpisodeOpen,
+    EpisodesPushed,
     Feedback,
     FeedbackResult,
     StoreOp,
+    TrainRun,
     UnknownCall,
     UnknownEpisode,
 )
-from store.schema import ADAPTERS, CALLS, EPISODES, META, SCHEMA_VERSION, TABLES, Table
+from store.schema import ADAPTERS, CALLS, EPISODES, META, SCHEMA_VERSION, TABLES, TRAIN_RUNS, Table
 
 log = logging.getLogger("flywheel.store")
 
@@ -112,6 +114,13 @@ class Store:
                 results.append(self._feedback(op))
             elif isinstance(op, EpisodeClose):
                 results.append(self._close(op))
+            elif isinstance(op, EpisodesPushed):
+                self.con.execute("UPDATE episodes SET pushed_at = ? WHERE episode_id IN (SELECT unnest(?))",
+                                 [op.pushed_at, list(op.episode_ids)])
+                results.append(None)
+            elif isinstance(op, TrainRun):
+                self._insert_rows(TRAIN_RUNS, [asdict(op)])
+                results.append(None)
             elif isinstance(op, AdapterRow):
                 self._insert_rows(ADAPTERS, [asdict(op)],
                                   "ON CONFLICT (served_name) DO UPDATE SET status = excluded.status")
@@ -259,6 +268,17 @@ class Store:
         return self._read(lambda cur: cur.execute(sql), max_rows, timeout_s)
 
     def _read(self, run, max_rows: int, timeout_s: float) -> dict[str, Any]:
+        """Rows as JSON-ready values: {columns, types, rows, truncated}."""
+        columns, types, rows, truncated = self._read_raw(run, max_rows, timeout_s)
+        return {
+            "columns": columns,
+            "types": types,
+            "rows": [[_jsonable(v, t) for v, t in zip(row, types)] for row in rows],
+            "truncated": truncated,
+        }
+
+    def _read_raw(self, run, max_rows: int, timeout_s: float) -> tuple[list[str], list[str], list[tuple], bool]:
+        """Run `run(cursor)` in a rolled-back transaction on its own cursor, interrupted after timeout_s."""
         cur = self.con.cursor()
         timer = threading.Timer(timeout_s, cur.interrupt)
         timer.start()
@@ -278,13 +298,33 @@ class Store:
             except duckdb.Error:
                 pass
             cur.close()
-        types = [str(d[1]) for d in description]
-        return {
-            "columns": [d[0] for d in description],
-            "types": types,
-            "rows": [[_jsonable(v, t) for v, t in zip(row, types)] for row in rows[:max_rows]],
-            "truncated": len(rows) > max_rows,
-        }
+        return [d[0] for d in description], [str(d[1]) for d in description], rows[:max_rows], len(rows) > max_rows
+
+    def _dicts(self, sql: str, params: list, timeout_s: float = 60) -> list[dict[str, Any]]:
+        columns, _, rows, _ = self._read_raw(lambda cur: cur.execute(sql, params), 10_000_000, timeout_s)
+        return [dict(zip(columns, row)) for row in rows]
+
+    def episodes_to_push(self, limit: int, quiet_s: float) -> list[dict[str, Any]]:
+        """Rewarded episodes the learner has not acknowledged: closed ones, and open ones whose
+        last feedback is older than `quiet_s`. Each with its `calls` and `feedback` (raw values)."""
+        episodes = self._dicts(
+            "SELECT e.* FROM episodes e WHERE e.pushed_at IS NULL AND e.reward IS NOT NULL AND "
+            "(e.status = 'closed' OR (SELECT max(f.created_at) FROM feedback f WHERE f.episode_id = e.episode_id)"
+            " < now() - to_seconds(?)) ORDER BY e.created_at LIMIT ?",
+            [quiet_s, limit],
+        )
+        if not episodes:
+            return []
+        ids = [e["episode_id"] for e in episodes]
+        calls = self._dicts("SELECT * FROM calls WHERE episode_id IN (SELECT unnest(?)) ORDER BY seq", [ids])
+        feedback = self._dicts(
+            "SELECT * FROM feedback WHERE episode_id IN (SELECT unnest(?)) ORDER BY created_at", [ids])
+        by_id = {e["episode_id"]: {**e, "calls": [], "feedback": []} for e in episodes}
+        for call in calls:
+            by_id[call["episode_id"]]["calls"].append(call)
+        for fb in feedback:
+            by_id[fb["episode_id"]]["feedback"].append(fb)
+        return list(by_id.values())
 
     def adapter_rows(self) -> list[AdapterRow]:
         """The whole adapter registry, oldest first (read once at start-up)."""

@@ -78,6 +78,41 @@ class AdapterRow:
 
 
 @dataclass(frozen=True)
+class EpisodesPushed:
+    """The learner acknowledged these episodes: they are durable there and not sent again."""
+
+    episode_ids: tuple[str, ...]
+    pushed_at: datetime
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One learner update, as published: a row of `train_runs` (columns in store/schema.py)."""
+
+    run_id: str
+    created_at: datetime
+    served_name: str
+    agent: str
+    version: int
+    episodes: int
+    transitions: int
+    tokens: int
+    loss: float
+    reward_mean: float
+    advantage_mean: float
+    advantage_std: float
+    clip_fraction: float
+    kl: float
+    entropy: float
+    tokens_per_s: float
+    grad_norm: float
+    logprob_mismatch_mean: float
+    logprob_mismatch_max: float
+    seconds: float
+    skipped: str  # JSON {reason: count}
+
+
+@dataclass(frozen=True)
 class FeedbackResult:
     feedback_id: str
     duplicate: bool  # the idempotency key was seen before; nothing new was applied
@@ -92,4 +127,4 @@ class UnknownCall(LookupError):
     pass
 
 
-StoreOp = EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow
+StoreOp = EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | TrainRun

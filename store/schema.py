@@ -1,8 +1,10 @@
 """The DuckDB schema, declared once.
 
 Each table is a tuple of `Column`s. From that one spec we render the DDL, the Arrow
-schema the batch writer inserts with, and the in-place upgrade (tables and columns
-that a newer Flywheel adds are created on open). `SCHEMA_VERSION` is bumped with
+schema the batch writer inserts with, the in-place upgrade (tables and columns that a
+newer Flywheel adds are created on open) and the mapping to the protobuf messages the
+proxy sends the learner (columns marked `proto` travel in the same-named field;
+TIMESTAMPTZ as unix seconds). `SCHEMA_VERSION` is bumped with
 every change to the spec; `tests/test_schema.py` fails if the spec and a freshly
 created database drift apart.
 """
@@ -22,6 +24,7 @@ class Column:
     sql_type: str  # DuckDB type as written in DDL
     doc: str
     primary_key: bool = False
+    proto: bool = False  # carried to the learner in the same-named field of the table's message
 
 
 _ARROW_TYPES = {
@@ -41,6 +44,11 @@ _ARROW_TYPES = {
 class Table:
     name: str
     columns: tuple[Column, ...]
+    proto_message: str = ""  # message in protos/flywheel.proto that rows of this table map to
+
+    @property
+    def proto_columns(self) -> tuple[Column, ...]:
+        return tuple(c for c in self.columns if c.proto)
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -59,42 +67,45 @@ class Table:
 EPISODES = Table(
     "episodes",
     (
-        Column("episode_id", "VARCHAR", "client-given or generated id", primary_key=True),
-        Column("task_id", "VARCHAR", "groups repeated attempts of one task (GRPO group)"),
+        Column("episode_id", "VARCHAR", "client-given or generated id", primary_key=True, proto=True),
+        Column("task_id", "VARCHAR", "groups repeated attempts of one task (GRPO group)", proto=True),
         Column("agent", "VARCHAR", "agent that opened the episode, if named"),
         Column("created_at", "TIMESTAMPTZ", "first call or explicit creation"),
-        Column("closed_at", "TIMESTAMPTZ", "set by POST /v1/episodes/{id}/close"),
+        Column("closed_at", "TIMESTAMPTZ", "set by POST /v1/episodes/{id}/close", proto=True),
         Column("status", "VARCHAR", "open | closed"),
         Column("reward", "DOUBLE", "latest episode-level feedback reward"),
         Column("metadata", "JSON", "free-form metadata from POST /v1/episodes"),
+        Column("pushed_at", "TIMESTAMPTZ", "when the learner acknowledged it (NULL: not yet sent)"),
     ),
+    proto_message="Episode",
 )
 
 CALLS = Table(
     "calls",
     (
-        Column("call_id", "VARCHAR", "id returned in X-Flywheel-Call"),
+        Column("call_id", "VARCHAR", "id returned in X-Flywheel-Call", proto=True),
         Column("episode_id", "VARCHAR", "episode the call belongs to"),
-        Column("agent", "VARCHAR", "agent that made the call"),
-        Column("seq", "INTEGER", "0-based order of the call within its episode"),
-        Column("created_at", "TIMESTAMPTZ", "when the proxy received the request"),
+        Column("agent", "VARCHAR", "agent that made the call", proto=True),
+        Column("seq", "INTEGER", "0-based order of the call within its episode", proto=True),
+        Column("created_at", "TIMESTAMPTZ", "when the proxy received the request", proto=True),
         Column("endpoint", "VARCHAR", "chat.completions | completions"),
         Column("stream", "BOOLEAN", "client asked for SSE streaming"),
         Column("model", "VARCHAR", "model the client asked for"),
-        Column("adapter", "VARCHAR", "model or adapter name the upstream served"),
+        Column("adapter", "VARCHAR", "model or adapter name the upstream served", proto=True),
         Column("request", "JSON", "request body as the client sent it, minus metadata"),
         Column("response", "JSON", "choices: text or message, tool calls, finish reasons"),
-        Column("prompt_token_ids", "INTEGER[]", "exact prompt tokens from the upstream"),
-        Column("completion_token_ids", "INTEGER[]", "exact sampled tokens of choice 0"),
-        Column("completion_logprobs", "FLOAT[]", "behaviour logprob of each sampled token"),
-        Column("finish_reason", "VARCHAR", "choice 0's finish reason"),
+        Column("prompt_token_ids", "INTEGER[]", "exact prompt tokens from the upstream", proto=True),
+        Column("completion_token_ids", "INTEGER[]", "exact sampled tokens of choice 0", proto=True),
+        Column("completion_logprobs", "FLOAT[]", "behaviour logprob of each sampled token", proto=True),
+        Column("finish_reason", "VARCHAR", "choice 0's finish reason", proto=True),
         Column("prompt_tokens", "INTEGER", "usage.prompt_tokens (or counted)"),
         Column("completion_tokens", "INTEGER", "usage.completion_tokens (or counted)"),
         Column("latency_ms", "DOUBLE", "request received to last byte sent"),
         Column("ttft_ms", "DOUBLE", "request received to first content chunk (streaming)"),
-        Column("status", "INTEGER", "HTTP status returned to the client"),
+        Column("status", "INTEGER", "HTTP status returned to the client", proto=True),
         Column("error", "VARCHAR", "upstream or proxy error message"),
     ),
+    proto_message="Call",
 )
 
 FEEDBACK = Table(
@@ -103,12 +114,13 @@ FEEDBACK = Table(
         Column("feedback_id", "VARCHAR", "generated id", primary_key=True),
         Column("episode_id", "VARCHAR", "episode the outcome belongs to"),
         Column("call_id", "VARCHAR", "set when the reward is for one call"),
-        Column("reward", "DOUBLE", "finite scalar reward"),
+        Column("reward", "DOUBLE", "finite scalar reward", proto=True),
         Column("dims", "JSON", "named reward dimensions {name: number}"),
-        Column("source", "VARCHAR", "who judged: grader, user, ..."),
-        Column("created_at", "TIMESTAMPTZ", "when it was committed"),
+        Column("source", "VARCHAR", "who judged: grader, user, ...", proto=True),
+        Column("created_at", "TIMESTAMPTZ", "when it was committed", proto=True),
         Column("idempotency_key", "VARCHAR", "a repeated key within an episode is applied once"),
     ),
+    proto_message="Reward",
 )
 
 ADAPTERS = Table(
@@ -124,6 +136,34 @@ ADAPTERS = Table(
     ),
 )
 
+TRAIN_RUNS = Table(
+    "train_runs",
+    (
+        Column("run_id", "VARCHAR", "generated id", primary_key=True),
+        Column("created_at", "TIMESTAMPTZ", "when the update was published"),
+        Column("served_name", "VARCHAR", "adapter version it produced"),
+        Column("agent", "VARCHAR", "agent whose adapter was trained", proto=True),
+        Column("version", "INTEGER", "adapter version number it produced", proto=True),
+        Column("episodes", "INTEGER", "episodes the update learned from", proto=True),
+        Column("transitions", "INTEGER", "LLM calls trained on", proto=True),
+        Column("tokens", "BIGINT", "completion tokens trained on", proto=True),
+        Column("loss", "DOUBLE", "mean policy loss", proto=True),
+        Column("reward_mean", "DOUBLE", "mean reward of the transitions", proto=True),
+        Column("advantage_mean", "DOUBLE", "mean advantage", proto=True),
+        Column("advantage_std", "DOUBLE", "advantage standard deviation", proto=True),
+        Column("clip_fraction", "DOUBLE", "share of tokens whose ratio was clipped", proto=True),
+        Column("kl", "DOUBLE", "mean k3 KL to the base model (0 when beta = 0)", proto=True),
+        Column("entropy", "DOUBLE", "mean token entropy of the policy", proto=True),
+        Column("tokens_per_s", "DOUBLE", "training throughput, padded tokens per second", proto=True),
+        Column("grad_norm", "DOUBLE", "gradient norm before clipping", proto=True),
+        Column("logprob_mismatch_mean", "DOUBLE", "mean |learner - vLLM| logprob per token", proto=True),
+        Column("logprob_mismatch_max", "DOUBLE", "largest |learner - vLLM| logprob", proto=True),
+        Column("seconds", "DOUBLE", "wall time of the update", proto=True),
+        Column("skipped", "JSON", "transitions not trained on, by reason", proto=True),
+    ),
+    proto_message="UpdateMetrics",
+)
+
 META = Table(
     "flywheel_meta",
     (
@@ -132,4 +172,4 @@ META = Table(
     ),
 )
 
-TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS)
+TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS)

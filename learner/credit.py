@@ -1,0 +1,121 @@
+"""Credit assignment: from a rewarded episode to one transition per LLM call being trained.
+
+LightningRL: an episode's outcome reaches every LLM call of the agents being trained,
+each call one transition (prompt tokens -> completion tokens). Pure functions over the
+protobuf messages the proxy sends; no model, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+from protos import flywheel_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Transition:
+    episode_id: str
+    task_id: str
+    agent: str
+    seq: int
+    adapter: str  # served name of the version that sampled it, e.g. "solver-v3"
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    behavior_logprobs: tuple[float, ...]  # from vLLM, one per completion token
+    temperature: float
+    reward: float  # the credit this call receives
+
+
+@dataclass(frozen=True)
+class CreditConfig:
+    mode: str = "identical"  # identical | discounted
+    gamma: float = 1.0  # discounted: reward * gamma ** (calls after this one in the episode)
+    call_feedback: str = "add"  # a call's own feedback is added to, or overrides, its credit: add | override
+    dim_weights: Mapping[str, float] | None = None  # reward = sum(weight * dim); key "reward" weighs the scalar
+    skip_truncated: bool = True  # drop completions cut off by max_tokens (their reward is noise: DAPO)
+    max_tokens: int = 4096  # drop transitions whose prompt + completion is longer
+
+
+def agent_filter(pattern: str) -> Callable[[str], bool]:
+    """Agents to train: a regex matched against the whole name (e.g. "planner|writer", ".*")."""
+    compiled = re.compile(pattern)
+    return lambda agent: compiled.fullmatch(agent) is not None
+
+
+def scalar_reward(reward: pb.Reward, dim_weights: Mapping[str, float] | None) -> float:
+    """r, or with weights: sum_d w_d * dims[d] (+ w_reward * r). Missing dims count 0."""
+    if not dim_weights:
+        return reward.reward
+    return sum(w * (reward.reward if name == "reward" else reward.dims.get(name, 0.0))
+               for name, w in dim_weights.items())
+
+
+def latest(rewards: Iterable[pb.Reward]) -> pb.Reward | None:
+    """The latest feedback wins: later outcomes correct earlier ones."""
+    found = None
+    for reward in rewards:
+        found = reward
+    return found
+
+
+def skip_reason(call: pb.Call, config: CreditConfig) -> str | None:
+    """Why a call cannot be trained on, or None. Kept in the store either way."""
+    if call.status != 200:
+        return "error_status"
+    if not call.completion_token_ids:
+        return "no_token_ids"  # an upstream that ignores return_token_ids
+    if len(call.completion_logprobs) != len(call.completion_token_ids):
+        return "no_logprobs"
+    if not call.prompt_token_ids:
+        return "no_prompt_ids"
+    if config.skip_truncated and call.finish_reason == "length":
+        return "truncated"
+    if len(call.prompt_token_ids) + len(call.completion_token_ids) > config.max_tokens:
+        return "too_long"
+    return None
+
+
+def call_credits(episode: pb.Episode, config: CreditConfig) -> dict[str, float]:
+    """Credit per call id, before filtering.
+
+    identical:  c_i = R                          (R: the episode's latest reward)
+    discounted: c_i = R * gamma ** (n - 1 - k_i)  (k_i: the call's position among the n calls)
+    then a call's own latest feedback f_i:  add: c_i + f_i,  override: f_i.
+    """
+    episode_reward = latest(episode.rewards)
+    total = scalar_reward(episode_reward, config.dim_weights) if episode_reward is not None else 0.0
+    calls = sorted(episode.calls, key=lambda c: c.seq)
+    credits = {}
+    for position, call in enumerate(calls):
+        credit = total if config.mode == "identical" else total * config.gamma ** (len(calls) - 1 - position)
+        own = latest(call.rewards)
+        if own is not None:
+            value = scalar_reward(own, config.dim_weights)
+            credit = value if config.call_feedback == "override" else credit + value
+        credits[call.call_id] = credit
+    return credits
+
+
+def assign(episode: pb.Episode, config: CreditConfig, trains: Callable[[str], bool]) -> tuple[list[Transition], Counter]:
+    """Transitions of the trained agents' calls, and a count of the calls skipped, by reason."""
+    if config.mode not in ("identical", "discounted"):
+        raise ValueError(f"credit mode must be identical or discounted, not {config.mode!r}")
+    credits = call_credits(episode, config)
+    transitions, skipped = [], Counter()
+    for call in episode.calls:
+        if not trains(call.agent):
+            continue
+        reason = skip_reason(call, config)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        transitions.append(Transition(
+            episode_id=episode.episode_id, task_id=episode.task_id, agent=call.agent, seq=call.seq,
+            adapter=call.adapter, prompt_ids=tuple(call.prompt_token_ids),
+            completion_ids=tuple(call.completion_token_ids), behavior_logprobs=tuple(call.completion_logprobs),
+            temperature=call.temperature or 1.0, reward=credits[call.call_id],
+        ))
+    return transitions, skipped

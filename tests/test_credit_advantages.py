@@ -1,0 +1,98 @@
+"""Credit assignment and advantages, against hand-computed expectations."""
+
+import math
+
+import pytest
+
+from learner.advantages import AdvantageConfig, Baseline, compute_advantages, group_advantages, std
+from learner.credit import CreditConfig, agent_filter, assign, call_credits, scalar_reward
+from protos import flywheel_pb2 as pb
+
+
+def call(call_id, agent, seq, n_tokens=3, finish="stop", status=200, rewards=(), adapter="base"):
+    return pb.Call(call_id=call_id, agent=agent, seq=seq, adapter=adapter, prompt_token_ids=[1, 2],
+                   completion_token_ids=list(range(10, 10 + n_tokens)), completion_logprobs=[-0.5] * n_tokens,
+                   finish_reason=finish, status=status, temperature=0.7,
+                   rewards=[pb.Reward(reward=r) for r in rewards])
+
+
+def episode(episode_id, task, reward, calls, dims=None):
+    rewards = [pb.Reward(reward=-9)] + ([pb.Reward(reward=reward, dims=dims or {})] if reward is not None else [])
+    return pb.Episode(episode_id=episode_id, task_id=task, calls=calls, rewards=rewards)
+
+
+def test_identical_credit_gives_every_trained_call_the_latest_episode_reward():
+    ep = episode("e", "t", 1.0, [call("a", "planner", 0), call("b", "writer", 1), call("c", "critic", 2)])
+    transitions, skipped = assign(ep, CreditConfig(), agent_filter("planner|writer"))
+    assert [(t.agent, t.reward) for t in transitions] == [("planner", 1.0), ("writer", 1.0)]
+    assert transitions[0].temperature == 0.7 and transitions[0].completion_ids == (10, 11, 12)
+    assert not skipped
+
+
+def test_discounted_credit_decays_per_step_back_from_the_end():
+    ep = episode("e", "t", 2.0, [call("a", "x", 0), call("b", "x", 1), call("c", "x", 2)])
+    assert call_credits(ep, CreditConfig(mode="discounted", gamma=0.5)) == {"a": 0.5, "b": 1.0, "c": 2.0}
+
+
+def test_call_feedback_adds_or_overrides():
+    ep = episode("e", "t", 1.0, [call("a", "x", 0, rewards=(0.25, -0.5)), call("b", "x", 1)])
+    assert call_credits(ep, CreditConfig(call_feedback="add")) == {"a": 0.5, "b": 1.0}
+    assert call_credits(ep, CreditConfig(call_feedback="override")) == {"a": -0.5, "b": 1.0}
+
+
+def test_dims_combined_with_weights():
+    reward = pb.Reward(reward=1.0, dims={"correct": 1.0, "style": 0.5})
+    assert scalar_reward(reward, None) == 1.0
+    assert scalar_reward(reward, {"correct": 0.8, "style": 0.4}) == pytest.approx(1.0)
+    assert scalar_reward(reward, {"reward": 0.5, "missing": 3.0}) == 0.5
+    ep = episode("e", "t", 0.0, [call("a", "x", 0)], dims={"correct": 1.0})
+    assert call_credits(ep, CreditConfig(dim_weights={"correct": 2.0})) == {"a": 2.0}
+
+
+def test_untrainable_calls_are_skipped_with_a_reason():
+    no_ids = pb.Call(call_id="n", agent="x", seq=3, status=200, finish_reason="stop")
+    ep = episode("e", "t", 1.0, [call("a", "x", 0, finish="length"), call("b", "x", 1, status=502),
+                                 call("c", "x", 2, n_tokens=40), no_ids])
+    transitions, skipped = assign(ep, CreditConfig(max_tokens=30), agent_filter(".*"))
+    assert transitions == []
+    assert skipped == {"truncated": 1, "error_status": 1, "too_long": 1, "no_token_ids": 1}
+    kept, _ = assign(ep, CreditConfig(skip_truncated=False, max_tokens=30), agent_filter(".*"))
+    assert [t.seq for t in kept] == [0]
+
+
+def test_group_advantage_formula():
+    # rewards 1, 0, 0, 1: mean 0.5, sample std sqrt(1/3)
+    got = group_advantages([1.0, 0.0, 0.0, 1.0], "group", 1e-4)
+    expected = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert got == pytest.approx([expected, -expected, -expected, expected])
+    assert group_advantages([3.0, 1.0], "none", 1e-4) == [1.0, -1.0]
+    assert std([1.0]) == 0.0
+
+
+def _transitions(rewards_by_task, agent="x"):
+    eps = [episode(f"{task}-{i}", task, r, [call(f"{task}-{i}", agent, 0)])
+           for task, rewards in rewards_by_task.items() for i, r in enumerate(rewards)]
+    return [t for ep in eps for t in assign(ep, CreditConfig(), agent_filter(".*"))[0]]
+
+
+def test_zero_variance_groups_are_dropped_and_groups_are_per_task():
+    scored, stats = compute_advantages(_transitions({"t1": [1, 1, 1], "t2": [1, 0]}), AdvantageConfig(), {})
+    assert [s.transition.task_id for s in scored] == ["t2", "t2"]
+    assert stats.skipped == {"zero_variance_group": 3} and stats.groups == 1
+    assert scored[0].advantage == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-4))
+
+
+def test_batch_scale_divides_by_the_batch_reward_std():
+    scored, _ = compute_advantages(_transitions({"t1": [1, 0], "t2": [3, 1]}), AdvantageConfig(scale="batch"), {})
+    spread = std([1, 0, 3, 1])
+    assert [s.advantage for s in scored] == pytest.approx([a / (spread + 1e-4) for a in (0.5, -0.5, 1, -1)])
+
+
+def test_singletons_use_the_agents_running_baseline():
+    baselines: dict[str, Baseline] = {}
+    singles = [t for t in _transitions({"": [1.0]}) ]
+    scored, stats = compute_advantages(singles, AdvantageConfig(scale="none"), baselines)
+    assert scored == [] and stats.skipped == {"no_baseline_yet": 1} and baselines["x"].mean == 1.0
+    scored, _ = compute_advantages(_transitions({"": [0.0]}), AdvantageConfig(scale="none"), baselines)
+    assert [s.advantage for s in scored] == [-1.0]
+    assert baselines["x"].mean == pytest.approx(0.9)  # 1 + 0.1 * (0 - 1)
