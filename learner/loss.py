@@ -17,7 +17,7 @@ class LossConfig:
     epsilon_high: float = 0.28  # upper clip, DAPO's clip-higher (TRL's default equals epsilon)
     loss_type: str = "dapo"  # dapo | grpo | dr_grpo
     beta: float = 0.0  # weight of the k3 KL to the reference (base model); 0 skips the reference pass
-    is_cap: float = 2.0  # truncated importance sampling: min(pi_old / pi_behaviour, is_cap)
+    is_cap: float = 2.0  # truncated importance sampling: min(pi_old / pi_behaviour, is_cap); 0 = off
 
 
 @dataclass(frozen=True)

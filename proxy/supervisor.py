@@ -86,6 +86,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.stopping = threading.Event()
         self._print_lock = threading.Lock()
+        self._forwarders: list[threading.Thread] = []
         if adopt_orphans:
             _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
@@ -100,7 +101,9 @@ class Supervisor:
             start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         self.children.append(child)
-        threading.Thread(target=self._forward, args=(child,), daemon=True, name=f"log-{child.name}").start()
+        forwarder = threading.Thread(target=self._forward, args=(child,), daemon=True, name=f"log-{child.name}")
+        forwarder.start()
+        self._forwarders.append(forwarder)
         self.say(f"started {child.name} (pid {child.proc.pid})")
         return child
 
@@ -151,6 +154,8 @@ class Supervisor:
             if pid not in ours:
                 self.say(f"stopping orphaned process {pid}")
                 _kill_and_reap(pid, grace_s=10)
+        for forwarder in self._forwarders:  # the children's last lines, before `out` may be closed
+            forwarder.join(timeout=5)
 
     def handle_signals(self) -> None:
         def stop(signum, frame):

@@ -1,0 +1,217 @@
+"""The LoRA policy trainer: one peft adapter per trained agent (or one shared), on CPU or GPU.
+
+Where the time goes is where TRL loses it: we run the LM head only on completion
+positions (not on every prompt position), compute log-probs with a gather and a
+logsumexp instead of a full log_softmax, and never keep a second copy of the logits.
+The base model stays frozen in bf16 (its matmuls run on AMX/oneDNN); the adapters and
+their AdamW state are fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from learner.advantages import Scored
+from learner.batching import MicroBatch, collate, pack
+from learner.loss import LossConfig, Normalizer, aggregate, k3_kl, per_token_loss, truncated_is_weight
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    model: str  # Hugging Face model directory (the base vLLM serves)
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_tokens: int = 8192  # padded tokens per forward/backward
+    ppo_epochs: int = 1  # passes over each batch; 1 = one optimizer step, ratio 1 (old policy = current)
+    dtype: str = "bfloat16"  # base weights: bfloat16 | float32
+    threads: int = 0  # torch threads; 0 = torch's default (all cores)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    tokens: int = 0
+    padded_tokens: int = 0
+    clip_fraction: float = 0.0
+    kl: float = 0.0
+    entropy: float = 0.0
+    grad_norm: float = 0.0
+    mismatch_mean: float = 0.0
+    mismatch_max: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.padded_tokens / self.seconds if self.seconds else 0.0
+
+
+class PolicyTrainer:
+    def __init__(self, config: TrainerConfig):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+        base.requires_grad_(False)
+        self.pad_id = AutoTokenizer.from_pretrained(config.model).pad_token_id or 0
+        self.lora_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                      lora_dropout=config.lora_dropout, target_modules=list(config.target_modules),
+                                      task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, self.lora_config, adapter_name="_init")
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.autocast = dtype == torch.bfloat16
+        if self.autocast:  # fp32 adapters run under bf16 autocast: no fp32 copies of every activation
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for module in self.model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = False
+
+    # ---- adapters -----------------------------------------------------------
+
+    def ensure_adapter(self, name: str, resume_from: str | None = None) -> None:
+        """Create (or load from a saved version) the adapter `name` and its optimizer."""
+        if name in self.optimizers:
+            return
+        if resume_from:
+            self.model.load_adapter(resume_from, adapter_name=name, is_trainable=True)
+        else:
+            self.model.add_adapter(name, self.lora_config)
+        if "_init" in self.model.peft_config:
+            self.model.delete_adapter("_init")
+        self.model.set_adapter(name)
+        params = [p for n, p in self.model.named_parameters() if f".{name}." in n]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        state = Path(resume_from or "") / "optimizer.pt"
+        if resume_from and state.is_file():
+            optimizer.load_state_dict(torch.load(state))
+        self.optimizers[name] = optimizer
+
+    def save(self, name: str, out_dir: Path) -> Path:
+        """Write adapter `name` (and its optimizer state) atomically: a temporary dir, then rename."""
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp), selected_adapters=[name])
+        saved = tmp / name if (tmp / name / "adapter_config.json").is_file() else tmp
+        torch.save(self.optimizers[name].state_dict(), saved / "optimizer.pt")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        saved.rename(out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+    # ---- log-probs ----------------------------------------------------------
+
+    def completion_logprobs(self, mb: MicroBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(completion token | context) for every completion position: (B, T), and entropies.
+
+        Logits divided by the call's sampling temperature, as vLLM's processed logprobs are.
+        """
+        inner = self.model.base_model.model  # the causal LM with LoRA layers injected
+        T = mb.completion_ids_BT.shape[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            hidden_BLH = inner.model(input_ids=mb.input_ids_BL, attention_mask=mb.attention_mask_BL,
+                                     position_ids=mb.position_ids_BL).last_hidden_state
+            hidden_BTH = hidden_BLH[:, mb.prompt_len - 1: mb.prompt_len - 1 + T].contiguous()
+            logits_BTV = inner.lm_head(hidden_BTH)
+        logits_BTV = logits_BTV.float()
+        if bool((mb.temperature_B != 1).any()):
+            logits_BTV = logits_BTV / mb.temperature_B[:, None, None]
+        lse_BT = torch.logsumexp(logits_BTV, dim=-1)
+        logp_BT = logits_BTV.gather(-1, mb.completion_ids_BT.unsqueeze(-1)).squeeze(-1) - lse_BT
+        entropy_BT = None
+        if with_entropy:
+            with torch.no_grad():
+                probs_BTV = torch.exp(logits_BTV - lse_BT.unsqueeze(-1))
+                entropy_BT = lse_BT - (probs_BTV * logits_BTV).sum(-1)
+        return logp_BT, entropy_BT
+
+    def score(self, name: str, items: Sequence[Scored]) -> list[list[float]]:
+        """The learner's log-probs of each item's completion under adapter `name` (no grad)."""
+        self.model.set_adapter(name)
+        out = []
+        with torch.no_grad():
+            for group in pack(items, self.config.micro_batch_tokens):
+                mb = collate(group, self.pad_id)
+                logp_BT, _ = self.completion_logprobs(mb, with_entropy=False)
+                for row, item in enumerate(group):
+                    out.append((item, logp_BT[row, :len(item.transition.completion_ids)].tolist()))
+        order = {id(item): i for i, item in enumerate(items)}
+        return [lp for _, lp in sorted(out, key=lambda pair: order[id(pair[0])])]
+
+    # ---- the update ---------------------------------------------------------
+
+    def update(self, name: str, items: Sequence[Scored], progress=None) -> UpdateStats:
+        """One GRPO update of adapter `name` on `items` (each with its advantage)."""
+        config, loss_config = self.config, self.config.loss
+        self.ensure_adapter(name)
+        self.model.set_adapter(name)
+        self.model.train()
+        optimizer = self.optimizers[name]
+        started = time.perf_counter()
+        batches = [collate(group, self.pad_id) for group in pack(items, config.micro_batch_tokens)]
+        tokens = sum(int(mb.completion_mask_BT.sum()) for mb in batches)
+        norm = Normalizer(sequences=len(items), tokens=tokens,
+                          max_completion_len=max(mb.completion_ids_BT.shape[1] for mb in batches))
+        stats, sums = UpdateStats(tokens=tokens), Counter()
+        old_logps: list[torch.Tensor] = []
+        for epoch in range(config.ppo_epochs):
+            for i, mb in enumerate(batches):
+                mask_BT = mb.completion_mask_BT.bool()
+                logp_BT, entropy_BT = self.completion_logprobs(mb, with_entropy=epoch == 0)
+                if epoch == 0:
+                    old_logps.append(logp_BT.detach())
+                    gap_BT = (old_logps[i] - mb.behavior_logp_BT).abs()[mask_BT]
+                    sums["mismatch"] += float(gap_BT.sum())
+                    stats.mismatch_max = max(stats.mismatch_max, float(gap_BT.max()))
+                    sums["entropy"] += float(entropy_BT[mask_BT].sum())
+                    stats.padded_tokens += mb.padded_tokens
+                ref_BT = None
+                if loss_config.beta:
+                    with torch.no_grad(), self.model.disable_adapter():
+                        ref_BT, _ = self.completion_logprobs(mb, with_entropy=False)
+                    sums["kl"] += float(k3_kl(logp_BT.detach(), ref_BT)[mask_BT].sum())
+                is_weight_BT = (truncated_is_weight(old_logps[i], mb.behavior_logp_BT, loss_config.is_cap)
+                                if loss_config.is_cap > 0 else None)
+                loss_BT, clipped_BT = per_token_loss(logp_BT, old_logps[i], mb.advantages_B, loss_config,
+                                                     is_weight_BT, ref_BT)
+                loss = aggregate(loss_BT, mb.completion_mask_BT, loss_config.loss_type, norm)
+                loss.backward()
+                sums["loss"] += float(loss.detach())
+                sums["clipped"] += float(clipped_BT[mask_BT].sum())
+                if progress:
+                    progress(epoch * len(batches) + i + 1, config.ppo_epochs * len(batches))
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        passes = config.ppo_epochs
+        stats.loss = sums["loss"] / passes
+        stats.clip_fraction = sums["clipped"] / max(tokens * passes, 1)
+        stats.kl = sums["kl"] / max(tokens * passes, 1)
+        stats.entropy = sums["entropy"] / max(tokens, 1)
+        stats.mismatch_mean = sums["mismatch"] / max(tokens, 1)
+        stats.seconds = time.perf_counter() - started
+        return stats
+
