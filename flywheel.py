@@ -69,6 +69,64 @@ def _up(args: argparse.Namespace) -> int:
     return up(load_config(UpConfig, "up", args.config, vars(args)))
 
 
+def _learner(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from learner.config import LearnerConfig
+    from learner.prepare_model import prepare
+    from learner.service import serve
+
+    config = load_config(LearnerConfig, "learner", args.config, vars(args))
+    asyncio.run(serve(config, config.model or str(prepare())))
+    return 0
+
+
+def _proxy_call(url: str, path: str, body: dict | None = None):
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        return urllib.request.urlopen(request, timeout=3600)
+    except urllib.error.HTTPError as refused:
+        raise SystemExit(f"flywheel: {json.load(refused).get('error', {}).get('message', refused.reason)}") from None
+    except urllib.error.URLError as down:
+        raise SystemExit(f"flywheel: no proxy at {url} ({down.reason})") from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    failed = False
+    with _proxy_call(args.url, "/v1/learner/train", {"wait": args.wait}) as response:
+        for line in response:
+            event = json.loads(line)
+            failed |= "error" in event
+            print(json.dumps(event) if args.json else _describe(event), flush=True)
+    return 1 if failed else 0
+
+
+def _describe(event: dict) -> str:
+    if "published" in event:
+        p = event["published"]
+        return f"published {p['served_name']} ({p['path']})"
+    if "metrics" in event:
+        m = event["metrics"]
+        return (f"{m.get('agent')}: loss {m.get('loss', 0):.4f}, reward {m.get('reward_mean', 0):.3f}, "
+                f"{m.get('transitions', 0)} transitions, {float(m.get('seconds', 0)):.1f} s")
+    return event.get("progress") or f"error: {event.get('error')}"
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    with _proxy_call(args.url, "/v1/learner/status") as response:
+        print(json.dumps(json.load(response), indent=1))
+    return 0
+
+
 def _model_prepare(args: argparse.Namespace) -> int:
     from learner.prepare_model import prepare
 
@@ -85,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb)")
+    serve.add_argument("--learner", help="the learner's gRPC address, e.g. 127.0.0.1:8401 (default: none)")
     serve.add_argument("--config", help="TOML settings file (default ./flywheel.toml if present)")
     serve.set_defaults(run=_serve)
 
@@ -105,8 +164,30 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb)")
     stack.add_argument("--upstream", help="use this running OpenAI-compatible server instead of starting vLLM")
     stack.add_argument("--max-loras", dest="max_loras", type=int, help="adapters vLLM keeps loaded (default 4)")
+    stack.add_argument("--no-learner", dest="learner", action="store_false", default=None,
+                       help="serve and log only: do not start the learner")
+    stack.add_argument("--learner-state", dest="learner_state", help="learner state directory")
     stack.add_argument("--config", help="TOML settings file (default ./flywheel.toml if present)")
     stack.set_defaults(run=_up)
+
+    learner = sub.add_parser("learner", help="run the learner: gRPC feed in, LoRA GRPO updates, adapters out")
+    learner.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
+    learner.add_argument("--listen", help="gRPC address (default 127.0.0.1:8401)")
+    learner.add_argument("--proxy", help="proxy URL that publishes adapters (default http://127.0.0.1:8400)")
+    learner.add_argument("--state-dir", dest="state_dir", help="buffer, adapters, optimizer states")
+    learner.add_argument("--train-agents", dest="train_agents", help="regex of agent names to train")
+    learner.add_argument("--config", help="TOML settings file (default ./flywheel.toml if present)")
+    learner.set_defaults(run=_learner)
+
+    train = sub.add_parser("train", help="ask the learner for an update now")
+    train.add_argument("--wait", action="store_true", help="wait for the update and print its metrics")
+    train.add_argument("--json", action="store_true", help="print events as JSON")
+    train.add_argument("--url", default="http://127.0.0.1:8400", help="the proxy")
+    train.set_defaults(run=_train)
+
+    status = sub.add_parser("status", help="the learner's buffer, last update and adapter versions")
+    status.add_argument("--url", default="http://127.0.0.1:8400", help="the proxy")
+    status.set_defaults(run=_status)
 
     model = sub.add_parser("model", help="manage the embedded default model")
     model_sub = model.add_subparsers(dest="model_command", required=True)

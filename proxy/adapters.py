@@ -24,7 +24,8 @@ from aiohttp import web
 
 from proxy.errors import ApiError, read_json_object
 from proxy.state import STATE
-from store.records import AdapterRow
+from proxy.attribution import new_id
+from store.records import AdapterRow, TrainRun
 
 log = logging.getLogger("flywheel.adapters")
 
@@ -233,8 +234,24 @@ async def register_adapter(request: web.Request) -> web.Response:
     base_model = body.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
         raise ApiError(400, "'base_model' must be a string", "invalid_field")
-    version = await request.app[STATE].registry.register(agent, path, base_model)
+    train_run = body.get("train_run")
+    if train_run is not None and not isinstance(train_run, dict):
+        raise ApiError(400, "'train_run' must be an object of update metrics", "invalid_field")
+    state = request.app[STATE]
+    version = await state.registry.register(agent, path, base_model)
+    if train_run is not None:
+        await state.writer.submit(train_run_record(train_run, version.row))
     return web.json_response(_row_json(version.row), status=201)
+
+
+def train_run_record(metrics: dict, row: AdapterRow) -> TrainRun:
+    """A `train_runs` row from the learner's UpdateMetrics (as JSON) and the version it produced."""
+    numeric = {f.name: (int if f.type == "int" else float)(metrics.get(f.name) or 0)  # int64 arrives as text
+               for f in dataclasses.fields(TrainRun)
+               if f.name not in ("run_id", "created_at", "served_name", "agent", "version", "skipped")}
+    return TrainRun(run_id=new_id("run"), created_at=datetime.now(timezone.utc), served_name=row.served_name,
+                    agent=row.agent, version=row.version, skipped=json.dumps(metrics.get("skipped") or {}),
+                    **numeric)
 
 
 async def rollback_adapter(request: web.Request) -> web.Response:

@@ -8,10 +8,11 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from proxy import adapters, episodes
+from proxy import adapters, episodes, learner_routes
 from proxy.capture import CHAT, COMPLETIONS
 from proxy.config import ProxyConfig
 from proxy.errors import error_middleware
+from proxy.feed import Feed
 from proxy.forward import completion_handler, models_handler
 from proxy.state import STATE, ProxyState
 from store.db import Store
@@ -37,6 +38,8 @@ def build_app(config: ProxyConfig) -> web.Application:
     app.router.add_get("/v1/adapters", adapters.list_adapters)
     app.router.add_post("/v1/adapters", adapters.register_adapter)
     app.router.add_post("/v1/adapters/{agent}/rollback", adapters.rollback_adapter)
+    app.router.add_post("/v1/learner/train", learner_routes.train)
+    app.router.add_get("/v1/learner/status", learner_routes.status)
     app.router.add_get("/healthz", _health)
     app.cleanup_ctx.append(_lifecycle(config))
     return app
@@ -54,9 +57,16 @@ def _lifecycle(config: ProxyConfig):
         state.registry = adapters.Registry(state, config.base_model or None, config.max_lora_rank)
         restoring = asyncio.get_running_loop().create_task(
             state.registry.restore(await writer.read(writer.store.adapter_rows)))
-        log.info("proxy up: upstream %s, store %s", config.upstream, config.db)
+        feeding = None
+        if config.learner:
+            state.feed = Feed(state, config.learner, config.push_after_s, config.push_batch, config.push_interval_s)
+            feeding = asyncio.get_running_loop().create_task(state.feed.run())
+        log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
         yield
         restoring.cancel()
+        if feeding is not None:
+            feeding.cancel()
+            await state.feed.close()
         await session.close()
         await writer.close()  # writes everything still queued
         log.info("proxy stopped; store flushed")

@@ -30,6 +30,14 @@ class ProxyConfig:
     batch_linger_ms: float = 50.0
     # total time allowed for one upstream call, seconds (504 beyond it)
     upstream_timeout_s: float = 600.0
+    # the learner's gRPC address, e.g. 127.0.0.1:8401 ("" = no learner: nothing is pushed)
+    learner: str = ""
+    # an open episode is pushed once it is rewarded and this many seconds passed since its last feedback
+    push_after_s: float = 30.0
+    # episodes per PushEpisodes stream
+    push_batch: int = 64
+    # seconds between looks for episodes to push when there were none
+    push_interval_s: float = 1.0
     # most rows POST /v1/sql returns (the reply says when it truncated)
     sql_max_rows: int = 10_000
     # a SQL query running longer than this is interrupted, seconds

@@ -13,6 +13,7 @@ from store.writer import BatchWriter
 
 if TYPE_CHECKING:
     from proxy.adapters import Registry
+    from proxy.feed import Feed
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ProxyState:
     writer: BatchWriter
     session: aiohttp.ClientSession
     registry: "Registry | None" = None  # set right after construction: it needs the state too
+    feed: "Feed | None" = None  # set when a learner is configured
 
     def upstream_url(self, route: str) -> str:
         """`route` is the part after /v1/, e.g. "chat/completions"."""

@@ -16,6 +16,7 @@ import collections
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -59,7 +60,7 @@ def _orphans() -> list[int]:
 class Child:
     name: str
     argv: list[str]
-    ready_url: str  # answers 200 once the child serves
+    ready_url: str  # http://... answers 200, or tcp://host:port accepts, once the child serves
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     proc: subprocess.Popen | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
@@ -68,6 +69,13 @@ class Child:
         return None if self.proc is None else self.proc.poll()
 
     def ready(self) -> bool:
+        if self.ready_url.startswith("tcp://"):
+            host, port = self.ready_url[len("tcp://"):].rsplit(":", 1)
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                return True
+            except OSError:
+                return False
         try:
             with urllib.request.urlopen(self.ready_url, timeout=2) as response:
                 return response.status == 200

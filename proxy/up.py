@@ -31,7 +31,13 @@ class UpConfig:
     max_lora_rank: int = 16
     # seconds to wait for vLLM to load
     vllm_timeout_s: float = 900.0
-    # TOML settings file passed on to the proxy ("" = none)
+    # start the learner too (trains the agents' adapters from their traffic)
+    learner: bool = True
+    # the learner's gRPC port (on 127.0.0.1)
+    learner_port: int = 8401
+    # the learner's buffer, adapters and optimizer states
+    learner_state: str = "flywheel-learner"
+    # TOML settings file passed on to the proxy and the learner ("" = none)
     config: str = ""
 
 
@@ -50,7 +56,7 @@ def up(config: UpConfig) -> int:
     supervisor = Supervisor(adopt_orphans=True)
     supervisor.handle_signals()
     try:
-        upstream, served = config.upstream, config.served_name
+        upstream, served, model = config.upstream, config.served_name, config.model
         if not upstream:
             model, served = _model(config)
             settings = VllmSettings(model=model, served_name=served, port=config.vllm_port,
@@ -58,13 +64,23 @@ def up(config: UpConfig) -> int:
             vllm = supervisor.start(vllm_child(settings))
             supervisor.wait_ready(vllm, config.vllm_timeout_s, f"vLLM to load {Path(model).name}")
             upstream = settings.url
-        proxy_argv = [sys.executable, "-m", "flywheel", "serve", "--upstream", upstream,
-                      "--host", config.host, "--port", str(config.port), "--db", config.db]
-        if config.config:
-            proxy_argv += ["--config", config.config]
-        proxy = Child("proxy", proxy_argv, ready_url=f"http://{config.host}:{config.port}/healthz")
+        settings_file = ["--config", config.config] if config.config else []
+        proxy_url = f"http://{config.host}:{config.port}"
+        learner_address = f"127.0.0.1:{config.learner_port}"
+        proxy = Child("proxy", [sys.executable, "-m", "flywheel", "serve", "--upstream", upstream, "--host",
+                                config.host, "--port", str(config.port), "--db", config.db, *settings_file],
+                      ready_url=f"{proxy_url}/healthz")
         proxy.env.update(FLYWHEEL_PROXY_BASE_MODEL=served or "", FLYWHEEL_PROXY_MAX_LORA_RANK=str(config.max_lora_rank))
+        if config.learner:
+            proxy.env["FLYWHEEL_PROXY_LEARNER"] = learner_address
         supervisor.wait_ready(supervisor.start(proxy), 60, "the proxy")
+        if config.learner:
+            if not model:
+                raise SystemExit("flywheel up: the learner needs --model when --upstream is given")
+            learner = Child("learner", [sys.executable, "-m", "flywheel", "learner", "--model", model, "--listen",
+                                        learner_address, "--proxy", proxy_url, "--state-dir", config.learner_state,
+                                        *settings_file], ready_url=f"tcp://{learner_address}")
+            supervisor.wait_ready(supervisor.start(learner), 120, "the learner")
         supervisor.say(f"Flywheel is up: point agents at http://{config.host}:{config.port}/v1 "
                        f"(model {served or 'as upstream'}), upstream {upstream}. Ctrl-C stops everything.")
         supervisor.watch()

@@ -28,6 +28,9 @@ class VllmSettings:
     dtype: str = "bfloat16"
     kv_cache_gb: int = 2  # VLLM_CPU_KVCACHE_SPACE on CPU builds
     max_model_len: int = 4096
+    # logprobs after temperature (and top-k/top-p): the distribution tokens were sampled from,
+    # which the learner's importance weights need (vLLM's default is the raw logits' logprobs)
+    logprobs_mode: str = "processed_logprobs"
     extra_args: tuple[str, ...] = ()
 
     @property
@@ -40,7 +43,7 @@ def command(s: VllmSettings) -> list[str]:
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", s.model, "--served-model-name", s.served_name,
         "--host", s.host, "--port", str(s.port), "--dtype", s.dtype,
-        "--max-model-len", str(s.max_model_len),
+        "--max-model-len", str(s.max_model_len), "--logprobs-mode", s.logprobs_mode,
         "--enable-lora", "--max-lora-rank", str(s.max_lora_rank),
         "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.max_loras),
         *s.extra_args,

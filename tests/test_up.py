@@ -66,7 +66,7 @@ async def call(port: int, model: str = "m") -> str:
 
 
 async def test_ctrl_c_stops_the_proxy_and_leaves_no_child(tmp_path, upstream):
-    up = Up(tmp_path, "--upstream", upstream.url)
+    up = Up(tmp_path, "--upstream", upstream.url, "--no-learner")
     await up.wait_for("Flywheel is up", 60)
     assert await call(up.port) == " w0 w1 w2 w3"
     assert up.descendants
@@ -77,7 +77,7 @@ async def test_ctrl_c_stops_the_proxy_and_leaves_no_child(tmp_path, upstream):
 
 
 async def test_a_dying_child_is_reported_and_up_exits_non_zero(tmp_path, upstream):
-    up = Up(tmp_path, "--upstream", upstream.url)
+    up = Up(tmp_path, "--upstream", upstream.url, "--no-learner")
     await up.wait_for("Flywheel is up", 60)
     up.child("serve").kill()
     assert await up.exit_code() == 1

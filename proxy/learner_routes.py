@@ -1,0 +1,53 @@
+"""`POST /v1/learner/train` and `GET /v1/learner/status`: the learner, reached through the proxy."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from aiohttp import web
+from google.protobuf.json_format import MessageToDict
+
+from protos import flywheel_pb2 as pb
+from proxy.errors import ApiError, read_json_object
+from proxy.state import STATE
+
+
+def _feed(request: web.Request):
+    feed = request.app[STATE].feed
+    if feed is None:
+        raise ApiError(409, "no learner configured: start the proxy with learner = \"host:port\"", "no_learner")
+    return feed
+
+
+def _as_dict(message) -> dict:
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+async def train(request: web.Request) -> web.StreamResponse:
+    """Start an update now; streams its events as JSON lines (all of them with {"wait": true})."""
+    feed = _feed(request)
+    body = await read_json_object(request) if request.can_read_body else {}
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    try:
+        await feed.push_once()  # what is ready now goes into this update
+        call = feed.stub.Train(pb.TrainRequest(wait=bool(body.get("wait"))))
+        await response.prepare(request)
+        async for event in call:
+            await response.write(json.dumps(_as_dict(event)).encode() + b"\n")
+    except grpc.aio.AioRpcError as failure:
+        if not response.prepared:
+            raise ApiError(502, f"learner at {feed.target} unreachable: {failure.details()}", "learner_unreachable")
+        await response.write(json.dumps({"error": failure.details()}).encode() + b"\n")
+    await response.write_eof()
+    return response
+
+
+async def status(request: web.Request) -> web.Response:
+    feed = _feed(request)
+    out = {"learner": feed.target, "pushed_episodes": feed.pushed, "feed_error": feed.last_error}
+    try:
+        out.update(_as_dict(await feed.stub.Status(pb.StatusRequest(), timeout=10)))
+    except grpc.aio.AioRpcError as failure:
+        out["learner_error"] = f"{failure.code().name}: {failure.details()}"
+    return web.json_response(out)
