@@ -64,7 +64,7 @@ class UpdateStats:
 class PolicyTrainer:
     def __init__(self, config: TrainerConfig):
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -72,7 +72,9 @@ class PolicyTrainer:
         dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
         base = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
         base.requires_grad_(False)
-        self.pad_id = AutoTokenizer.from_pretrained(config.model).pad_token_id or 0
+        self.pad_id = base.config.pad_token_id or base.config.eos_token_id or 0
+        if isinstance(self.pad_id, list):
+            self.pad_id = self.pad_id[0]
         self.lora_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                       lora_dropout=config.lora_dropout, target_modules=list(config.target_modules),
                                       task_type="CAUSAL_LM")

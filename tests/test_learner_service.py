@@ -1,0 +1,119 @@
+"""Proxy -> gRPC -> learner -> proxy, on the fake vLLM and a tiny model: feed, update, publish, restart."""
+
+import asyncio
+import json
+
+import aiohttp
+
+import grpc
+import openai
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from learner.config import LearnerConfig
+from learner.service import Learner, Servicer
+from protos import flywheel_pb2_grpc as pb_grpc
+from tests.conftest import free_port
+from tests.fake_upstream import LORAS
+from tests.test_feedback import api
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """Vocabulary large enough for the fake upstream's token ids (1000 + i)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=2)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+class LearnerServer:
+    def __init__(self, config: LearnerConfig, model: str):
+        self.config, self.model = config, model
+
+    async def start(self) -> "LearnerServer":
+        self.learner = Learner(self.config, self.model)
+        self.server = grpc.aio.server()
+        pb_grpc.add_LearnerServicer_to_server(Servicer(self.learner), self.server)
+        self.server.add_insecure_port(self.config.listen)
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=1)
+
+
+async def run_episodes(proxy, tasks: dict[str, list[float]]) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
+    for task, rewards in tasks.items():
+        for i, reward in enumerate(rewards):
+            episode = f"{task}-{i}"
+            await client.chat.completions.create(model="base", messages=[{"role": "user", "content": f"solve {task}"}],
+                                                 max_tokens=3, temperature=0.8,
+                                                 extra_headers={"X-Flywheel-Episode": episode, "X-Flywheel-Task": task})
+            await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": reward})
+            await api(proxy, "POST", f"/v1/episodes/{episode}/close")
+
+
+async def wait_buffered(server: LearnerServer, count: int) -> None:
+    for _ in range(200):
+        if len(server.learner.buffer.pending) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"learner buffered {len(server.learner.buffer.pending)} of {count} episodes")
+
+
+async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_proxy, upstream, tiny_model, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=0.05)
+    config = LearnerConfig(model=tiny_model, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"),
+                           min_groups=1000, lora_rank=4, lora_alpha=8, dtype="float32", skip_truncated=False)
+
+    # the learner is down: the proxy keeps serving and nothing is lost
+    await run_episodes(proxy, {"t1": [1.0, 0.0, 1.0, 0.0]})
+    rows = await proxy.rows("SELECT count(*) AS n FROM episodes WHERE pushed_at IS NULL")
+    assert rows == [{"n": 4}]
+    server = await LearnerServer(config, tiny_model).start()
+    await wait_buffered(server, 4)
+    await run_episodes(proxy, {"t2": [0.0, 0.5, 1.0, 0.0]})
+    await wait_buffered(server, 8)
+    assert await proxy.rows("SELECT count(*) AS n FROM episodes WHERE pushed_at IS NULL") == [{"n": 0}]
+
+    # on demand, through the proxy, waiting for the update
+    status, body = await api(proxy, "GET", "/v1/learner/status")
+    assert status == 200 and body["buffered_episodes"] == 8 and body["pushed_episodes"] == 8
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{proxy.url}/v1/learner/train", json={"wait": True}) as response:
+            events = [json.loads(line) async for line in response.content]
+    kinds = [next(iter(e)) for e in events]
+    assert "metrics" in kinds and "published" in kinds, events
+    metrics = next(e["metrics"] for e in events if "metrics" in e)
+    assert metrics["transitions"] == 8 and metrics["agent"] == "solver"
+    assert "solver-v1" in upstream.app[LORAS]
+    reply = await openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x").chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "again"}])
+    assert reply.model == "solver-v1"  # hot-swapped: later calls are served by the new version
+    [run] = await proxy.rows("SELECT agent, version, transitions, tokens, episodes FROM train_runs")
+    assert run == {"agent": "solver", "version": 1, "transitions": 8, "tokens": 24, "episodes": 8}
+    assert server.learner.buffer.pending == {}
+
+    # a restarted learner keeps what it published and ignores what it already had
+    await server.stop()
+    server = await LearnerServer(config, tiny_model).start()
+    assert server.learner.published["solver"]["served_name"] == "solver-v1"
+    assert server.learner.buffer.pending == {}
+    assert server.learner.buffer.add([_episode("t1-0")]) == (0, 1)  # a duplicate by episode id
+    await run_episodes(proxy, {"t3": [1.0, 0.0]})
+    await wait_buffered(server, 2)
+    published = await server.learner.update("test")
+    assert [p.served_name for p in published] == ["solver-v2"]
+    await server.stop()
+
+
+def _episode(episode_id):
+    from protos import flywheel_pb2 as pb
+
+    return pb.Episode(episode_id=episode_id)
