@@ -1,0 +1,32 @@
+"""Flywheel's learner: LoRA GRPO on the agents' own logged traffic.
+
+How it departs from textbook GRPO (DeepSeekMath), and why:
+
+- Data comes from production traffic, not from a generate step: each LLM call the proxy
+  logged is one transition (exact prompt and completion token ids, never re-tokenized),
+  and the episode's outcome is credited to every call of the trained agents
+  (LightningRL, `credit.py`); `discounted` credit and per-call feedback are options.
+- Groups are episodes that share a task id, per agent. Groups whose rewards are all equal
+  are dropped (DAPO dynamic sampling). A call without a group (plain production traffic)
+  is scored against its agent's running reward baseline (`advantages.py`).
+- The sampling policy is vLLM, possibly an older adapter version: tokens served by a
+  version `max_staleness` or more behind are dropped, the rest get a truncated importance
+  weight min(pi_old / pi_vllm, is_cap) (as TRL's vLLM IS correction). vLLM is started with
+  `--logprobs-mode processed_logprobs`, so its logprobs include the sampling temperature,
+  and the learner divides its logits by each call's temperature; the mean and max gap
+  between the two is reported with every update (`logprob_mismatch_*`).
+- The loss is TRL GRPOTrainer's (`loss.py`, tested equal to TRL's code): clip-higher
+  (epsilon_high, DAPO), token-level `dapo` aggregation by default, k3 KL to the base model
+  only when beta > 0 (default 0, so no reference pass). One optimizer step per batch
+  (ratio 1 at the step; `ppo_epochs` > 1 for more).
+- One LoRA adapter per agent (or one shared), trained where the base stays frozen; each
+  update is published as a new adapter version and hot-swapped into vLLM by the proxy.
+
+Run it: `flywheel up` starts it with vLLM and the proxy; alone:
+
+    flywheel learner --model DIR --listen 127.0.0.1:8401 --proxy http://127.0.0.1:8400
+    flywheel serve --upstream http://127.0.0.1:8000 --learner 127.0.0.1:8401
+
+Settings: `[learner]` in flywheel.toml (every field documented in `learner/config.py`).
+`flywheel train --wait` asks for an update now; `flywheel status` shows the buffer.
+"""
