@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.config import LearnerConfig
 from learner.service import Learner, Servicer
+from protos import flywheel_pb2 as pb
 from protos import flywheel_pb2_grpc as pb_grpc
 from tests.conftest import free_port
 from tests.fake_upstream import LORAS
@@ -82,7 +83,11 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
     await wait_buffered(server, 8)
     assert await proxy.rows("SELECT count(*) AS n FROM episodes WHERE pushed_at IS NULL") == [{"n": 0}]
 
-    # on demand, through the proxy, waiting for the update
+    # on demand, through the proxy, waiting for the update; a watcher sees the new adapter
+    channel = grpc.aio.insecure_channel(address)
+    watch = pb_grpc.LearnerStub(channel).WatchAdapters(pb.WatchRequest())
+    watched = asyncio.get_running_loop().create_task(anext(aiter(watch)))
+    await asyncio.sleep(0.1)
     status, body = await api(proxy, "GET", "/v1/learner/status")
     assert status == 200 and body["buffered_episodes"] == 8 and body["pushed_episodes"] == 8
     async with aiohttp.ClientSession() as session:
@@ -93,6 +98,9 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
     metrics = next(e["metrics"] for e in events if "metrics" in e)
     assert metrics["transitions"] == 8 and metrics["agent"] == "solver"
     assert "solver-v1" in upstream.app[LORAS]
+    assert (await asyncio.wait_for(watched, 10)).served_name == "solver-v1"
+    watch.cancel()
+    await channel.close()
     reply = await openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x").chat.completions.create(
         model="base", messages=[{"role": "user", "content": "again"}])
     assert reply.model == "solver-v1"  # hot-swapped: later calls are served by the new version
@@ -114,6 +122,4 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
 
 
 def _episode(episode_id):
-    from protos import flywheel_pb2 as pb
-
     return pb.Episode(episode_id=episode_id)
