@@ -47,6 +47,20 @@ class LearnerServer:
         await self.server.stop(grace=1)
 
 
+@pytest.fixture
+async def start_learner():
+    """Factory: an in-process learner gRPC server on 127.0.0.1, always stopped after the test."""
+    started: list[LearnerServer] = []
+
+    async def start(config: LearnerConfig, model: str) -> LearnerServer:
+        started.append(await LearnerServer(config, model).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        await server.stop()
+
+
 async def run_episodes(proxy, tasks: dict[str, list[float]]) -> None:
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
     for task, rewards in tasks.items():
@@ -67,7 +81,8 @@ async def wait_buffered(server: LearnerServer, count: int) -> None:
     raise AssertionError(f"learner buffered {len(server.learner.buffer.pending)} of {count} episodes")
 
 
-async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_proxy, upstream, tiny_model, tmp_path):
+async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_proxy, start_learner, upstream,
+                                                                       tiny_model, tmp_path):
     address = f"127.0.0.1:{free_port()}"
     proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=0.05)
     config = LearnerConfig(model=tiny_model, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"),
@@ -77,7 +92,7 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
     await run_episodes(proxy, {"t1": [1.0, 0.0, 1.0, 0.0]})
     rows = await proxy.rows("SELECT count(*) AS n FROM episodes WHERE pushed_at IS NULL")
     assert rows == [{"n": 4}]
-    server = await LearnerServer(config, tiny_model).start()
+    server = await start_learner(config, tiny_model)
     await wait_buffered(server, 4)
     await run_episodes(proxy, {"t2": [0.0, 0.5, 1.0, 0.0]})
     await wait_buffered(server, 8)
@@ -110,7 +125,7 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
 
     # a restarted learner keeps what it published and ignores what it already had
     await server.stop()
-    server = await LearnerServer(config, tiny_model).start()
+    server = await start_learner(config, tiny_model)
     assert server.learner.published["solver"]["served_name"] == "solver-v1"
     assert server.learner.buffer.pending == {}
     assert server.learner.buffer.add([_episode("t1-0")]) == (0, 1)  # a duplicate by episode id
@@ -118,7 +133,6 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
     await wait_buffered(server, 2)
     published = await server.learner.update("test")
     assert [p.served_name for p in published] == ["solver-v2"]
-    await server.stop()
 
 
 def _episode(episode_id):
