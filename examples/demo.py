@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,11 +38,11 @@ def sql(proxy_url: str, query: str) -> dict:
 
 
 @contextmanager
-def flywheel_up(db: str, port: int, vllm_port: int, log_path: Path, timeout_s: float = 900):
+def flywheel_up(db: str, learner_state: str, port: int, vllm_port: int, log_path: Path, timeout_s: float = 900):
     """`flywheel up` in the background until the proxy answers; stopped with Ctrl-C's signal on exit."""
     log = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "up", "--db", db, "--port", str(port),
-                             "--vllm-port", str(vllm_port)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "up", "--db", db, "--learner-state", learner_state,
+                             "--port", str(port), "--vllm-port", str(vllm_port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.monotonic()
@@ -77,12 +78,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--db", default="demo.duckdb")
+    parser.add_argument("--learner-state", default="demo-learner")
     parser.add_argument("--port", type=int, default=8400)
     parser.add_argument("--vllm-port", type=int, default=8000)
     args = parser.parse_args()
-    Path(args.db).unlink(missing_ok=True)
+    Path(args.db).unlink(missing_ok=True)  # each demo starts from scratch
+    shutil.rmtree(args.learner_state, ignore_errors=True)
     train, _ = task_split(seed=0, n_train=200, n_heldout=100)
-    with flywheel_up(args.db, args.port, args.vllm_port, Path("demo-up.log")) as url:
+    with flywheel_up(args.db, args.learner_state, args.port, args.vllm_port, Path("demo-up.log")) as url:
         started = time.monotonic()
         rewards = asyncio.run(run_episodes(url, "smollm2", train, args.episodes, group_size=4, concurrency=16,
                                            temperature=0.7, tag="demo"))

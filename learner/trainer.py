@@ -98,9 +98,9 @@ class PolicyTrainer:
             self.model.load_adapter(resume_from, adapter_name=name, is_trainable=True)
         else:
             self.model.add_adapter(name, self.lora_config)
-        if "_init" in self.model.peft_config:
-            self.model.delete_adapter("_init")
         self.model.set_adapter(name)
+        if "_init" in self.model.peft_config:  # get_peft_model needs an adapter to start from
+            self.model.delete_adapter("_init")
         params = [p for n, p in self.model.named_parameters() if f".{name}." in n]
         for p in params:
             p.requires_grad_(True)
