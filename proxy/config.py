@@ -27,7 +27,7 @@ class ProxyConfig:
     # most records the writer commits in one transaction
     batch_max: int = 512
     # how long the writer lets a batch fill before committing, ms (feedback never waits for it)
-    batch_linger_ms: float = 50.0
+    batch_linger_ms: float = 200.0
     # total time allowed for one upstream call, seconds (504 beyond it)
     upstream_timeout_s: float = 600.0
     # the learner's gRPC address, e.g. 127.0.0.1:8401 ("" = no learner: nothing is pushed)
