@@ -96,3 +96,18 @@ def test_singletons_use_the_agents_running_baseline():
     scored, _ = compute_advantages(_transitions({"": [0.0]}), AdvantageConfig(scale="none"), baselines)
     assert [s.advantage for s in scored] == [-1.0]
     assert baselines["x"].mean == pytest.approx(0.9)  # 1 + 0.1 * (0 - 1)
+
+
+def test_staleness_drops_calls_served_by_versions_too_far_behind(tmp_path):
+    from learner.config import LearnerConfig
+    from learner.service import Learner, served_version
+
+    assert served_version("x-v3", "x") == 3 and served_version("smollm2", "x") == 0
+    assert served_version("other-v9", "x") == 0  # another agent's adapter is not this agent's version
+    learner = Learner(LearnerConfig(state_dir=str(tmp_path), max_staleness=4), model_dir="unused")
+    learner.published = {"x": {"version": 5}}
+    calls = [call(f"c{i}", "x", 0, adapter=adapter) for i, adapter in enumerate(["x-v1", "x-v2", "x-v5", "base"])]
+    learner.buffer.add([episode(f"e{i}", "t", float(i % 2), [c]) for i, c in enumerate(calls)])
+    by_adapter, skipped = learner._transitions(learner.buffer.pending.values())
+    assert [t.adapter for t in by_adapter["x"]] == ["x-v2", "x-v5"]  # 3 and 0 versions behind
+    assert skipped == {"stale": 2}  # 4 and 5 behind
