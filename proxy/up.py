@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,18 @@ def _model(config: UpConfig) -> tuple[str, str]:
     return str(prepare()), config.served_name or "smollm2"
 
 
+def warm_up(url: str, model: str) -> None:
+    """One tiny chat request, so the first agent's call does not pay vLLM's first-request costs
+    (compiling the chat template takes seconds on CPU)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=120).read()
+    except OSError:
+        pass  # a warm-up only: serving works without it
+
+
 def up(config: UpConfig) -> int:
     supervisor = Supervisor(adopt_orphans=True)
     supervisor.handle_signals()
@@ -64,6 +78,7 @@ def up(config: UpConfig) -> int:
             vllm = supervisor.start(vllm_child(settings))
             supervisor.wait_ready(vllm, config.vllm_timeout_s, f"vLLM to load {Path(model).name}")
             upstream = settings.url
+            warm_up(upstream, served)
         settings_file = ["--config", config.config] if config.config else []
         proxy_url = f"http://{config.host}:{config.port}"
         learner_address = f"127.0.0.1:{config.learner_port}"
