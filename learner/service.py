@@ -200,7 +200,7 @@ class Learner:
                     await asyncio.sleep(10)
 
     def status(self) -> pb.LearnerStatus:
-        episodes, plan, groups, _ = self.plan()
+        episodes, plan, _, _ = self.plan()
         agents = set(self.published) | {s.transition.agent for scored, _ in plan.values() for s in scored}
         return pb.LearnerStatus(
             buffered_episodes=len(episodes), episodes_received=self.buffer.received, updates=self.updates,
@@ -208,7 +208,8 @@ class Learner:
             agents=[pb.AgentStatus(
                 agent=a, version=self.published.get(a, {}).get("version", 0),
                 buffered_transitions=sum(1 for scored, _ in plan.values() for s in scored if s.transition.agent == a),
-                ready_groups=groups, last_update=self.last_update) for a in sorted(agents)])
+                ready_groups=plan[self.adapter_for(a)][1].groups if self.adapter_for(a) in plan else 0,
+                last_update=self.last_update) for a in sorted(agents)])
 
 
 def _metrics_json(metrics: pb.UpdateMetrics) -> str:

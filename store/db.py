@@ -328,10 +328,7 @@ class Store:
 
     def adapter_rows(self) -> list[AdapterRow]:
         """The whole adapter registry, oldest first (read once at start-up)."""
-        out = self._read(lambda cur: cur.execute(
-            "SELECT * FROM adapters ORDER BY agent, version"), 1_000_000, 60)
-        rows = [dict(zip(out["columns"], row)) for row in out["rows"]]
-        return [AdapterRow(**{**r, "created_at": datetime.fromisoformat(r["created_at"])}) for r in rows]
+        return [AdapterRow(**row) for row in self._dicts("SELECT * FROM adapters ORDER BY agent, version", [])]
 
     def episode(self, episode_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
         """The episode row with its calls (in seq order) and feedback."""
