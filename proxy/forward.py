@@ -170,8 +170,8 @@ async def _relay_stream(request: web.Request, call: _Call, upstream: aiohttp.Cli
     try:
         async for block in upstream.content.iter_any():
             *lines, pending = (pending + block).split(b"\n")
-            out = [_relay_line(call, line, wants) for line in lines]
-            await response.write(b"\n".join(out) + b"\n")
+            if lines:  # a block without a newline only extends the pending line
+                await response.write(b"\n".join(_relay_line(call, line, wants) for line in lines) + b"\n")
         if pending:
             await response.write(_relay_line(call, pending, wants) + b"\n")
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as broken:
