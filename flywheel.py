@@ -81,26 +81,13 @@ def _learner(args: argparse.Namespace) -> int:
     return 0
 
 
-def _proxy_call(url: str, path: str, body: dict | None = None):
-    import json
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        return urllib.request.urlopen(request, timeout=3600)
-    except urllib.error.HTTPError as refused:
-        raise SystemExit(f"flywheel: {json.load(refused).get('error', {}).get('message', refused.reason)}") from None
-    except urllib.error.URLError as down:
-        raise SystemExit(f"flywheel: no proxy at {url} ({down.reason})") from None
-
-
 def _train(args: argparse.Namespace) -> int:
     import json
 
     failed = False
-    with _proxy_call(args.url, "/v1/learner/train", {"wait": args.wait}) as response:
+    from proxy.sql_cli import proxy_request
+
+    with proxy_request(args.url, "/v1/learner/train", {"wait": args.wait}, timeout_s=3600) as response:
         for line in response:
             event = json.loads(line)
             failed |= "error" in event
@@ -122,7 +109,9 @@ def _describe(event: dict) -> str:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    with _proxy_call(args.url, "/v1/learner/status") as response:
+    from proxy.sql_cli import proxy_request
+
+    with proxy_request(args.url, "/v1/learner/status") as response:
         print(json.dumps(json.load(response), indent=1))
     return 0
 

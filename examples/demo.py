@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from examples.arithmetic import task_split
 from examples.run import run_episodes
+from proxy.sql_cli import fetch_via_proxy, render
 
 SUMMARY = """
 SELECT c.agent, count(*) AS calls, sum(c.prompt_tokens + c.completion_tokens) AS tokens,
@@ -28,13 +28,6 @@ SELECT c.agent, count(*) AS calls, sum(c.prompt_tokens + c.completion_tokens) AS
        string_agg(DISTINCT c.adapter, ', ') AS served_by
 FROM calls c JOIN episodes e USING (episode_id) GROUP BY c.agent ORDER BY c.agent
 """
-
-
-def sql(proxy_url: str, query: str) -> dict:
-    request = urllib.request.Request(f"{proxy_url}/v1/sql", data=json.dumps({"query": query}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.load(response)
 
 
 @contextmanager
@@ -68,12 +61,6 @@ def flywheel_up(db: str, learner_state: str, port: int, vllm_port: int, log_path
         log.close()
 
 
-def print_table(result: dict) -> None:
-    from proxy.sql_cli import render
-
-    render(result, "table")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=64)
@@ -91,7 +78,7 @@ def main() -> None:
                                            temperature=0.7, tag="demo"))
         print(f"\n{len(rewards)} episodes in {time.monotonic() - started:.0f} s, "
               f"mean reward {sum(rewards) / len(rewards):.3f}\n")
-        print_table(sql(url, SUMMARY))
+        render(fetch_via_proxy(SUMMARY, url), "table")
 
 
 if __name__ == "__main__":

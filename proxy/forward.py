@@ -176,24 +176,19 @@ async def _relay_stream(request: web.Request, call: _Call, upstream: aiohttp.Cli
             await response.write(_relay_line(call, pending, wants) + b"\n")
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as broken:
         error, status = f"upstream stream broke: {broken!r}", 502
-        await _write_quietly(response, b"data: " + _dumps(error_body(502, error, "upstream_stream_broken")) + b"\n\n")
+        await _ignoring_hangup(response.write(b"data: " + _dumps(error_body(502, error, "upstream_stream_broken"))
+                                              + b"\n\n"))
     except ConnectionResetError:
         error, status = "client disconnected before the stream ended", 499
-    await _write_eof_quietly(response)
+    await _ignoring_hangup(response.write_eof())
     await call.record(status, error or call.capture_error)
     return response
 
 
-async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+async def _ignoring_hangup(write) -> None:
+    """Await a write to the client; a client that already left is not an error here."""
     try:
-        await response.write(data)
-    except ConnectionResetError:
-        pass
-
-
-async def _write_eof_quietly(response: web.StreamResponse) -> None:
-    try:
-        await response.write_eof()
+        await write
     except ConnectionResetError:
         pass
 

@@ -14,20 +14,22 @@ DEFAULT_URL = "http://127.0.0.1:8400"
 _TABLE_CELL = 60  # widest cell in table format; use --format csv/json for whole values
 
 
-def fetch_via_proxy(query: str, url: str) -> dict:
-    request = urllib.request.Request(
-        url.rstrip("/") + "/v1/sql",
-        data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+def proxy_request(url: str, path: str, body: dict | None = None, timeout_s: float = 120, hint: str = ""):
+    """An open response from the proxy (POST with `body`, else GET); an error reply or no proxy
+    ends the command with the proxy's message."""
+    request = urllib.request.Request(url.rstrip("/") + path, headers={"Content-Type": "application/json"},
+                                     data=json.dumps(body).encode() if body is not None else None)
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.load(response)
+        return urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as refused:
-        message = json.load(refused).get("error", {}).get("message", refused.reason)
-        raise SystemExit(f"flywheel sql: {message}") from None
+        raise SystemExit(f"flywheel: {json.load(refused).get('error', {}).get('message', refused.reason)}") from None
     except urllib.error.URLError as down:
-        raise SystemExit(f"flywheel sql: no proxy at {url} ({down.reason}); pass --db FILE for a file") from None
+        raise SystemExit(f"flywheel: no proxy at {url} ({down.reason}){hint}") from None
+
+
+def fetch_via_proxy(query: str, url: str) -> dict:
+    with proxy_request(url, "/v1/sql", {"query": query}, hint="; pass --db FILE for a file") as response:
+        return json.load(response)
 
 
 def fetch_from_file(query: str, db: str, max_rows: int = 1_000_000) -> dict:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
+import grpc
 import pytest
 from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config import ProxyConfig
 from proxy.state import STATE
+from learner.config import LearnerConfig
+from learner.service import Learner, Servicer
+from protos import flywheel_pb2_grpc as pb_grpc
 from store.db import Store
 from tests.fake_upstream import RECEIVED, make_app
 
@@ -146,3 +151,41 @@ def random_lora(model_dir: str, out: str, rank: int = 8, seed: int = 0) -> str:
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(out)
     return out
+
+
+class LearnerServer:
+    def __init__(self, config: LearnerConfig, model: str):
+        self.config, self.model = config, model
+
+    async def start(self) -> "LearnerServer":
+        self.learner = Learner(self.config, self.model)
+        self.server = grpc.aio.server()
+        pb_grpc.add_LearnerServicer_to_server(Servicer(self.learner), self.server)
+        self.server.add_insecure_port(self.config.listen)
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=1)
+
+
+@pytest.fixture
+async def start_learner():
+    """Factory: an in-process learner gRPC server on 127.0.0.1, always stopped after the test."""
+    started: list[LearnerServer] = []
+
+    async def start(config: LearnerConfig, model: str) -> LearnerServer:
+        started.append(await LearnerServer(config, model).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        await server.stop()
+
+
+async def wait_buffered(server: LearnerServer, count: int) -> None:
+    for _ in range(200):
+        if len(server.learner.buffer.pending) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"learner buffered {len(server.learner.buffer.pending)} of {count} episodes")

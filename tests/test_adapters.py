@@ -3,9 +3,7 @@
 import asyncio
 import json
 
-import aiohttp
 import openai
-import pytest
 
 from tests.fake_upstream import LORA_CALLS, LORAS
 from tests.test_feedback import api

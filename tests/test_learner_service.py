@@ -12,10 +12,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.config import LearnerConfig
-from learner.service import Learner, Servicer
 from protos import flywheel_pb2 as pb
 from protos import flywheel_pb2_grpc as pb_grpc
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_buffered
 from tests.fake_upstream import LORAS
 from tests.test_feedback import api
 
@@ -31,36 +30,6 @@ def tiny_model(tmp_path_factory):
     return str(path)
 
 
-class LearnerServer:
-    def __init__(self, config: LearnerConfig, model: str):
-        self.config, self.model = config, model
-
-    async def start(self) -> "LearnerServer":
-        self.learner = Learner(self.config, self.model)
-        self.server = grpc.aio.server()
-        pb_grpc.add_LearnerServicer_to_server(Servicer(self.learner), self.server)
-        self.server.add_insecure_port(self.config.listen)
-        await self.server.start()
-        return self
-
-    async def stop(self) -> None:
-        await self.server.stop(grace=1)
-
-
-@pytest.fixture
-async def start_learner():
-    """Factory: an in-process learner gRPC server on 127.0.0.1, always stopped after the test."""
-    started: list[LearnerServer] = []
-
-    async def start(config: LearnerConfig, model: str) -> LearnerServer:
-        started.append(await LearnerServer(config, model).start())
-        return started[-1]
-
-    yield start
-    for server in started:
-        await server.stop()
-
-
 async def run_episodes(proxy, tasks: dict[str, list[float]]) -> None:
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
     for task, rewards in tasks.items():
@@ -71,14 +40,6 @@ async def run_episodes(proxy, tasks: dict[str, list[float]]) -> None:
                                                  extra_headers={"X-Flywheel-Episode": episode, "X-Flywheel-Task": task})
             await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": reward})
             await api(proxy, "POST", f"/v1/episodes/{episode}/close")
-
-
-async def wait_buffered(server: LearnerServer, count: int) -> None:
-    for _ in range(200):
-        if len(server.learner.buffer.pending) >= count:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"learner buffered {len(server.learner.buffer.pending)} of {count} episodes")
 
 
 async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_proxy, start_learner, upstream,

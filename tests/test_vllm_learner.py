@@ -13,9 +13,8 @@ from learner.config import LearnerConfig
 from learner.credit import CreditConfig, agent_filter, assign
 from learner.trainer import PolicyTrainer, TrainerConfig
 from proxy.feed import episode_proto
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_buffered
 from tests.test_feedback import api
-from tests.test_learner_service import start_learner, wait_buffered  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.vllm
 
