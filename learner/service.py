@@ -43,6 +43,17 @@ def served_version(adapter: str, agent_prefix: str) -> int:
     return int(match.group(1)) if match and adapter[: match.start()] == agent_prefix else 0
 
 
+def update_due(ready_groups: int, since_last_s: float, min_groups: int, interval_s: float) -> str | None:
+    """Why an update is due, given something is trainable: "scheduled" (enough groups), "timer"
+    (interval passed), or None.
+    0 turns either trigger off; with both off, updates happen only on demand."""
+    if min_groups and ready_groups >= min_groups:
+        return "scheduled"
+    if interval_s and since_last_s >= interval_s:
+        return "timer"
+    return None
+
+
 class Learner:
     def __init__(self, config: LearnerConfig, model_dir: str):
         self.config = config
@@ -191,10 +202,11 @@ class Learner:
             if self.training.locked() or not self.buffer.pending:
                 continue
             _, plan, groups, _ = self.plan()
-            due = self.config.interval_s and time.time() - self.last_update >= self.config.interval_s
-            if plan and (groups >= self.config.min_groups or due):
+            reason = update_due(groups, time.time() - self.last_update, self.config.min_groups,
+                                self.config.interval_s)
+            if plan and reason:
                 try:
-                    await self.update("scheduled" if groups >= self.config.min_groups else "timer")
+                    await self.update(reason)
                 except Exception:
                     log.exception("update failed; the episodes stay buffered")
                     await asyncio.sleep(10)

@@ -30,7 +30,9 @@ async def train(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request) if request.can_read_body else {}
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     try:
-        await feed.push_once()  # what is ready now goes into this update
+        await feed.state.writer.flush()  # everything accepted so far is visible...
+        while await feed.push_once() == feed.batch:  # ...and everything ready goes into this update
+            pass
         call = feed.stub.Train(pb.TrainRequest(wait=bool(body.get("wait"))))
         await response.prepare(request)
         async for event in call:

@@ -306,9 +306,11 @@ class Store:
 
     def episodes_to_push(self, limit: int, quiet_s: float) -> list[dict[str, Any]]:
         """Rewarded episodes the learner has not acknowledged: closed ones, and open ones whose
-        last feedback is older than `quiet_s`. Each with its `calls` and `feedback` (raw values)."""
+        last feedback is older than `quiet_s`. Each with its `calls` and `feedback` (raw values).
+        Evaluation episodes (metadata `{"eval": true}`) are never pushed: held-out data stays held out."""
         episodes = self._dicts(
             "SELECT e.* FROM episodes e WHERE e.pushed_at IS NULL AND e.reward IS NOT NULL AND "
+            "coalesce(TRY_CAST(e.metadata->>'eval' AS BOOLEAN), false) = false AND "
             "(e.status = 'closed' OR (SELECT max(f.created_at) FROM feedback f WHERE f.episode_id = e.episode_id)"
             " < now() - to_seconds(?)) ORDER BY e.created_at LIMIT ?",
             [quiet_s, limit],

@@ -1,6 +1,7 @@
 """Proxy -> gRPC -> learner -> proxy, on the fake vLLM and a tiny model: feed, update, publish, restart."""
 
 import asyncio
+import dataclasses
 import json
 
 import aiohttp
@@ -12,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.config import LearnerConfig
+from learner.service import update_due
 from protos import flywheel_pb2 as pb
 from protos import flywheel_pb2_grpc as pb_grpc
 from tests.conftest import free_port, wait_buffered
@@ -98,3 +100,38 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
 
 def _episode(episode_id):
     return pb.Episode(episode_id=episode_id)
+
+
+def test_update_due_by_groups_by_timer_or_only_on_demand():
+    assert update_due(ready_groups=8, since_last_s=0, min_groups=8, interval_s=0) == "scheduled"
+    assert update_due(ready_groups=7, since_last_s=10, min_groups=8, interval_s=0) is None
+    assert update_due(ready_groups=1, since_last_s=60, min_groups=8, interval_s=60) == "timer"
+    assert update_due(ready_groups=1, since_last_s=59, min_groups=8, interval_s=60) is None
+    assert update_due(ready_groups=10_000, since_last_s=1e9, min_groups=0, interval_s=0) is None  # on demand only
+
+
+async def test_train_pushes_everything_ready_and_never_eval_episodes(start_proxy, start_learner, tiny_model,
+                                                                     tmp_path):
+    """The feed's own loop is idle here (a one-hour interval): the update sees every closed train
+    episode, across several push batches, and no episode marked eval."""
+    address = f"127.0.0.1:{free_port()}"
+    server = await start_learner(LearnerConfig(
+        model=tiny_model, listen=address, state_dir=str(tmp_path / "state"), min_groups=0, lora_rank=4,
+        lora_alpha=8, dtype="float32", skip_truncated=False), tiny_model)
+    proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=3600, push_batch=2)
+    server.learner.config = dataclasses.replace(server.learner.config, proxy=proxy.url)
+    await run_episodes(proxy, {"t1": [1.0, 0.0, 1.0, 0.0, 1.0]})
+    for i, reward in enumerate([1.0, 0.0]):
+        _, created = await api(proxy, "POST", "/v1/episodes", {"task": "t1", "metadata": {"eval": True}})
+        await openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x").chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "held out"}], max_tokens=3,
+            extra_headers={"X-Flywheel-Episode": created["episode_id"]})
+        await api(proxy, "POST", f"/v1/episodes/{created['episode_id']}/feedback", {"reward": reward})
+        await api(proxy, "POST", f"/v1/episodes/{created['episode_id']}/close")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{proxy.url}/v1/learner/train", json={"wait": True}) as response:
+            events = [json.loads(line) async for line in response.content]
+    metrics = next(e["metrics"] for e in events if "metrics" in e)
+    assert metrics["episodes"] == 5 and metrics["transitions"] == 5, events
+    assert await proxy.rows("SELECT count(*) AS n FROM episodes WHERE pushed_at IS NULL") == [{"n": 2}]
+    assert server.learner.updates == 1  # min_groups = 0: nothing trained on its own

@@ -1,0 +1,161 @@
+"""`flywheel report`: what the agents learned, from the store alone (SQL through a running
+proxy or on a file), as `report.md` and PNG plots. Works for any deployment.
+
+Evaluation episodes are those whose metadata has `"eval": true` (never trained on); each is
+labelled by the adapter versions that served its calls, so an evaluation is attributed to
+exactly what answered it even if a swap happened meanwhile. Intervals are 95% normal
+intervals of the mean: mean +- 1.96 * sd / sqrt(n).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+Fetch = Callable[[str], dict]  # a query -> {"columns", "rows"}
+
+_EVAL = "coalesce(TRY_CAST(e.metadata->>'eval' AS BOOLEAN), false)"
+
+# Reward per combination of serving versions, for evaluation or for training traffic.
+_REWARD_BY_VERSION = f"""
+WITH per_episode AS (
+  SELECT e.episode_id, e.reward, min(c.created_at) AS started,
+         string_agg(DISTINCT c.adapter, ' + ' ORDER BY c.adapter) AS served_by
+  FROM episodes e JOIN calls c USING (episode_id)
+  WHERE e.reward IS NOT NULL AND {_EVAL} = {{evaluation}}
+  GROUP BY e.episode_id, e.reward)
+SELECT served_by, count(*) AS episodes, round(avg(reward), 3) AS mean_reward,
+       round(1.96 * coalesce(stddev_samp(reward), 0) / sqrt(count(*)), 3) AS ci95,
+       strftime(min(started), '%H:%M:%S') AS first_call
+FROM per_episode GROUP BY served_by ORDER BY min(started)
+"""
+HELDOUT_BY_VERSION = _REWARD_BY_VERSION.format(evaluation="true")
+TRAIN_BY_VERSION = _REWARD_BY_VERSION.format(evaluation="false")
+
+TRAIN_RUNS = """
+SELECT strftime(created_at, '%H:%M:%S') AS published, served_name, episodes, transitions, tokens,
+       round(reward_mean, 3) AS reward_mean, round(loss, 4) AS loss, round(kl, 4) AS kl,
+       round(clip_fraction, 4) AS clip_fraction, round(entropy, 3) AS entropy, round(grad_norm, 3) AS grad_norm,
+       round(tokens_per_s) AS tokens_per_s, round(seconds, 1) AS seconds
+FROM train_runs ORDER BY created_at, agent
+"""
+
+AGENTS = """
+SELECT agent, count(*) AS calls, count(DISTINCT episode_id) AS episodes,
+       count(*) FILTER (WHERE status <> 200) AS errors,
+       sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
+       round(quantile_cont(latency_ms, 0.5)) AS p50_ms, round(quantile_cont(latency_ms, 0.95)) AS p95_ms,
+       string_agg(DISTINCT adapter, ', ' ORDER BY adapter) AS served_by
+FROM calls GROUP BY agent ORDER BY agent
+"""
+
+
+def markdown_table(result: dict) -> str:
+    columns, rows = result["columns"], result["rows"]
+    if not rows:
+        return "_no rows_"
+    cell = lambda v: "" if v is None else str(v).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _column(result: dict, name: str) -> list:
+    index = result["columns"].index(name)
+    return [row[index] for row in result["rows"]]
+
+
+def _plot_reward(result: dict, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    labels = _column(result, "served_by")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels)), 3.6))
+    ax.errorbar(range(len(labels)), _column(result, "mean_reward"), yerr=_column(result, "ci95"), fmt="o-",
+                capsize=4)
+    ax.set_xticks(range(len(labels)), [label.replace(" + ", "\n") for label in labels], fontsize=7)
+    ax.set_ylabel("mean reward (95% interval)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_updates(result: dict, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = _column(result, "served_name")
+    agents = sorted({name.rsplit("-v", 1)[0] for name in names})
+    metrics = ("reward_mean", "loss", "kl", "clip_fraction", "entropy", "tokens_per_s")
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, metric in zip(axes.flat, metrics):
+        values = _column(result, metric)
+        for agent in agents:
+            points = [(int(n.rsplit("-v", 1)[1]), v) for n, v in zip(names, values)
+                      if n.rsplit("-v", 1)[0] == agent and v is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=agent)
+        ax.set_title(metric)
+        ax.set_xlabel("version")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_agents(result: dict, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    agents = _column(result, "agent")
+    fig, (calls, latency) = plt.subplots(1, 2, figsize=(10, 3.6))
+    calls.bar(agents, _column(result, "calls"))
+    calls.set_title("calls per agent")
+    x = range(len(agents))
+    latency.bar([i - 0.2 for i in x], _column(result, "p50_ms"), width=0.4, label="p50")
+    latency.bar([i + 0.2 for i in x], _column(result, "p95_ms"), width=0.4, label="p95")
+    latency.set_xticks(list(x), agents)
+    latency.set_title("latency per agent, ms")
+    latency.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    query: str
+    note: str
+    png: str  # file name of its plot
+    draw: Callable[[dict, str, Path], None]  # (result, title, path)
+
+
+SECTIONS = (
+    Section("Held-out reward per version", HELDOUT_BY_VERSION,
+            "Evaluation episodes (metadata eval = true), by the adapter versions that served them; "
+            "mean and 95% interval.", "heldout_reward.png", _plot_reward),
+    Section("Training traffic reward per version", TRAIN_BY_VERSION,
+            "All other rewarded episodes, by the versions that served them.", "train_reward.png", _plot_reward),
+    Section("Updates", TRAIN_RUNS, "One row per published adapter version (`train_runs`).", "updates.png",
+            _plot_updates),
+    Section("Agents", AGENTS, "Calls, tokens and latency per agent (`calls`).", "agents.png", _plot_agents),
+)
+
+
+def write_report(fetch: Fetch, out_dir: Path, source: str) -> Path:
+    """Run every section's query, write `report.md` and one PNG per non-empty section; return report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [f"# Flywheel report\n\nSource: {source}. Rebuild with `flywheel report`.\n"]
+    for section in SECTIONS:
+        result = fetch(section.query)
+        parts.append(f"## {section.title}\n\n{section.note}\n\n{markdown_table(result)}\n")
+        if result["rows"]:
+            section.draw(result, section.title, out_dir / section.png)
+            parts.append(f"![{section.title}]({section.png})\n")
+    report = out_dir / "report.md"
+    report.write_text("\n".join(parts))
+    return report
