@@ -54,7 +54,7 @@ class LearnerConfig:
     lr: float = 2e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    micro_batch_tokens: int = 8192
+    micro_batch_tokens: int = 1024  # padded tokens per forward/backward: bounds activation memory (~2.3 GB on SmolLM2-135M)
     ppo_epochs: int = 1
     dtype: str = "bfloat16"
     threads: int = 0

@@ -36,7 +36,7 @@ class TrainerConfig:
     lr: float = 2e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    micro_batch_tokens: int = 8192  # padded tokens per forward/backward
+    micro_batch_tokens: int = 1024  # padded tokens per forward/backward (activations: ~1.5 MB/token on SmolLM2-135M)
     ppo_epochs: int = 1  # passes over each batch; 1 = one optimizer step, ratio 1 (old policy = current)
     dtype: str = "bfloat16"  # base weights: bfloat16 | float32
     threads: int = 0  # torch threads; 0 = torch's default (all cores)

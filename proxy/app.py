@@ -14,7 +14,8 @@ from proxy.config import ProxyConfig
 from proxy.errors import error_middleware
 from proxy.feed import Feed
 from proxy.forward import completion_handler, models_handler
-from proxy.state import STATE, ProxyState
+from proxy.state import STATE, ProxyState, upstream_base
+from proxy.upstream import UpstreamPool
 from store.db import Store
 from store.writer import BatchWriter
 
@@ -53,7 +54,8 @@ def _lifecycle(config: ProxyConfig):
             timeout=aiohttp.ClientTimeout(total=config.upstream_timeout_s, sock_connect=10),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         )
-        state = app[STATE] = ProxyState(config=config, writer=writer, session=session)
+        state = app[STATE] = ProxyState(config=config, writer=writer, session=session,
+                                        upstream=UpstreamPool(upstream_base(config.upstream)))
         state.registry = adapters.Registry(state, config.base_model or None, config.max_lora_rank)
         restoring = asyncio.get_running_loop().create_task(
             state.registry.restore(await writer.read(writer.store.adapter_rows)))
@@ -68,6 +70,7 @@ def _lifecycle(config: ProxyConfig):
             feeding.cancel()
             await state.feed.close()
         await session.close()
+        await state.upstream.close()
         await writer.close()  # writes everything still queued
         log.info("proxy stopped; store flushed")
 

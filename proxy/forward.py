@@ -15,6 +15,7 @@ from proxy.attribution import Attribution, attribute, new_id
 from proxy.capture import Capture, Wants, strip_unrequested, upstream_body
 from proxy.errors import error_body, error_response, read_json_object
 from proxy.state import STATE, ProxyState
+from proxy.upstream import UpstreamError, UpstreamResponse
 from store.records import CallRecord
 
 _MAX_ERROR_CHARS = 4000  # upstream error bodies are recorded up to this length
@@ -110,17 +111,17 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
 async def _exchange(request: web.Request, call: _Call, forward: dict, headers: dict,
                     wants: Wants) -> web.StreamResponse:
     state = call.state
+    upstream: UpstreamResponse | None = None
     try:
-        async with state.session.post(
-            state.upstream_url(call.endpoint), data=_dumps(forward), headers=headers
-        ) as upstream:
+        async with asyncio.timeout(state.config.upstream_timeout_s):
+            upstream = await state.upstream.post("/" + call.endpoint.replace(".", "/"), _dumps(forward), headers)
             if upstream.status != 200:
                 return await _relay_error(request, call, upstream)
             if call.stream:
                 return await _relay_stream(request, call, upstream, wants)
             return await _relay_whole(request, call, upstream, wants)
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as failure:
-        timed_out = isinstance(failure, asyncio.TimeoutError)
+    except (UpstreamError, TimeoutError) as failure:
+        timed_out = isinstance(failure, TimeoutError)
         status = 504 if timed_out else 502
         message = (
             f"upstream {state.config.upstream} did not answer within {state.config.upstream_timeout_s:g} s"
@@ -129,9 +130,12 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
         await call.record(status, message)
         return error_response(status, message, "upstream_timeout" if timed_out else "upstream_unreachable",
                               headers=call.ids())
+    finally:
+        if upstream is not None:
+            state.upstream.abort(upstream)  # not read to its end: the connection is not reused
 
 
-async def _relay_error(request: web.Request, call: _Call, upstream: aiohttp.ClientResponse) -> web.Response:
+async def _relay_error(request: web.Request, call: _Call, upstream: UpstreamResponse) -> web.Response:
     """Upstream said no: the client gets its status and body, the call is recorded with it."""
     raw = await upstream.read()
     response = web.Response(status=upstream.status, body=raw, headers=call.ids(),
@@ -142,7 +146,7 @@ async def _relay_error(request: web.Request, call: _Call, upstream: aiohttp.Clie
     return response
 
 
-async def _relay_whole(request: web.Request, call: _Call, upstream: aiohttp.ClientResponse,
+async def _relay_whole(request: web.Request, call: _Call, upstream: UpstreamResponse,
                        wants: Wants) -> web.Response:
     raw = await upstream.read()
     data = json.loads(raw)
@@ -157,7 +161,7 @@ async def _relay_whole(request: web.Request, call: _Call, upstream: aiohttp.Clie
     return response
 
 
-async def _relay_stream(request: web.Request, call: _Call, upstream: aiohttp.ClientResponse,
+async def _relay_stream(request: web.Request, call: _Call, upstream: UpstreamResponse,
                         wants: Wants) -> web.StreamResponse:
     """Relay SSE events as they arrive, capturing each `data:` chunk on the way."""
     response = web.StreamResponse(headers={
@@ -168,13 +172,13 @@ async def _relay_stream(request: web.Request, call: _Call, upstream: aiohttp.Cli
     status = 200
     pending = b""
     try:
-        async for block in upstream.content.iter_any():
+        async for block in upstream.iter_chunks():
             *lines, pending = (pending + block).split(b"\n")
             if lines:  # a block without a newline only extends the pending line
                 await response.write(b"\n".join(_relay_line(call, line, wants) for line in lines) + b"\n")
         if pending:
             await response.write(_relay_line(call, pending, wants) + b"\n")
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as broken:
+    except (UpstreamError, TimeoutError) as broken:
         error, status = f"upstream stream broke: {broken!r}", 502
         await _ignoring_hangup(response.write(b"data: " + _dumps(error_body(502, error, "upstream_stream_broken"))
                                               + b"\n\n"))
