@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--no-learner", dest="learner", action="store_false", default=None,
                        help="serve and log only: do not start the learner")
     stack.add_argument("--learner-state", dest="learner_state", help="learner state directory")
+    stack.add_argument("--learner-port", dest="learner_port", type=int, help="learner gRPC port (default 8401)")
     stack.add_argument("--config", help="TOML settings file (default ./flywheel.toml if present)")
     stack.set_defaults(run=_up)
 

@@ -5,7 +5,8 @@ examples/demo.toml, then:
   1. evaluates the base model on the held-out tasks (episodes marked eval: never trained on);
   2. rounds until the time budget is spent: `--tasks-per-round` train tasks, each attempted
      `--group-size` times (one GRPO group per task), then one learner update, which
-     hot-swaps new planner and writer versions into vLLM, then the held-out set again;
+     hot-swaps new planner and writer versions into vLLM; the held-out set is evaluated
+     on them while the next round's traffic runs;
   3. prints held-out reward per version (mean, 95% interval) and writes `flywheel report`.
 """
 
@@ -39,6 +40,7 @@ def flywheel_up(args: argparse.Namespace, log_path: Path, timeout_s: float = 900
     log = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "flywheel", "up", "--db", args.db, "--learner-state",
                              args.learner_state, "--port", str(args.port), "--vllm-port", str(args.vllm_port),
+                             "--learner-port", str(args.learner_port),
                              "--config", str(args.config)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{args.port}"
     try:
@@ -101,19 +103,22 @@ async def rounds(url: str, args: argparse.Namespace) -> None:
         print(f"  held-out reward ({label}): {summary(rewards)}  [{time.monotonic() - started:.0f} s]", flush=True)
 
     try:
-        await evaluate("base model")
+        evaluating = [asyncio.create_task(evaluate("base model"))]
         started, round_no = time.monotonic(), 0
         while time.monotonic() - started < args.minutes * 60 and round_no < args.max_rounds:
             round_no += 1
             first = (round_no - 1) * args.tasks_per_round % len(train)
             tasks = (train + train)[first:first + args.tasks_per_round]
             t0 = time.monotonic()
+            # the held-out evaluation of the version just published runs beside this round's
+            # traffic (vLLM batches both); neither changes which version serves
             rewards = await attempt(workflow, tasks, args.group_size, args.concurrency)
+            await asyncio.gather(*evaluating)
             print(f"round {round_no} [{(time.monotonic() - started) / 60:.1f} min]: train reward {summary(rewards)}"
                   f"  [{time.monotonic() - t0:.0f} s]", flush=True)
             published = await asyncio.to_thread(update, url)
-            if published:
-                await evaluate(" + ".join(published))
+            evaluating = [asyncio.create_task(evaluate(" + ".join(published)))] if published else []
+        await asyncio.gather(*evaluating)
         print(f"\n{round_no} rounds in {(time.monotonic() - started) / 60:.1f} min", flush=True)
     finally:
         await workflow.close()
@@ -136,6 +141,7 @@ def main() -> None:
     parser.add_argument("--report", default="demo-report", help="where flywheel report writes")
     parser.add_argument("--port", type=int, default=8400)
     parser.add_argument("--vllm-port", dest="vllm_port", type=int, default=8000)
+    parser.add_argument("--learner-port", dest="learner_port", type=int, default=8401)
     args = parser.parse_args()
     Path(args.db).unlink(missing_ok=True)  # each demo starts from scratch
     shutil.rmtree(args.learner_state, ignore_errors=True)

@@ -21,6 +21,8 @@ How it departs from textbook GRPO (DeepSeekMath), and why:
   (ratio 1 at the step; `ppo_epochs` > 1 for more).
 - One LoRA adapter per agent (or one shared), trained where the base stays frozen; each
   update is published as a new adapter version and hot-swapped into vLLM by the proxy.
+- Evaluation episodes (metadata `{"eval": true}`) never reach the learner: the proxy keeps
+  them back, so a held-out score stays held out (`flywheel report` reads them per version).
 
 Run it: `flywheel up` starts it with vLLM and the proxy; alone:
 

@@ -84,6 +84,7 @@ def _plot_reward(result: dict, title: str, path: Path) -> None:
 
 def _plot_updates(result: dict, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = _column(result, "served_name")
     agents = sorted({name.rsplit("-v", 1)[0] for name in names})
@@ -97,6 +98,7 @@ def _plot_updates(result: dict, title: str, path: Path) -> None:
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=agent)
         ax.set_title(metric)
         ax.set_xlabel("version")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
