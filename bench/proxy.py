@@ -103,6 +103,8 @@ def main() -> None:
                     for stream in (False, True):
                         per_worker = 300 if delay_ms == 0 else 40
                         total = max(20, int(scale * per_worker * max(1, concurrency // 4 if delay_ms == 0 else concurrency)))
+                        if delay_ms and concurrency == 1:
+                            total *= 5  # 10 s: enough writer batches (one per second) to average over
                         direct = asyncio.run(load(f"http://127.0.0.1:{up_port}/v1/chat/completions",
                                                   concurrency, total, stream))
                         cpu0 = cpu_seconds(proxy.pid)

@@ -127,7 +127,7 @@ async def rounds(url: str, args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="task split (train and held-out tasks)")
-    parser.add_argument("--minutes", type=float, default=20, help="training budget: no round starts after it")
+    parser.add_argument("--minutes", type=float, default=15, help="training budget: no round starts after it")
     parser.add_argument("--max-rounds", dest="max_rounds", type=int, default=1000)
     parser.add_argument("--tasks-per-round", dest="tasks_per_round", type=int, default=8)
     parser.add_argument("--group-size", dest="group_size", type=int, default=8, help="attempts per train task")
