@@ -49,20 +49,19 @@ class Workflow:
     async def run(self, task: Task, evaluation: bool = False) -> tuple[float, dict]:
         """One episode: plan, calculate, write, grade, report the outcome to Flywheel."""
         episode_id = await self.open_episode(task, evaluation)
-        temperature = self.temperature
         ids = {"X-Flywheel-Episode": episode_id, "X-Flywheel-Task": task.task_id}
         messages = [{"role": "system", "content": PLANNER_SYSTEM}]
         for question, expression in PLANNER_SHOTS:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": expression}]
         plan = await self._ask(self.planner, messages + [{"role": "user", "content": task.question}], ids, 16,
-                               temperature)
+                               self.temperature)
         calc = calculate(plan)
         calculation = f"{calc[0]} = {calc[1]}" if calc else "(no calculation)"
         reply = await self._ask(self.writer, [
             {"role": "system", "content": WRITER_SYSTEM},
             {"role": "user", "content": WRITER_SHOT[0]}, {"role": "assistant", "content": WRITER_SHOT[1]},
             {"role": "user", "content": f"Question: {task.question}\nCalculation: {calculation}"},
-        ], ids, 32, temperature)
+        ], ids, 32, self.temperature)
         reward, dims = grade(task, reply, plan)
         feedback = await self.http.post(f"/v1/episodes/{episode_id}/feedback", json={
             "reward": reward, "dims": dims, "source": "grader", "idempotency_key": f"{episode_id}-grade"})

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from store.schema import IS_EVAL_EPISODE
+
 Fetch = Callable[[str], dict]  # a query -> {"columns", "rows"}
 
-_EVAL = "coalesce(TRY_CAST(e.metadata->>'eval' AS BOOLEAN), false)"
 
 # Reward per combination of serving versions, for evaluation or for training traffic.
 _REWARD_BY_VERSION = f"""
@@ -23,7 +24,7 @@ WITH per_episode AS (
   SELECT e.episode_id, e.reward, min(c.created_at) AS started,
          string_agg(DISTINCT c.adapter, ' + ' ORDER BY c.adapter) AS served_by
   FROM episodes e JOIN calls c USING (episode_id)
-  WHERE e.reward IS NOT NULL AND {_EVAL} = {{evaluation}}
+  WHERE e.reward IS NOT NULL AND {IS_EVAL_EPISODE} = {{evaluation}}
   GROUP BY e.episode_id, e.reward)
 SELECT served_by, count(*) AS episodes, round(avg(reward), 3) AS mean_reward,
        round(1.96 * coalesce(stddev_samp(reward), 0) / sqrt(count(*)), 3) AS ci95,

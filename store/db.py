@@ -35,7 +35,7 @@ from store.records import (
     UnknownCall,
     UnknownEpisode,
 )
-from store.schema import ADAPTERS, CALLS, EPISODES, META, SCHEMA_VERSION, TABLES, TRAIN_RUNS, Table
+from store.schema import ADAPTERS, CALLS, EPISODES, IS_EVAL_EPISODE, META, SCHEMA_VERSION, TABLES, TRAIN_RUNS, Table
 
 log = logging.getLogger("flywheel.store")
 
@@ -310,7 +310,7 @@ class Store:
         Evaluation episodes (metadata `{"eval": true}`) are never pushed: held-out data stays held out."""
         episodes = self._dicts(
             "SELECT e.* FROM episodes e WHERE e.pushed_at IS NULL AND e.reward IS NOT NULL AND "
-            "coalesce(TRY_CAST(e.metadata->>'eval' AS BOOLEAN), false) = false AND "
+            f"NOT {IS_EVAL_EPISODE} AND "
             "(e.status = 'closed' OR (SELECT max(f.created_at) FROM feedback f WHERE f.episode_id = e.episode_id)"
             " < now() - to_seconds(?)) ORDER BY e.created_at LIMIT ?",
             [quiet_s, limit],

@@ -173,3 +173,7 @@ META = Table(
 )
 
 TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS)
+
+# SQL true for an evaluation episode (alias `e`): metadata {"eval": true}. The proxy never
+# pushes these to the learner; `flywheel report` scores versions on them.
+IS_EVAL_EPISODE = "coalesce(TRY_CAST(e.metadata->>'eval' AS BOOLEAN), false)"
