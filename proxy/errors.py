@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import orjson
 from aiohttp import web
 
 log = logging.getLogger("flywheel.proxy")
@@ -43,7 +44,7 @@ def error_body(status: int, message: str, code: str | None = None) -> dict:
 def error_response(status: int, message: str, code: str | None = None, headers=None) -> web.Response:
     return web.Response(
         status=status,
-        body=json.dumps(error_body(status, message, code)).encode(),
+        body=orjson.dumps(error_body(status, message, code)),
         content_type="application/json",
         headers=headers,
     )
@@ -77,9 +78,18 @@ async def read_json_object(request: web.Request) -> dict:
     """The request body as a JSON object, or a 400/413 ApiError."""
     raw = await request.read()
     try:
-        body = json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as bad:
+        try:  # the stdlib parser names NaN and Infinity, which Python's json.dumps writes
+            json.loads(raw, parse_constant=_refuse_constant)
+        except ValueError:
+            pass
         raise ApiError(400, f"request body is not valid JSON: {bad}", "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", "invalid_json")
     return body
+
+
+def _refuse_constant(name: str):
+    raise ApiError(400, f"request body is not valid JSON: {name} is not a JSON number; send a finite number",
+                   "invalid_json")

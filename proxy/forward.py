@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from proxy.attribution import Attribution, attribute, new_id
@@ -19,10 +19,6 @@ from proxy.upstream import UpstreamError, UpstreamResponse
 from store.records import CallRecord
 
 _MAX_ERROR_CHARS = 4000  # upstream error bodies are recorded up to this length
-
-
-def _dumps(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass
@@ -61,7 +57,7 @@ class _Call:
             model=self.model,
             adapter=cap.model,
             request=self.request_json,
-            response=json.dumps(cap.response_json()) if cap.choices else None,
+            response=orjson.dumps(cap.response_json()).decode() if cap.choices else None,
             prompt_token_ids=cap.prompt_token_ids,
             completion_token_ids=cap.completion_token_ids(),
             completion_logprobs=cap.completion_logprobs(),
@@ -91,7 +87,7 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     who = attribute(request.match_info, request.headers, body, state.config.default_agent)
     call = _Call(
         state=state, endpoint=endpoint, who=who, call_id=new_id("call"), created_at=created_at,
-        started=started, request_json=json.dumps(body, ensure_ascii=False), model=body.get("model"),
+        started=started, request_json=orjson.dumps(body).decode(), model=body.get("model"),
         stream=bool(body.get("stream")), capture=Capture(endpoint),
     )
     forward, wants = upstream_body(body, endpoint)
@@ -114,7 +110,7 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
     upstream: UpstreamResponse | None = None
     try:
         async with asyncio.timeout(state.config.upstream_timeout_s):
-            upstream = await state.upstream.post("/" + call.endpoint.replace(".", "/"), _dumps(forward), headers)
+            upstream = await state.upstream.post("/" + call.endpoint.replace(".", "/"), orjson.dumps(forward), headers)
             if upstream.status != 200:
                 return await _relay_error(request, call, upstream)
             if call.stream:
@@ -149,11 +145,20 @@ async def _relay_error(request: web.Request, call: _Call, upstream: UpstreamResp
 async def _relay_whole(request: web.Request, call: _Call, upstream: UpstreamResponse,
                        wants: Wants) -> web.Response:
     raw = await upstream.read()
-    data = json.loads(raw)
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):  # relayed as it came; nothing in it to capture
+        response = web.Response(body=raw, content_type=upstream.content_type, headers=call.ids())
+        await response.prepare(request)
+        await response.write_eof()
+        await call.record(200, "upstream answered 200 with a body that is not a JSON object")
+        return response
     call.capture.add(data)
     if not wants.everything:
         strip_unrequested(data, call.endpoint, wants)
-        raw = _dumps(data)
+        raw = orjson.dumps(data)
     response = web.Response(body=raw, content_type="application/json", headers=call.ids())
     await response.prepare(request)
     await response.write_eof()
@@ -180,7 +185,7 @@ async def _relay_stream(request: web.Request, call: _Call, upstream: UpstreamRes
             await response.write(_relay_line(call, pending, wants) + b"\n")
     except (UpstreamError, TimeoutError) as broken:
         error, status = f"upstream stream broke: {broken!r}", 502
-        await _ignoring_hangup(response.write(b"data: " + _dumps(error_body(502, error, "upstream_stream_broken"))
+        await _ignoring_hangup(response.write(b"data: " + orjson.dumps(error_body(502, error, "upstream_stream_broken"))
                                               + b"\n\n"))
     except ConnectionResetError:
         error, status = "client disconnected before the stream ended", 499
@@ -204,17 +209,17 @@ def _relay_line(call: _Call, line: bytes, wants: Wants) -> bytes:
     if payload == b"[DONE]":
         return line
     try:
-        chunk = json.loads(payload)
-    except json.JSONDecodeError:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
         return line
     if "error" in chunk and not chunk.get("choices"):
-        call.capture_error = json.dumps(chunk["error"])[:_MAX_ERROR_CHARS]
+        call.capture_error = orjson.dumps(chunk["error"]).decode()[:_MAX_ERROR_CHARS]
     if call.capture.add(chunk):
         call.mark_first_token()
     if wants.everything:
         return line
     strip_unrequested(chunk, call.endpoint, wants)
-    return b"data: " + _dumps(chunk)
+    return b"data: " + orjson.dumps(chunk)
 
 
 async def models_handler(request: web.Request) -> web.Response:

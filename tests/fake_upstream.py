@@ -5,7 +5,7 @@ with ids 1000, 1001, ...; the prompt's token ids are 1..len(words of the prompt)
 vLLM it returns `prompt_token_ids`/`token_ids` only when `return_token_ids` is set and
 logprobs only when asked. With `tools` in the request (and tool_choice not "none") it
 answers with a call to the first tool. Models named `fail-<status>` answer with that
-error status. A body field `fake_delay_ms` delays one answer. LoRA adapters can be loaded and unloaded as in vLLM; a name ending in
+error status; the model `not-json` answers 200 with a plain-text body. A body field `fake_delay_ms` delays one answer. LoRA adapters can be loaded and unloaded as in vLLM; a name ending in
 `-v<N>` that is not loaded is a 404. It keeps the bodies it received in `app[RECEIVED]` for tests to inspect.
 """
 
@@ -141,6 +141,8 @@ def _handler(chat: bool):
             status = int(model.split("-")[1])
             return web.json_response({"error": {"message": f"fake failure {status}", "type": "BadRequestError",
                                                 "code": status}}, status=status)
+        if model == "not-json":
+            return web.Response(text="upstream garbage")
         if not body.get("stream"):
             return web.json_response(_whole(body, chat))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

@@ -73,14 +73,17 @@ async def test_feedback_for_an_episode_known_only_from_a_just_queued_call(proxy)
     ({}, None, "invalid_reward"),
     ({"reward": 1, "dims": {"x": "y"}}, None, "invalid_reward"),
     ({"reward": 1, "dims": [1]}, None, "invalid_field"),
-    (None, b'{"reward": NaN}', "invalid_reward"),
-    (None, b'{"reward": Infinity}', "invalid_reward"),
+    (None, b'{"reward": NaN}', "invalid_json"),  # what Python's json.dumps writes for nan
+    (None, b'{"reward": -Infinity}', "invalid_json"),
+    (None, b'{"reward": 1e999}', "invalid_json"),
     (None, b'{"reward": ', "invalid_json"),
 ])
 async def test_bad_feedback_is_refused_and_nothing_is_written(proxy, payload, raw, code):
     _, created = await api(proxy, "POST", "/v1/episodes", {})
     status, body = await api(proxy, "POST", f"/v1/episodes/{created['episode_id']}/feedback", payload, raw)
     assert status == 400 and body["error"]["code"] == code and body["error"]["message"]
+    if raw and b"Inf" in raw or raw and b"NaN" in raw:
+        assert "is not a JSON number" in body["error"]["message"]
     assert await proxy.rows("SELECT * FROM feedback") == []
 
 

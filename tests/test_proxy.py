@@ -147,6 +147,17 @@ async def test_upstream_error_reaches_the_client_and_is_recorded(proxy):
     assert all(r["completion_token_ids"] is None for r in rows)
 
 
+async def test_a_non_json_success_is_relayed_as_it_came_and_recorded_with_an_error(proxy):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/chat/completions",
+                                json={"model": "not-json", "messages": MESSAGES}) as r:
+            assert r.status == 200 and await r.text() == "upstream garbage"
+            assert r.content_type == "text/plain" and r.headers["X-Flywheel-Call"]
+    [row] = await proxy.rows("SELECT status, error, response, completion_token_ids FROM calls")
+    assert row["status"] == 200 and "not a JSON object" in row["error"]
+    assert row["response"] is None and row["completion_token_ids"] is None
+
+
 async def test_unreachable_upstream_is_a_502_and_the_call_is_recorded(start_proxy):
     dead = await Running(make_app()).start()
     await dead.stop()  # a port nobody listens on

@@ -71,6 +71,17 @@ async def test_content_length_and_chunked_bodies_over_one_kept_alive_connection(
         await pool.close()
 
 
+async def test_chunks_that_arrive_together_are_relayed_as_one_block():
+    events = b"".join(b"9\r\ndata: %d\n\n\r\n" % i for i in range(5))
+    burst = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", events, b"9\r\ndata: 5\n\n\r\n0\r\n\r\n"]
+    async with RawServer([burst]) as server:
+        pool = UpstreamPool(server.url)
+        response = await pool.post("/chat/completions", b"{}", {})
+        blocks = [block async for block in response.iter_chunks()]
+        assert blocks == [b"".join(b"data: %d\n\n" % i for i in range(5)), b"data: 5\n\n"]
+        await pool.close()
+
+
 async def test_an_idle_connection_the_upstream_closed_is_replaced():
     async with RawServer([ok(b"1") + [None], ok(b"2")]) as server:
         pool = UpstreamPool(server.url)
