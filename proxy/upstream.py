@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections import deque
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -30,7 +29,7 @@ class UpstreamResponse:
         self._connection = connection
         self.status = 0
         self.headers: dict[str, str] = {}
-        self._chunks: deque[bytes] = deque()
+        self._chunks: list[bytes] = []
         self._buffered = 0
         self._wakeup: asyncio.Future | None = None
         self._error: Exception | None = None
@@ -44,13 +43,19 @@ class UpstreamResponse:
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive (chunked framing already removed)."""
+        """Body bytes as they arrive (chunked framing already removed).
+
+        Everything already in is yielded as one block: one socket read often holds many
+        HTTP chunks (one per SSE event), and relaying them one write each cost a syscall each.
+        """
         while True:
-            while self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                self._connection.consumed(self._buffered)
-                yield chunk
+            if self._chunks:
+                block = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                self._connection.consumed(0)
+                yield block
+                continue
             if self._error is not None:
                 raise self._error
             if self.complete:
