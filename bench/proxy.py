@@ -4,7 +4,9 @@ The fake upstream (tests/fake_upstream.py) and the proxy (`flywheel serve`) run 
 processes on 127.0.0.1; this process is the load generator. For an upstream that answers at
 once and one that takes 50 ms, at concurrency 1, 16 and 64, streaming and not, it prints
 throughput and p50/p99 latency direct and proxied, their ratios, and the proxy's CPU time
-per request (from /proc). Timings are noisy on shared machines: compare ratios, not runs.
+per request (from /proc), counted until the calls' records are committed. Beside it, the fake upstream's CPU per request in the same
+interval: one aiohttp server answering from memory, the cost of one HTTP hop on this
+machine at that rate. Timings are noisy on shared machines: compare within a run, not runs.
 
     python bench/proxy.py [--quick]
 """
@@ -86,11 +88,21 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
+# Requests per cell: enough for a few seconds of load each, so CPU time averages over many writer batches.
+REQUESTS = {0: {1: 3000, 16: 6000, 64: 9000}, 50: {1: 200, 16: 1600, 64: 6400}}
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     args = parser.parse_args()
-    scale = 0.2 if args.quick else 1.0
+    scale = 0.1 if args.quick else 1.0
     rows = []
     for delay_ms in (0, 50):
         up_port, proxy_port = free_port(), free_port()
@@ -98,20 +110,29 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             proxy = spawn(["-m", "flywheel", "serve", "--upstream", f"http://127.0.0.1:{up_port}",
                            "--port", str(proxy_port), "--db", f"{tmp}/bench.duckdb"], proxy_port)
+            proxy_url = f"http://127.0.0.1:{proxy_port}"
+            marker = post(f"{proxy_url}/v1/episodes", {})["episode_id"]
+
+            def committed() -> None:
+                """Feedback is acknowledged after its commit, and the writer commits in order:
+                once it returns, every call before it is in DuckDB and its CPU time spent."""
+                post(f"{proxy_url}/v1/episodes/{marker}/feedback", {"reward": 0})
+
             try:
                 for concurrency in (1, 16, 64):
                     for stream in (False, True):
-                        per_worker = 300 if delay_ms == 0 else 40
-                        total = max(20, int(scale * per_worker * max(1, concurrency // 4 if delay_ms == 0 else concurrency)))
-                        if delay_ms and concurrency == 1:
-                            total *= 5  # 10 s: enough writer batches (one per second) to average over
+                        total = max(20, int(scale * REQUESTS[delay_ms][concurrency]))
                         direct = asyncio.run(load(f"http://127.0.0.1:{up_port}/v1/chat/completions",
                                                   concurrency, total, stream))
-                        cpu0 = cpu_seconds(proxy.pid)
-                        proxied = asyncio.run(load(f"http://127.0.0.1:{proxy_port}/agents/bench/v1/chat/completions",
+                        committed()
+                        cpu0, up_cpu0 = cpu_seconds(proxy.pid), cpu_seconds(upstream.pid)
+                        proxied = asyncio.run(load(f"{proxy_url}/agents/bench/v1/chat/completions",
                                                    concurrency, total, stream))
-                        cpu_us = (cpu_seconds(proxy.pid) - cpu0) / (total + min(3, total)) * 1e6
-                        rows.append((delay_ms, concurrency, stream, direct, proxied, cpu_us))
+                        committed()
+                        requests = total + min(3, total)
+                        cpu_us = (cpu_seconds(proxy.pid) - cpu0) / requests * 1e6
+                        up_cpu_us = (cpu_seconds(upstream.pid) - up_cpu0) / requests * 1e6
+                        rows.append((delay_ms, concurrency, stream, direct, proxied, cpu_us, up_cpu_us))
                         print_row(rows[-1])
             finally:
                 proxy.terminate()
@@ -121,14 +142,14 @@ def main() -> None:
 
 
 def print_row(row) -> None:
-    delay_ms, concurrency, stream, (d_rps, d_lat), (p_rps, p_lat), cpu_us = row
+    delay_ms, concurrency, stream, (d_rps, d_lat), (p_rps, p_lat), cpu_us, up_cpu_us = row
     if not hasattr(print_row, "header"):
         print_row.header = True
         print(f"{'upstream':>8} {'conc':>4} {'stream':>6} | {'direct rps':>10} {'proxy rps':>10} {'ratio':>6} | "
-              f"{'p50 direct':>10} {'p50 proxy':>10} {'added':>7} | {'p99 direct':>10} {'p99 proxy':>10} | {'proxy CPU/req':>13}")
+              f"{'p50 direct':>10} {'p50 proxy':>10} {'added':>7} | {'p99 direct':>10} {'p99 proxy':>10} | {'proxy CPU/req':>13} {'upstream CPU/req':>16}")
     print(f"{delay_ms:>6}ms {concurrency:>4} {str(stream):>6} | {d_rps:>10.0f} {p_rps:>10.0f} {p_rps / d_rps:>6.2f} | "
           f"{pct(d_lat, 50):>8.2f}ms {pct(p_lat, 50):>8.2f}ms {pct(p_lat, 50) - pct(d_lat, 50):>5.2f}ms | "
-          f"{pct(d_lat, 99):>8.2f}ms {pct(p_lat, 99):>8.2f}ms | {cpu_us:>10.0f} µs", flush=True)
+          f"{pct(d_lat, 99):>8.2f}ms {pct(p_lat, 99):>8.2f}ms | {cpu_us:>10.0f} µs {up_cpu_us:>13.0f} µs", flush=True)
 
 
 if __name__ == "__main__":
