@@ -149,20 +149,18 @@ async def _relay_whole(request: web.Request, call: _Call, upstream: UpstreamResp
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         data = None
-    if not isinstance(data, dict):  # relayed as it came; nothing in it to capture
-        response = web.Response(body=raw, content_type=upstream.content_type, headers=call.ids())
-        await response.prepare(request)
-        await response.write_eof()
-        await call.record(200, "upstream answered 200 with a body that is not a JSON object")
-        return response
-    call.capture.add(data)
-    if not wants.everything:
-        strip_unrequested(data, call.endpoint, wants)
-        raw = orjson.dumps(data)
-    response = web.Response(body=raw, content_type="application/json", headers=call.ids())
+    content_type, error = "application/json", None
+    if isinstance(data, dict):
+        call.capture.add(data)
+        if not wants.everything:
+            strip_unrequested(data, call.endpoint, wants)
+            raw = orjson.dumps(data)
+    else:  # relayed as it came; nothing in it to capture
+        content_type, error = upstream.content_type, "upstream answered 200 with a body that is not a JSON object"
+    response = web.Response(body=raw, content_type=content_type, headers=call.ids())
     await response.prepare(request)
     await response.write_eof()
-    await call.record(200)
+    await call.record(200, error)
     return response
 
 
