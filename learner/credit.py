@@ -71,6 +71,8 @@ def skip_reason(call: pb.Call, config: CreditConfig) -> str | None:
         return "no_logprobs"
     if not call.prompt_token_ids:
         return "no_prompt_ids"
+    if call.choices > 1:  # the outcome followed whichever choice the agent used; only choice 0 is recorded
+        return "several_choices"
     if config.skip_truncated and call.finish_reason == "length":
         return "truncated"
     if len(call.prompt_token_ids) + len(call.completion_token_ids) > config.max_tokens:

@@ -9,10 +9,10 @@ from learner.credit import CreditConfig, agent_filter, assign, call_credits, sca
 from protos import flywheel_pb2 as pb
 
 
-def call(call_id, agent, seq, n_tokens=3, finish="stop", status=200, rewards=(), adapter="base"):
+def call(call_id, agent, seq, n_tokens=3, finish="stop", status=200, rewards=(), adapter="base", choices=1):
     return pb.Call(call_id=call_id, agent=agent, seq=seq, adapter=adapter, prompt_token_ids=[1, 2],
                    completion_token_ids=list(range(10, 10 + n_tokens)), completion_logprobs=[-0.5] * n_tokens,
-                   finish_reason=finish, status=status, temperature=0.7,
+                   finish_reason=finish, status=status, temperature=0.7, choices=choices,
                    rewards=[pb.Reward(reward=r) for r in rewards])
 
 
@@ -52,10 +52,10 @@ def test_dims_combined_with_weights():
 def test_untrainable_calls_are_skipped_with_a_reason():
     no_ids = pb.Call(call_id="n", agent="x", seq=3, status=200, finish_reason="stop")
     ep = episode("e", "t", 1.0, [call("a", "x", 0, finish="length"), call("b", "x", 1, status=502),
-                                 call("c", "x", 2, n_tokens=40), no_ids])
+                                 call("c", "x", 2, n_tokens=40), no_ids, call("d", "x", 4, choices=2)])
     transitions, skipped = assign(ep, CreditConfig(max_tokens=30), agent_filter(".*"))
     assert transitions == []
-    assert skipped == {"truncated": 1, "error_status": 1, "too_long": 1, "no_token_ids": 1}
+    assert skipped == {"truncated": 1, "error_status": 1, "too_long": 1, "no_token_ids": 1, "several_choices": 1}
     kept, _ = assign(ep, CreditConfig(skip_truncated=False, max_tokens=30), agent_filter(".*"))
     assert [t.seq for t in kept] == [0]
 
