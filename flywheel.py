@@ -67,14 +67,10 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from proxy.report import write_report
-    from proxy.sql_cli import DEFAULT_URL, fetch_from_file, fetch_via_proxy
+    from proxy.sql_cli import DEFAULT_URL, fetcher
 
-    if args.db:
-        fetch, source = (lambda query: fetch_from_file(query, args.db)), args.db
-    else:
-        url = args.url or DEFAULT_URL
-        fetch, source = (lambda query: fetch_via_proxy(query, url)), url
-    print(f"report written: {write_report(fetch, Path(args.out), source)}")
+    source = args.db or args.url or DEFAULT_URL
+    print(f"report written: {write_report(fetcher(args.url, args.db), Path(args.out), source)}")
     return 0
 
 

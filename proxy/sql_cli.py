@@ -7,6 +7,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from typing import Callable
 
 from store.db import QueryError, ReadOnlyViolation, Store
 
@@ -74,7 +75,13 @@ def _cell(value) -> str:
     return str(value)
 
 
+def fetcher(url: str | None, db: str | None) -> Callable[[str], dict]:
+    """query -> result, on the file `db` if given, else through the proxy at `url` (default DEFAULT_URL)."""
+    if db:
+        return lambda query: fetch_from_file(query, db)
+    return lambda query: fetch_via_proxy(query, url or DEFAULT_URL)
+
+
 def run_sql(query: str, url: str | None, db: str | None, fmt: str) -> int:
-    result = fetch_from_file(query, db) if db else fetch_via_proxy(query, url or DEFAULT_URL)
-    render(result, fmt)
+    render(fetcher(url, db)(query), fmt)
     return 0
