@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from learner.advantages import Scored  # noqa: E402
-from learner.credit import Transition  # noqa: E402
-from learner.loss import LossConfig  # noqa: E402
-from learner.prepare_model import prepare  # noqa: E402
-from learner.trainer import PolicyTrainer, TrainerConfig  # noqa: E402
+from flywheel.learner.advantages import Scored  # noqa: E402
+from flywheel.learner.credit import Transition  # noqa: E402
+from flywheel.learner.loss import LossConfig  # noqa: E402
+from flywheel.learner.prepare_model import prepare  # noqa: E402
+from flywheel.learner.trainer import PolicyTrainer, TrainerConfig  # noqa: E402
 
 DEFAULT_NPZ = ROOT.parent / "shared" / "bench" / "grpo_batch.npz"
 
@@ -116,9 +116,9 @@ def main() -> None:
         raise SystemExit(f"{args.npz} not found (it lives in the steering repo's shared/bench/)")
     model_dir = str(prepare())
     items = items_from_npz(args.npz)
-    config = TrainerConfig(model=model_dir, lora_rank=16, lora_alpha=32, micro_batch_tokens=args.micro_batch_tokens,
-                           loss=LossConfig(epsilon=0.2, epsilon_high=0.2, loss_type="dapo", beta=0.0, is_cap=0.0))
-    trainer = PolicyTrainer(config)
+    config = TrainerConfig(lora_rank=16, lora_alpha=32, micro_batch_tokens=args.micro_batch_tokens)
+    trainer = PolicyTrainer(model_dir, config,
+                            LossConfig(epsilon=0.2, epsilon_high=0.2, loss_type="dapo", beta=0.0, is_cap=0.0))
     trainer.ensure_adapter("bench")
     n_params = sum(p.numel() for p in trainer.model.parameters())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

@@ -29,9 +29,9 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from learner.prepare_model import prepare  # noqa: E402
-from proxy.supervisor import Child, Supervisor  # noqa: E402
-from proxy.vllm_server import VllmSettings, child as vllm_child  # noqa: E402
+from flywheel.learner.prepare_model import prepare  # noqa: E402
+from flywheel.supervisor import Child, Supervisor  # noqa: E402
+from flywheel.vllm_server import VllmSettings, child as vllm_child  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -28,8 +28,9 @@ from pathlib import Path
 from examples.agents import Workflow
 from examples.arithmetic import task_split
 from examples.run import attempt
-from proxy.report import HELDOUT_BY_VERSION, write_report
-from proxy.sql_cli import fetch_via_proxy, proxy_request, render
+from flywheel.report import HELDOUT_BY_VERSION, write_report
+from flywheel.client import fetch_via_proxy, proxy_request
+from flywheel.sql import render
 
 DEMO_TOML = Path(__file__).with_name("demo.toml")
 

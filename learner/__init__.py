@@ -29,6 +29,24 @@ Run it: `flywheel up` starts it with vLLM and the proxy; alone:
     flywheel learner --model DIR --listen 127.0.0.1:8401 --proxy http://127.0.0.1:8400
     flywheel serve --upstream http://127.0.0.1:8000 --learner 127.0.0.1:8401
 
-Settings: `[learner]` in flywheel.toml (every field documented in `learner/config.py`).
-`flywheel train --wait` asks for an update now; `flywheel status` shows the buffer.
+Settings: `[learner]` in flywheel.toml and its sub-tables `[learner.credit]`,
+`[learner.advantages]`, `[learner.loss]`, `[learner.trainer]` (`learner/config.py` says where
+each field is documented). `flywheel train --wait` asks for an update now; `flywheel status`
+shows the buffer.
+
+What lives where (pure functions first, I/O at the edges):
+
+    credit.py       episode -> one Transition per trained call (pure)
+    advantages.py   transitions -> advantages: GRPO groups, running baselines (pure)
+    loss.py         the GRPO policy loss over tensors (pure)
+    batching.py     transitions -> padded micro-batches
+    trainer.py      PolicyTrainer: peft LoRA adapters, log-probs, the update
+    updates.py      Learner: plans, scheduling, one update per adapter
+    publish.py      Publisher: saved adapters -> the proxy's registry; agents.json
+    buffer.py       the durable episode buffer
+    service.py      the gRPC service and `serve`
+    config.py       LearnerConfig, its sections
+    prepare_model.py  the embedded default model, built offline
+
+Imports: flywheel.protos only (the proxy is reached over HTTP, never imported).
 """

@@ -9,16 +9,21 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
-from learner.credit import Transition
+from flywheel.learner.credit import Transition
 
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    scale: str = "group"  # divide centred rewards by the group's reward std | the batch's reward std | none
-    eps: float = 1e-4  # added to the std, as in TRL
-    baseline_decay: float = 0.9  # singletons: EMA weight of the past in the per-agent baseline
+    """`[learner.advantages]`: how credited rewards become advantages."""
+
+    # divide centred rewards by the group's reward std | the batch's reward std | not at all
+    scale: Literal["group", "batch", "none"] = "group"
+    # added to the std, as in TRL
+    eps: float = 1e-4
+    # singletons: EMA weight of the past in the per-agent baseline
+    baseline_decay: float = 0.9
 
 
 @dataclass
@@ -81,8 +86,6 @@ def compute_advantages(transitions: Sequence[Transition], config: AdvantageConfi
     running baseline, A = (r - b) / (sqrt(var_b) + eps) under scale="group"; the first
     reward an agent shows only starts its baseline. Baselines learn from every reward.
     """
-    if config.scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale must be group, batch or none, not {config.scale!r}")
     groups: dict[tuple[str, str], list[Transition]] = defaultdict(list)
     for i, t in enumerate(transitions):
         groups[(t.agent, t.task_id or f"\0singleton-{i}")].append(t)

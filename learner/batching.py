@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from learner.advantages import Scored
+from flywheel.learner.advantages import Scored
 
 
 @dataclass(frozen=True)

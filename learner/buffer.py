@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 from typing import Iterable
 
-from protos import flywheel_pb2 as pb
+from flywheel.protos import flywheel_pb2 as pb
 
 _LENGTH = struct.Struct("<I")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
-from protos import flywheel_pb2 as pb
+from flywheel.protos import flywheel_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,20 @@ class Transition:
 
 @dataclass(frozen=True)
 class CreditConfig:
-    mode: str = "identical"  # identical | discounted
-    gamma: float = 1.0  # discounted: reward * gamma ** (calls after this one in the episode)
-    call_feedback: str = "add"  # a call's own feedback is added to, or overrides, its credit: add | override
-    dim_weights: Mapping[str, float] | None = None  # reward = sum(weight * dim); key "reward" weighs the scalar
-    skip_truncated: bool = True  # drop completions cut off by max_tokens (their reward is noise: DAPO)
-    max_tokens: int = 4096  # drop transitions whose prompt + completion is longer
+    """`[learner.credit]`: how an episode's outcome becomes each call's reward."""
+
+    # identical: every trained call gets the episode's reward (LightningRL); discounted: gamma per call from the end
+    mode: Literal["identical", "discounted"] = "identical"
+    # discounted: reward * gamma ** (calls after this one in the episode)
+    gamma: float = 1.0
+    # a call's own feedback is added to, or overrides, its credit
+    call_feedback: Literal["add", "override"] = "add"
+    # reward = sum(weight * dims[name]); the name "reward" weighs the scalar (unset: the scalar reward alone)
+    dim_weights: Mapping[str, float] | None = None
+    # drop completions cut off by max_tokens (their reward is noise: DAPO)
+    skip_truncated: bool = True
+    # drop transitions whose prompt + completion is longer
+    max_tokens: int = 4096
 
 
 def agent_filter(pattern: str) -> Callable[[str], bool]:
@@ -103,8 +111,6 @@ def call_credits(episode: pb.Episode, config: CreditConfig) -> dict[str, float]:
 
 def assign(episode: pb.Episode, config: CreditConfig, trains: Callable[[str], bool]) -> tuple[list[Transition], Counter]:
     """Transitions of the trained agents' calls, and a count of the calls skipped, by reason."""
-    if config.mode not in ("identical", "discounted"):
-        raise ValueError(f"credit mode must be identical or discounted, not {config.mode!r}")
     credits = call_credits(episode, config)
     transitions, skipped = [], Counter()
     for call in episode.calls:

@@ -7,17 +7,25 @@ tokens (padded; `mask_BT` marks real ones).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float = 0.28  # upper clip, DAPO's clip-higher (TRL's default equals epsilon)
-    loss_type: str = "dapo"  # dapo | grpo | dr_grpo
-    beta: float = 0.0  # weight of the k3 KL to the reference (base model); 0 skips the reference pass
-    is_cap: float = 2.0  # truncated importance sampling: min(pi_old / pi_behaviour, is_cap); 0 = off
+    """`[learner.loss]`: TRL GRPOTrainer's loss settings."""
+
+    # lower clip: ratio >= 1 - epsilon
+    epsilon: float = 0.2
+    # upper clip, DAPO's clip-higher (TRL's default equals epsilon)
+    epsilon_high: float = 0.28
+    # token-level (dapo), per-sequence mean (grpo) or constant-normalised (dr_grpo) aggregation
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    # weight of the k3 KL to the reference (base model); 0 skips the reference pass
+    beta: float = 0.0
+    # truncated importance sampling: min(pi_old / pi_behaviour, is_cap); 0 = off
+    is_cap: float = 2.0
 
 
 @dataclass(frozen=True)

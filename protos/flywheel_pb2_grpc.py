@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import flywheel_pb2 as protos_dot_flywheel__pb2
+from flywheel.protos import flywheel_pb2 as flywheel_dot_protos_dot_flywheel__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/flywheel_pb2_grpc.py depends on'
+        + ' but the generated code in flywheel/protos/flywheel_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class LearnerStub:
         """
         self.PushEpisodes = channel.stream_unary(
                 '/flywheel.v1.Learner/PushEpisodes',
-                request_serializer=protos_dot_flywheel__pb2.Episode.SerializeToString,
-                response_deserializer=protos_dot_flywheel__pb2.PushAck.FromString,
+                request_serializer=flywheel_dot_protos_dot_flywheel__pb2.Episode.SerializeToString,
+                response_deserializer=flywheel_dot_protos_dot_flywheel__pb2.PushAck.FromString,
                 _registered_method=True)
         self.Train = channel.unary_stream(
                 '/flywheel.v1.Learner/Train',
-                request_serializer=protos_dot_flywheel__pb2.TrainRequest.SerializeToString,
-                response_deserializer=protos_dot_flywheel__pb2.TrainEvent.FromString,
+                request_serializer=flywheel_dot_protos_dot_flywheel__pb2.TrainRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protos_dot_flywheel__pb2.TrainEvent.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/flywheel.v1.Learner/Status',
-                request_serializer=protos_dot_flywheel__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protos_dot_flywheel__pb2.LearnerStatus.FromString,
+                request_serializer=flywheel_dot_protos_dot_flywheel__pb2.StatusRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protos_dot_flywheel__pb2.LearnerStatus.FromString,
                 _registered_method=True)
         self.WatchAdapters = channel.unary_stream(
                 '/flywheel.v1.Learner/WatchAdapters',
-                request_serializer=protos_dot_flywheel__pb2.WatchRequest.SerializeToString,
-                response_deserializer=protos_dot_flywheel__pb2.AdapterPublished.FromString,
+                request_serializer=flywheel_dot_protos_dot_flywheel__pb2.WatchRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protos_dot_flywheel__pb2.AdapterPublished.FromString,
                 _registered_method=True)
 
 
@@ -91,23 +91,23 @@ def add_LearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'PushEpisodes': grpc.stream_unary_rpc_method_handler(
                     servicer.PushEpisodes,
-                    request_deserializer=protos_dot_flywheel__pb2.Episode.FromString,
-                    response_serializer=protos_dot_flywheel__pb2.PushAck.SerializeToString,
+                    request_deserializer=flywheel_dot_protos_dot_flywheel__pb2.Episode.FromString,
+                    response_serializer=flywheel_dot_protos_dot_flywheel__pb2.PushAck.SerializeToString,
             ),
             'Train': grpc.unary_stream_rpc_method_handler(
                     servicer.Train,
-                    request_deserializer=protos_dot_flywheel__pb2.TrainRequest.FromString,
-                    response_serializer=protos_dot_flywheel__pb2.TrainEvent.SerializeToString,
+                    request_deserializer=flywheel_dot_protos_dot_flywheel__pb2.TrainRequest.FromString,
+                    response_serializer=flywheel_dot_protos_dot_flywheel__pb2.TrainEvent.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=protos_dot_flywheel__pb2.StatusRequest.FromString,
-                    response_serializer=protos_dot_flywheel__pb2.LearnerStatus.SerializeToString,
+                    request_deserializer=flywheel_dot_protos_dot_flywheel__pb2.StatusRequest.FromString,
+                    response_serializer=flywheel_dot_protos_dot_flywheel__pb2.LearnerStatus.SerializeToString,
             ),
             'WatchAdapters': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchAdapters,
-                    request_deserializer=protos_dot_flywheel__pb2.WatchRequest.FromString,
-                    response_serializer=protos_dot_flywheel__pb2.AdapterPublished.SerializeToString,
+                    request_deserializer=flywheel_dot_protos_dot_flywheel__pb2.WatchRequest.FromString,
+                    response_serializer=flywheel_dot_protos_dot_flywheel__pb2.AdapterPublished.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,8 +135,8 @@ class Learner:
             request_iterator,
             target,
             '/flywheel.v1.Learner/PushEpisodes',
-            protos_dot_flywheel__pb2.Episode.SerializeToString,
-            protos_dot_flywheel__pb2.PushAck.FromString,
+            flywheel_dot_protos_dot_flywheel__pb2.Episode.SerializeToString,
+            flywheel_dot_protos_dot_flywheel__pb2.PushAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -162,8 +162,8 @@ class Learner:
             request,
             target,
             '/flywheel.v1.Learner/Train',
-            protos_dot_flywheel__pb2.TrainRequest.SerializeToString,
-            protos_dot_flywheel__pb2.TrainEvent.FromString,
+            flywheel_dot_protos_dot_flywheel__pb2.TrainRequest.SerializeToString,
+            flywheel_dot_protos_dot_flywheel__pb2.TrainEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -189,8 +189,8 @@ class Learner:
             request,
             target,
             '/flywheel.v1.Learner/Status',
-            protos_dot_flywheel__pb2.StatusRequest.SerializeToString,
-            protos_dot_flywheel__pb2.LearnerStatus.FromString,
+            flywheel_dot_protos_dot_flywheel__pb2.StatusRequest.SerializeToString,
+            flywheel_dot_protos_dot_flywheel__pb2.LearnerStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -216,8 +216,8 @@ class Learner:
             request,
             target,
             '/flywheel.v1.Learner/WatchAdapters',
-            protos_dot_flywheel__pb2.WatchRequest.SerializeToString,
-            protos_dot_flywheel__pb2.AdapterPublished.FromString,
+            flywheel_dot_protos_dot_flywheel__pb2.WatchRequest.SerializeToString,
+            flywheel_dot_protos_dot_flywheel__pb2.AdapterPublished.FromString,
             options,
             channel_credentials,
             insecure,

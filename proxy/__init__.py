@@ -1,0 +1,16 @@
+"""The proxy: an aiohttp OpenAI-compatible server in front of vLLM. The server only.
+
+    app.py          the application: routes, one cleanup context per resource, `run`
+    state.py        ProxyState: what handlers share, complete when the app serves
+    config.py       [proxy] settings, each field documented
+    routes/         one module per group of routes: completions, episodes, sql, adapters, learner
+    attribution.py  which agent, episode and task a call belongs to
+    capture.py      what is asked of the upstream, recorded, and handed back (pure)
+    upstream.py     the hot-path HTTP/1.1 client to the upstream
+    admin.py        the upstream's other calls (adapter loading, /v1/models)
+    registry.py     which adapter version serves each agent; hot-swapping in vLLM
+    feed.py         finished episodes to the learner over gRPC
+    errors.py       OpenAI-shaped errors
+
+Imports: flywheel.store and flywheel.protos only (never the learner, never the command line).
+"""

@@ -1,26 +1,42 @@
-"""The proxy's aiohttp application: routes, start-up and clean shutdown."""
+"""The proxy's aiohttp application: routes, one cleanup context per resource, and `run`.
+
+Resources open in order (store writer, upstream pool, admin client, adapter registry,
+learner feed), each under its own AppKey, and close in reverse; one that fails to open
+closes the ones already open. `ProxyState` is assembled last, complete.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+from typing import AsyncIterator
 
-import aiohttp
+import grpc
 from aiohttp import web
 
-from proxy import adapters, episodes, learner_routes
-from proxy.capture import CHAT, COMPLETIONS
-from proxy.config import ProxyConfig
-from proxy.errors import error_middleware
-from proxy.feed import Feed
-from proxy.forward import completion_handler, models_handler
-from proxy.state import STATE, ProxyState, upstream_base
-from proxy.upstream import UpstreamPool
-from store.db import Store
-from store.writer import BatchWriter
+from flywheel.proxy.admin import UpstreamAdmin, upstream_base
+from flywheel.proxy.capture import CHAT, COMPLETIONS
+from flywheel.proxy.config import ProxyConfig
+from flywheel.proxy.errors import error_middleware
+from flywheel.proxy.feed import Feed
+from flywheel.proxy.registry import Registry
+from flywheel.proxy.routes import adapters, episodes, learner, sql
+from flywheel.proxy.routes.completions import completion_handler, models_handler
+from flywheel.proxy.state import STATE, ProxyState
+from flywheel.proxy.upstream import UpstreamPool
+from flywheel.store.db import Store
+from flywheel.store.writer import BatchWriter
 
 log = logging.getLogger("flywheel.proxy")
+
+CONFIG = web.AppKey("flywheel_config", ProxyConfig)
+WRITER = web.AppKey("flywheel_writer", BatchWriter)
+UPSTREAM = web.AppKey("flywheel_upstream", UpstreamPool)
+ADMIN = web.AppKey("flywheel_admin", UpstreamAdmin)
+REGISTRY = web.AppKey("flywheel_registry", Registry)
+FEED = web.AppKey("flywheel_feed", Feed)
 
 # Attribution by base_url: every OpenAI route is also served under these prefixes.
 _PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
@@ -28,6 +44,7 @@ _PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
 
 def build_app(config: ProxyConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
     for prefix in _PREFIXES:
         app.router.add_post(f"{prefix}/v1/chat/completions", completion_handler(CHAT))
         app.router.add_post(f"{prefix}/v1/completions", completion_handler(COMPLETIONS))
@@ -36,46 +53,77 @@ def build_app(config: ProxyConfig) -> web.Application:
     app.router.add_get("/v1/episodes/{episode}", episodes.get_episode)
     app.router.add_post("/v1/episodes/{episode}/feedback", episodes.post_feedback)
     app.router.add_post("/v1/episodes/{episode}/close", episodes.close_episode)
-    app.router.add_post("/v1/sql", episodes.run_sql)
+    app.router.add_post("/v1/sql", sql.run_sql)
     app.router.add_get("/v1/adapters", adapters.list_adapters)
     app.router.add_post("/v1/adapters", adapters.register_adapter)
     app.router.add_post("/v1/adapters/{agent}/rollback", adapters.rollback_adapter)
-    app.router.add_post("/v1/learner/train", learner_routes.train)
-    app.router.add_get("/v1/learner/status", learner_routes.status)
+    app.router.add_post("/v1/learner/train", learner.train)
+    app.router.add_get("/v1/learner/status", learner.status)
     app.router.add_get("/healthz", _health)
-    app.cleanup_ctx.append(_lifecycle(config))
+    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _feed, _state])
     return app
 
 
-def _lifecycle(config: ProxyConfig):
-    async def lifecycle(app: web.Application):
-        writer = BatchWriter(Store(config.db), config.queue_size, config.batch_max, config.batch_linger_ms / 1000)
-        writer.start()
-        session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=config.upstream_timeout_s, sock_connect=10),
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        )
-        state = app[STATE] = ProxyState(config=config, writer=writer, session=session,
-                                        upstream=UpstreamPool(upstream_base(config.upstream)))
-        state.registry = adapters.Registry(state, config.base_model or None, config.max_lora_rank)
-        restoring = asyncio.get_running_loop().create_task(
-            state.registry.restore(await writer.read(writer.store.adapter_rows)))
-        feeding = None
-        if config.learner:
-            state.feed = Feed(state, config.learner, config.push_after_s, config.push_batch, config.push_interval_s)
-            feeding = asyncio.get_running_loop().create_task(state.feed.run())
-        log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
-        yield
-        restoring.cancel()
-        if feeding is not None:
-            feeding.cancel()
-            await state.feed.close()
-        await session.close()
-        await state.upstream.close()
-        await writer.close()  # writes everything still queued
-        log.info("proxy stopped; store flushed")
+async def _writer(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    writer = BatchWriter(Store(config.db), config.queue_size, config.batch_max, config.batch_linger_ms / 1000)
+    writer.start()
+    app[WRITER] = writer
+    yield
+    await writer.close()  # writes everything still queued
+    log.info("proxy stopped; store flushed")
 
-    return lifecycle
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    app[UPSTREAM] = pool = UpstreamPool(upstream_base(app[CONFIG].upstream))
+    yield
+    await pool.close()
+
+
+async def _admin(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    app[ADMIN] = admin = UpstreamAdmin(config.upstream, config.upstream_timeout_s)
+    yield
+    await admin.close()
+
+
+async def _registry(app: web.Application) -> AsyncIterator[None]:
+    """The adapter registry, restored from the store and reloaded into vLLM in the background."""
+    config, writer = app[CONFIG], app[WRITER]
+    registry = Registry(writer, app[ADMIN], config.base_model or None, config.max_lora_rank)
+    app[REGISTRY] = registry
+    restoring = asyncio.get_running_loop().create_task(registry.restore(await writer.read(writer.store.adapter_rows)))
+    yield
+    await _cancel(restoring)
+
+
+async def _feed(app: web.Application) -> AsyncIterator[None]:
+    """The learner feed, when a learner is configured."""
+    config = app[CONFIG]
+    if not config.learner:
+        yield
+        return
+    channel = grpc.aio.insecure_channel(config.learner)
+    feed = Feed(app[WRITER], channel, config.learner, config.push_after_s, config.push_batch, config.push_interval_s)
+    app[FEED] = feed
+    feeding = asyncio.get_running_loop().create_task(feed.run())
+    yield
+    await _cancel(feeding)
+    await channel.close()
+
+
+async def _state(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM], admin=app[ADMIN],
+                            registry=app[REGISTRY], feed=app.get(FEED))
+    log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
+    yield
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -85,7 +133,7 @@ async def _health(request: web.Request) -> web.Response:
 
 def run(config: ProxyConfig) -> None:
     app = build_app(config)
-    app.on_startup.append(_tune_gc)  # after the lifecycle's start-up: its objects are long-lived too
+    app.on_startup.append(_tune_gc)  # after the resources open: their objects are long-lived too
     web.run_app(app, host=config.host, port=config.port, print=None,
                 access_log=None, shutdown_timeout=30, loop=_fast_loop())
 

@@ -1,40 +1,32 @@
-"""What the proxy's handlers share: settings, store writer, upstream clients, adapter registry."""
+"""What the proxy's handlers share, complete from the moment the app serves.
+
+Each resource is opened by its own `cleanup_ctx` in `app.py` (and closed by it, in reverse
+order), then `ProxyState` is assembled from them, every field given: handlers read
+`request.app[STATE]` and never see a half-built state.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
-from proxy.config import ProxyConfig
-from proxy.upstream import UpstreamPool
-from store.writer import BatchWriter
+from flywheel.proxy.admin import UpstreamAdmin
+from flywheel.proxy.config import ProxyConfig
+from flywheel.proxy.feed import Feed
+from flywheel.proxy.registry import Registry
+from flywheel.proxy.upstream import UpstreamPool
+from flywheel.store.writer import BatchWriter
 
-if TYPE_CHECKING:
-    from proxy.adapters import Registry
-    from proxy.feed import Feed
 
-
-@dataclass
+@dataclass(frozen=True)
 class ProxyState:
     config: ProxyConfig
-    writer: BatchWriter
-    session: aiohttp.ClientSession  # admin calls: adapter loading, /v1/models
-    upstream: UpstreamPool  # the LLM calls
-    registry: "Registry | None" = None  # set right after construction: it needs the state too
-    feed: "Feed | None" = None  # set when a learner is configured
-
-    def upstream_url(self, route: str) -> str:
-        """`route` is the part after /v1/, e.g. "chat/completions"."""
-        return f"{upstream_base(self.config.upstream)}/{route}"
-
-
-def upstream_base(upstream: str) -> str:
-    """The upstream's /v1 URL, whether or not the setting ends in /v1."""
-    base = upstream.rstrip("/")
-    return base if base.endswith("/v1") else base + "/v1"
+    writer: BatchWriter  # the store: every write goes through its queue, reads through its threads
+    upstream: UpstreamPool  # the LLM calls (the hot path)
+    admin: UpstreamAdmin  # everything else sent upstream: adapter loading, /v1/models
+    registry: Registry  # which adapter version serves each agent
+    feed: Feed | None  # episodes to the learner; None when no learner is configured
 
 
 STATE = web.AppKey("flywheel_state", ProxyState)

@@ -53,7 +53,7 @@ class UpstreamResponse:
                 block = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
                 self._chunks.clear()
                 self._buffered = 0
-                self._connection.consumed(0)
+                self._connection.resume()
                 yield block
                 continue
             if self._error is not None:
@@ -136,8 +136,9 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     # -- used by the pool and the response --
-    def consumed(self, buffered: int) -> None:
-        if buffered <= _HIGH_WATER // 2 and not self.closed:
+    def resume(self) -> None:
+        """The response's buffer was drained: read from the socket again."""
+        if not self.closed:
             self.transport.resume_reading()
 
     async def send(self, head: bytes, body: bytes) -> UpstreamResponse:

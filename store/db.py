@@ -9,20 +9,15 @@ so no query can read or write files beside the store.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
-from datetime import date, datetime
-from decimal import Decimal
 from typing import Any, Sequence
 
 import duckdb
 import pyarrow as pa
 
-from store.records import (
+from flywheel.store.records import (
     AdapterRow,
     CallRecord,
     EpisodeClose,
@@ -35,14 +30,10 @@ from store.records import (
     UnknownCall,
     UnknownEpisode,
 )
-from store.schema import ADAPTERS, CALLS, EPISODES, IS_EVAL_EPISODE, META, SCHEMA_VERSION, TABLES, TRAIN_RUNS, Table
+from flywheel.store.sandbox import read, read_only_query, read_raw
+from flywheel.store.schema import ADAPTERS, CALLS, EPISODES, IS_EVAL_EPISODE, META, SCHEMA_VERSION, TABLES, TRAIN_RUNS, Table
 
 log = logging.getLogger("flywheel.store")
-
-# Statement types a read-only query may have; everything else (INSERT, SET, COPY,
-# ATTACH, LOAD, PRAGMA, CALL, EXPORT, ...) is refused before it runs.
-_READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-
 
 _CALL_FIELDS = [f.name for f in fields(CallRecord) if f.name in CALLS.column_names]
 _EPISODE_CACHE = 100_000  # episodes whose next seq the writer remembers (LRU)
@@ -52,14 +43,6 @@ _EPISODE_CACHE = 100_000  # episodes whose next seq the writer remembers (LRU)
 class _EpisodeState:
     next_seq: int
     has_task: bool
-
-
-class ReadOnlyViolation(ValueError):
-    pass
-
-
-class QueryError(ValueError):
-    pass
 
 
 def connect(path: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -247,61 +230,14 @@ class Store:
         )
         return None
 
-    # ---- reads (any thread, own cursor) -------------------------------------
+    # ---- reads (any thread, own cursor: store/sandbox.py) -------------------
 
     def query(self, sql: str, max_rows: int, timeout_s: float) -> dict[str, Any]:
-        """Run one read-only statement; returns {columns, types, rows, truncated}.
-
-        Refuses anything but SELECT/EXPLAIN, and runs it in a transaction that is
-        rolled back, so even a function with side effects leaves nothing behind.
-        """
-        try:
-            statements = duckdb.extract_statements(sql)
-        except duckdb.Error as bad:
-            raise QueryError(str(bad)) from None
-        if len(statements) != 1:
-            raise ReadOnlyViolation(f"expected exactly one statement, got {len(statements)}")
-        if statements[0].type not in _READ_ONLY_TYPES:
-            raise ReadOnlyViolation(
-                f"only read-only queries (SELECT) are allowed, not {statements[0].type.name}"
-            )
-        return self._read(lambda cur: cur.execute(sql), max_rows, timeout_s)
-
-    def _read(self, run, max_rows: int, timeout_s: float) -> dict[str, Any]:
-        """Rows as JSON-ready values: {columns, types, rows, truncated}."""
-        columns, types, rows, truncated = self._read_raw(run, max_rows, timeout_s)
-        return {
-            "columns": columns,
-            "types": types,
-            "rows": [[_jsonable(v, t) for v, t in zip(row, types)] for row in rows],
-            "truncated": truncated,
-        }
-
-    def _read_raw(self, run, max_rows: int, timeout_s: float) -> tuple[list[str], list[str], list[tuple], bool]:
-        """Run `run(cursor)` in a rolled-back transaction on its own cursor, interrupted after timeout_s."""
-        cur = self.con.cursor()
-        timer = threading.Timer(timeout_s, cur.interrupt)
-        timer.start()
-        try:
-            cur.begin()
-            result = run(cur)
-            rows = result.fetchmany(max_rows + 1)
-            description = result.description or []
-        except duckdb.InterruptException:
-            raise QueryError(f"query exceeded the {timeout_s:g} s time limit") from None
-        except duckdb.Error as bad:
-            raise QueryError(str(bad)) from None
-        finally:
-            timer.cancel()
-            try:
-                cur.rollback()
-            except duckdb.Error:
-                pass
-            cur.close()
-        return [d[0] for d in description], [str(d[1]) for d in description], rows[:max_rows], len(rows) > max_rows
+        """One read-only statement (`sandbox.read_only_query`): {columns, types, rows, truncated}."""
+        return read_only_query(self.con, sql, max_rows, timeout_s)
 
     def _dicts(self, sql: str, params: list, timeout_s: float = 60) -> list[dict[str, Any]]:
-        columns, _, rows, _ = self._read_raw(lambda cur: cur.execute(sql, params), 10_000_000, timeout_s)
+        columns, _, rows, _ = read_raw(self.con, lambda cur: cur.execute(sql, params), 10_000_000, timeout_s)
         return [dict(zip(columns, row)) for row in rows]
 
     def episodes_to_push(self, limit: int, quiet_s: float) -> list[dict[str, Any]]:
@@ -336,7 +272,7 @@ class Store:
         """The episode row with its calls (in seq order) and feedback."""
 
         def rows(sql: str) -> list[dict[str, Any]]:
-            out = self._read(lambda cur: cur.execute(sql, [episode_id]), 100_000, timeout_s)
+            out = read(self.con, lambda cur: cur.execute(sql, [episode_id]), 100_000, timeout_s)
             return [dict(zip(out["columns"], row)) for row in out["rows"]]
 
         found = rows("SELECT * FROM episodes WHERE episode_id = ?")
@@ -347,28 +283,6 @@ class Store:
             "calls": rows("SELECT * FROM calls WHERE episode_id = ? ORDER BY seq"),
             "feedback": rows("SELECT * FROM feedback WHERE episode_id = ? ORDER BY created_at"),
         }
-
-
-def _jsonable(value: Any, sql_type: str) -> Any:
-    if value is None:
-        return None
-    if sql_type == "JSON":
-        return json.loads(value)
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, "") for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v, "") for k, v in value.items()}
-    if isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> None:

@@ -5,8 +5,8 @@ schema the batch writer inserts with, the in-place upgrade (tables and columns t
 newer Flywheel adds are created on open) and the mapping to the protobuf messages the
 proxy sends the learner (columns marked `proto` travel in the same-named field;
 TIMESTAMPTZ as unix seconds). `SCHEMA_VERSION` is bumped with
-every change to the spec; `tests/test_schema.py` fails if the spec and a freshly
-created database drift apart.
+every change to the spec. Drift fails a test: `tests/test_store.py` compares the spec with a
+freshly created database, `tests/test_protos.py` with the protobuf messages.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from store.db import Store
-from store.records import StoreOp
+from flywheel.store.db import Store
+from flywheel.store.records import StoreOp
 
 log = logging.getLogger("flywheel.store")
 
@@ -34,7 +34,6 @@ class BatchWriter:
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="flywheel-writer")
         self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="flywheel-reader")
         self._drainer: asyncio.Task | None = None
-        self.batches_written = 0
 
     def start(self) -> None:
         self._drainer = asyncio.get_running_loop().create_task(self._drain(), name="store-writer")
@@ -97,7 +96,6 @@ class BatchWriter:
             except Exception as failure:  # apply reports per-op errors; this is a crash
                 log.exception("store writer failed")
                 results = [failure] * len(ops)
-            self.batches_written += 1
             op_results = iter(results)
             for op, done in batch:
                 result = None if op is _FLUSH else next(op_results)

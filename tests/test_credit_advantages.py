@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from learner.advantages import AdvantageConfig, Baseline, compute_advantages, group_advantages, std
-from learner.credit import CreditConfig, agent_filter, assign, call_credits, scalar_reward
-from protos import flywheel_pb2 as pb
+from flywheel.learner.advantages import AdvantageConfig, Baseline, compute_advantages, group_advantages, std
+from flywheel.learner.credit import CreditConfig, agent_filter, assign, call_credits, scalar_reward
+from flywheel.protos import flywheel_pb2 as pb
 
 
 def call(call_id, agent, seq, n_tokens=3, finish="stop", status=200, rewards=(), adapter="base", choices=1):
@@ -99,13 +99,14 @@ def test_singletons_use_the_agents_running_baseline():
 
 
 def test_staleness_drops_calls_served_by_versions_too_far_behind(tmp_path):
-    from learner.config import LearnerConfig
-    from learner.service import Learner, served_version
+    from flywheel.learner.config import LearnerConfig
+    from flywheel.learner.publish import Published
+    from flywheel.learner.updates import Learner, served_version
 
     assert served_version("x-v3", "x") == 3 and served_version("smollm2", "x") == 0
     assert served_version("other-v9", "x") == 0  # another agent's adapter is not this agent's version
     learner = Learner(LearnerConfig(state_dir=str(tmp_path), max_staleness=4), model_dir="unused")
-    learner.published = {"x": {"version": 5}}
+    learner.publisher.latest = {"x": Published(5, "x-v5", "/adapters/x-5")}
     calls = [call(f"c{i}", "x", 0, adapter=adapter) for i, adapter in enumerate(["x-v1", "x-v2", "x-v5", "base"])]
     learner.buffer.add([episode(f"e{i}", "t", float(i % 2), [c]) for i, c in enumerate(calls)])
     by_adapter, skipped = learner._transitions(learner.buffer.pending.values())

@@ -101,8 +101,8 @@ async def test_unknown_episode_or_call_is_404(proxy):
 
 
 def test_reward_must_be_finite_even_if_python_parses_it():
-    from proxy.episodes import _finite_number
-    from proxy.errors import ApiError
+    from flywheel.proxy.routes.episodes import _finite_number
+    from flywheel.proxy.errors import ApiError
 
     with pytest.raises(ApiError):
         _finite_number(math.inf, "reward")

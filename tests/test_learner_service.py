@@ -1,7 +1,6 @@
 """Proxy -> gRPC -> learner -> proxy, on the fake vLLM and a tiny model: feed, update, publish, restart."""
 
 import asyncio
-import dataclasses
 import json
 
 import aiohttp
@@ -12,13 +11,18 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from learner.config import LearnerConfig
-from learner.service import update_due
-from protos import flywheel_pb2 as pb
-from protos import flywheel_pb2_grpc as pb_grpc
+from flywheel.learner.config import LearnerConfig
+from flywheel.learner.credit import CreditConfig
+from flywheel.learner.trainer import TrainerConfig
+from flywheel.learner.updates import update_due
+from flywheel.protos import flywheel_pb2 as pb
+from flywheel.protos import flywheel_pb2_grpc as pb_grpc
 from tests.conftest import free_port, wait_buffered
 from tests.fake_upstream import LORAS
 from tests.test_feedback import api
+
+
+TINY_TRAINER = TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
     address = f"127.0.0.1:{free_port()}"
     proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=0.05)
     config = LearnerConfig(model=tiny_model, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"),
-                           min_groups=1000, lora_rank=4, lora_alpha=8, dtype="float32", skip_truncated=False)
+                           min_groups=1000, trainer=TINY_TRAINER, credit=CreditConfig(skip_truncated=False))
 
     # the learner is down: the proxy keeps serving and nothing is lost
     await run_episodes(proxy, {"t1": [1.0, 0.0, 1.0, 0.0]})
@@ -89,7 +93,7 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
     # a restarted learner keeps what it published and ignores what it already had
     await server.stop()
     server = await start_learner(config, tiny_model)
-    assert server.learner.published["solver"]["served_name"] == "solver-v1"
+    assert server.learner.publisher.latest["solver"].served_name == "solver-v1"
     assert server.learner.buffer.pending == {}
     assert server.learner.buffer.add([_episode("t1-0")]) == (0, 1)  # a duplicate by episode id
     await run_episodes(proxy, {"t3": [1.0, 0.0]})
@@ -115,11 +119,10 @@ async def test_train_pushes_everything_ready_and_never_eval_episodes(start_proxy
     """The feed's own loop is idle here (a one-hour interval): the update sees every closed train
     episode, across several push batches, and no episode marked eval."""
     address = f"127.0.0.1:{free_port()}"
-    server = await start_learner(LearnerConfig(
-        model=tiny_model, listen=address, state_dir=str(tmp_path / "state"), min_groups=0, lora_rank=4,
-        lora_alpha=8, dtype="float32", skip_truncated=False), tiny_model)
     proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=3600, push_batch=2)
-    server.learner.config = dataclasses.replace(server.learner.config, proxy=proxy.url)
+    server = await start_learner(LearnerConfig(
+        model=tiny_model, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"), min_groups=0,
+        trainer=TINY_TRAINER, credit=CreditConfig(skip_truncated=False)), tiny_model)
     await run_episodes(proxy, {"t1": [1.0, 0.0, 1.0, 0.0, 1.0]})
     for i, reward in enumerate([1.0, 0.0]):
         _, created = await api(proxy, "POST", "/v1/episodes", {"task": "t1", "metadata": {"eval": True}})

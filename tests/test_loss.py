@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from learner.loss import LossConfig, Normalizer, aggregate, k3_kl, per_token_loss, truncated_is_weight
+from flywheel.learner.loss import LossConfig, Normalizer, aggregate, k3_kl, per_token_loss, truncated_is_weight
 
 
 def test_clipping_takes_the_pessimistic_term():

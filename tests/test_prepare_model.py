@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.prepare_model import MANIFEST, is_complete, prepare
+from flywheel.learner.prepare_model import MANIFEST, is_complete, prepare
 
 pytestmark = pytest.mark.vllm  # needs the prepared model, like the vLLM tests
 

@@ -7,10 +7,10 @@ import openai
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from protos import flywheel_pb2 as pb
-from protos.generate import HERE, generate
-from proxy.feed import episode_proto
-from store.schema import TABLES
+from flywheel.protos import flywheel_pb2 as pb
+from flywheel.protos.generate import HERE, generate
+from flywheel.store.proto_map import episode_proto
+from flywheel.store.schema import TABLES
 
 MESSAGES = [{"role": "user", "content": "count to four"}]
 
@@ -31,7 +31,7 @@ def test_generated_code_is_current(tmp_path):
     out.mkdir()
     generate(out)
     for name in ("flywheel_pb2.py", "flywheel_pb2_grpc.py"):
-        assert filecmp.cmp(out / name, HERE / name, shallow=False), f"{name} is stale: run python -m protos.generate"
+        assert filecmp.cmp(out / name, HERE / name, shallow=False), f"{name} is stale: run python -m flywheel.protos.generate"
 
 
 @pytest.mark.parametrize("table", [t for t in TABLES if t.proto_message], ids=lambda t: t.name)

@@ -197,3 +197,20 @@ async def test_bad_requests_get_openai_shaped_errors_and_write_nothing(start_pro
 async def test_models_are_forwarded(proxy):
     models = await sdk(proxy, "/agents/x/v1").models.list()
     assert [m.id for m in models.data] == ["fake-model"]
+
+
+async def test_a_resource_that_fails_to_open_closes_the_ones_already_open(db_path):
+    """The upstream pool refuses a non-http URL after the store writer has started: the writer
+    is closed again (its threads gone, the file released) and the error reaches the caller."""
+    import threading
+
+    from flywheel.proxy.app import build_app
+    from flywheel.proxy.config import ProxyConfig
+    from flywheel.store.db import Store
+
+    server = Running(build_app(ProxyConfig(upstream="ftp://127.0.0.1:1", db=db_path, port=0)))
+    with pytest.raises(ValueError, match="http"):
+        await server.start()
+    await server.runner.cleanup()
+    assert not [t for t in threading.enumerate() if t.name.startswith("flywheel-")]
+    Store(db_path, read_only=True).close()  # the writer's connection is closed: the file opens read-only

@@ -1,6 +1,6 @@
 """`flywheel report`: held-out reward per serving version, updates and agents, from the store alone."""
 
-import flywheel
+from flywheel.commands import main
 from tests.conftest import read_db
 from tests.test_adapters import adapter_dir
 from tests.test_feedback import api
@@ -29,7 +29,7 @@ async def test_report_from_the_store_file(start_proxy, db_path, tmp_path, capsys
     await proxy.stop()
 
     out = tmp_path / "report"
-    assert flywheel.main(["report", "--db", db_path, "--out", str(out)]) == 0
+    assert main(["report", "--db", db_path, "--out", str(out)]) == 0
     assert str(out / "report.md") in capsys.readouterr().out
     text = (out / "report.md").read_text()
     # 95% interval of the mean: 1.96 * sd / sqrt(n); sd of (1, 0, 0, 0) is 0.5

@@ -8,10 +8,10 @@ import duckdb
 import openai
 import pytest
 
-from store import db as store_db
-from store.db import Store
-from store.records import CallRecord
-from store.schema import CALLS, SCHEMA_VERSION, TABLES
+from flywheel.store import db as store_db
+from flywheel.store.db import Store
+from flywheel.store.records import CallRecord
+from flywheel.store.schema import CALLS, SCHEMA_VERSION, TABLES
 from tests.conftest import read_db
 
 
@@ -100,7 +100,7 @@ async def test_shutdown_writes_everything_queued(start_proxy, db_path, monkeypat
 def test_one_bad_record_does_not_take_its_batch_down(db_path):
     from datetime import datetime, timezone
 
-    from store.records import EpisodeOpen
+    from flywheel.store.records import EpisodeOpen
 
     store = Store(db_path)
     now = datetime.now(timezone.utc)

@@ -5,7 +5,7 @@ import asyncio
 import openai
 import pytest
 
-from proxy.upstream import UpstreamError, UpstreamPool
+from flywheel.proxy.upstream import UpstreamError, UpstreamPool
 
 
 class RawServer:

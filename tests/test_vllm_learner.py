@@ -8,11 +8,11 @@ import aiohttp
 import openai
 import pytest
 
-from learner.advantages import Scored
-from learner.config import LearnerConfig
-from learner.credit import CreditConfig, agent_filter, assign
-from learner.trainer import PolicyTrainer, TrainerConfig
-from proxy.feed import episode_proto
+from flywheel.learner.advantages import Scored
+from flywheel.learner.config import LearnerConfig
+from flywheel.learner.credit import CreditConfig, agent_filter, assign
+from flywheel.learner.trainer import PolicyTrainer, TrainerConfig
+from flywheel.store.proto_map import episode_proto
 from tests.conftest import free_port, wait_buffered
 from tests.test_feedback import api
 
@@ -41,7 +41,7 @@ async def test_learner_logprobs_match_vllm(real_proxy, smollm2):
     transitions = [t for e in episodes
                    for t in assign(episode_proto(e), CreditConfig(skip_truncated=False), agent_filter(".*"))[0]]
     assert len(transitions) == 8
-    trainer = PolicyTrainer(TrainerConfig(model=smollm2))
+    trainer = PolicyTrainer(smollm2)
     trainer.ensure_adapter("solver")  # a fresh LoRA is the identity: the learner's policy is the served base
 
     def gaps(items):
@@ -63,7 +63,7 @@ async def test_loop_episodes_update_hot_swap_and_learner_restart(start_proxy, st
     proxy = await start_proxy(upstream=vllm.url, base_model="smollm2", learner=address, push_after_s=0.0,
                               push_interval_s=0.05)
     config = LearnerConfig(model=smollm2, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "learner"),
-                           min_groups=1000, skip_truncated=False, lr=1e-4)
+                           min_groups=1000, credit=CreditConfig(skip_truncated=False), trainer=TrainerConfig(lr=1e-4))
     server = await start_learner(config, smollm2)
 
     async def episodes(prefix, count):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from proxy import vllm_lora_ops as ours
+from flywheel.vllm_plugin import lora_ops as ours
 
 reference = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 

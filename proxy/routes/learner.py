@@ -8,12 +8,12 @@ import grpc
 from aiohttp import web
 from google.protobuf.json_format import MessageToDict
 
-from protos import flywheel_pb2 as pb
-from proxy.errors import ApiError, read_json_object
-from proxy.state import STATE
+from flywheel.proxy.errors import ApiError, read_json_object
+from flywheel.proxy.feed import Feed
+from flywheel.proxy.state import STATE
 
 
-def _feed(request: web.Request):
+def _feed(request: web.Request) -> Feed:
     feed = request.app[STATE].feed
     if feed is None:
         raise ApiError(409, "no learner configured: start the proxy with learner = \"host:port\"", "no_learner")
@@ -30,12 +30,10 @@ async def train(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request) if request.can_read_body else {}
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     try:
-        await feed.state.writer.flush()  # everything accepted so far is visible...
-        while await feed.push_once() == feed.batch:  # ...and everything ready goes into this update
-            pass
-        call = feed.stub.Train(pb.TrainRequest(wait=bool(body.get("wait"))))
+        await feed.push_ready()  # everything ready goes into this update
+        events = feed.train(wait=bool(body.get("wait")))
         await response.prepare(request)
-        async for event in call:
+        async for event in events:
             await response.write(json.dumps(_as_dict(event)).encode() + b"\n")
     except grpc.aio.AioRpcError as failure:
         if not response.prepared:
@@ -49,7 +47,7 @@ async def status(request: web.Request) -> web.Response:
     feed = _feed(request)
     out = {"learner": feed.target, "pushed_episodes": feed.pushed, "feed_error": feed.last_error}
     try:
-        out.update(_as_dict(await feed.stub.Status(pb.StatusRequest(), timeout=10)))
+        out.update(_as_dict(await feed.status()))
     except grpc.aio.AioRpcError as failure:
         out["learner_error"] = f"{failure.code().name}: {failure.details()}"
     return web.json_response(out)

@@ -19,13 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import aiohttp
-from aiohttp import web
-
-from proxy.errors import ApiError, read_json_object
-from proxy.state import STATE
-from proxy.attribution import new_id
-from store.records import AdapterRow, TrainRun
+from flywheel.proxy.admin import UpstreamAdmin
+from flywheel.proxy.errors import ApiError
+from flywheel.store.records import AdapterRow
+from flywheel.store.writer import BatchWriter
 
 log = logging.getLogger("flywheel.adapters")
 
@@ -68,8 +65,9 @@ def validate_adapter_dir(path: str, max_rank: int) -> Path:
 
 
 class Registry:
-    def __init__(self, state, default_base_model: str | None, max_lora_rank: int):
-        self._state = state
+    def __init__(self, writer: BatchWriter, vllm: UpstreamAdmin, default_base_model: str | None, max_lora_rank: int):
+        self._writer = writer
+        self._vllm = vllm
         self.default_base_model = default_base_model
         self.max_lora_rank = max_lora_rank
         self.versions: dict[str, list[Version]] = {}  # agent -> versions, oldest first
@@ -170,7 +168,7 @@ class Registry:
         return {"agents": {
             agent: {
                 "current": self.active[agent].served_name if agent in self.active else None,
-                "history": [{**_row_json(v.row), "in_flight": v.in_flight, "loaded": v.loaded} for v in versions],
+                "history": [{**row_json(v.row), "in_flight": v.in_flight, "loaded": v.loaded} for v in versions],
             }
             for agent, versions in sorted(self.versions.items())
         }}
@@ -180,7 +178,7 @@ class Registry:
         await self._persist(version)
 
     async def _persist(self, version: Version) -> None:
-        await self._state.writer.submit(version.row)
+        await self._writer.submit(version.row)
 
     def _unload_idle(self, agent: str) -> None:
         for version in self.versions[agent]:
@@ -188,8 +186,8 @@ class Registry:
                 asyncio.get_running_loop().create_task(self._unload(version))
 
     async def _load(self, version: Version) -> None:
-        status, text = await self._vllm("load_lora_adapter",
-                                        {"lora_name": version.served_name, "lora_path": version.row.path})
+        status, text = await self._vllm.post("load_lora_adapter",
+                                             {"lora_name": version.served_name, "lora_path": version.row.path})
         if status != 200 and "has already been loaded" not in text:
             raise ApiError(502 if status >= 500 else 400,
                            f"vLLM refused to load {version.served_name} from {version.row.path}: {text}",
@@ -201,60 +199,12 @@ class Registry:
             return
         version.loaded = False
         try:
-            status, text = await self._vllm("unload_lora_adapter", {"lora_name": version.served_name})
+            status, text = await self._vllm.post("unload_lora_adapter", {"lora_name": version.served_name})
             if status != 200:
                 log.warning("vLLM did not unload %s: %s", version.served_name, text)
         except ApiError as failure:
             log.warning("unloading %s: %s", version.served_name, failure.message)
 
-    async def _vllm(self, route: str, payload: dict) -> tuple[int, str]:
-        try:
-            async with self._state.session.post(self._state.upstream_url(route), json=payload) as response:
-                return response.status, await response.text()
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as failure:
-            raise ApiError(502, f"vLLM unreachable at {self._state.config.upstream}: {failure}",
-                           "upstream_unreachable") from None
 
-
-def _row_json(row: AdapterRow) -> dict:
+def row_json(row: AdapterRow) -> dict:
     return {**dataclasses.asdict(row), "created_at": row.created_at.isoformat()}
-
-
-# ---- routes -----------------------------------------------------------------
-
-async def list_adapters(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE].registry.snapshot())
-
-
-async def register_adapter(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    agent, path = body.get("agent"), body.get("path")
-    if not isinstance(agent, str) or not isinstance(path, str):
-        raise ApiError(400, "'agent' and 'path' (a PEFT adapter directory) are required strings", "invalid_field")
-    base_model = body.get("base_model")
-    if base_model is not None and not isinstance(base_model, str):
-        raise ApiError(400, "'base_model' must be a string", "invalid_field")
-    train_run = body.get("train_run")
-    if train_run is not None and not isinstance(train_run, dict):
-        raise ApiError(400, "'train_run' must be an object of update metrics", "invalid_field")
-    state = request.app[STATE]
-    version = await state.registry.register(agent, path, base_model)
-    if train_run is not None:
-        await state.writer.submit(train_run_record(train_run, version.row))
-    return web.json_response(_row_json(version.row), status=201)
-
-
-def train_run_record(metrics: dict, row: AdapterRow) -> TrainRun:
-    """A `train_runs` row from the learner's UpdateMetrics (as JSON) and the version it produced."""
-    numeric = {f.name: (int if f.type == "int" else float)(metrics.get(f.name) or 0)  # int64 arrives as text
-               for f in dataclasses.fields(TrainRun)
-               if f.name not in ("run_id", "created_at", "served_name", "agent", "version", "skipped")}
-    return TrainRun(run_id=new_id("run"), created_at=datetime.now(timezone.utc), served_name=row.served_name,
-                    agent=row.agent, version=row.version, skipped=json.dumps(metrics.get("skipped") or {}),
-                    **numeric)
-
-
-async def rollback_adapter(request: web.Request) -> web.Response:
-    agent = request.match_info["agent"]
-    target = await request.app[STATE].registry.rollback(agent)
-    return web.json_response({"agent": agent, "current": target.served_name if target else None})

@@ -1,4 +1,4 @@
-"""`flywheel up`: the whole stack on one machine: vLLM with LoRA, then the proxy in front of it."""
+"""`flywheel up`: the whole stack on one machine: vLLM with LoRA, the proxy in front of it, the learner."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.supervisor import ChildDied, Child, Supervisor
-from proxy.vllm_server import VllmError, VllmSettings, child as vllm_child
+from flywheel.supervisor import ChildDied, Child, Supervisor
+from flywheel.vllm_server import VllmError, VllmSettings, child as vllm_child
+
+
+class UpError(ValueError):
+    """`flywheel up` was asked for something it cannot start."""
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,17 @@ def _model(config: UpConfig) -> tuple[str, str]:
     if config.model:
         path = Path(config.model)
         if not (path / "config.json").is_file():
-            raise SystemExit(f"flywheel up: {path} is not a Hugging Face model directory (no config.json)")
+            raise UpError(f"{path} is not a Hugging Face model directory (no config.json)")
         return str(path), config.served_name or path.name
-    from learner.prepare_model import prepare  # the embedded default, built once
+    from flywheel.learner.prepare_model import prepare  # the embedded default, built once
 
     return str(prepare()), config.served_name or "smollm2"
+
+
+def flywheel_command(*args: str) -> list[str]:
+    """`python -P -m flywheel ...`: -P keeps the working directory off the import path, so a
+    user's own folder named like one of ours cannot shadow the installed package."""
+    return [sys.executable, "-P", "-m", "flywheel", *args]
 
 
 def warm_up(url: str, model: str) -> None:
@@ -82,8 +92,8 @@ def up(config: UpConfig) -> int:
         settings_file = ["--config", config.config] if config.config else []
         proxy_url = f"http://{config.host}:{config.port}"
         learner_address = f"127.0.0.1:{config.learner_port}"
-        proxy = Child("proxy", [sys.executable, "-m", "flywheel", "serve", "--upstream", upstream, "--host",
-                                config.host, "--port", str(config.port), "--db", config.db, *settings_file],
+        proxy = Child("proxy", flywheel_command("serve", "--upstream", upstream, "--host", config.host, "--port",
+                                                str(config.port), "--db", config.db, *settings_file),
                       ready_url=f"{proxy_url}/healthz")
         proxy.env.update(FLYWHEEL_PROXY_BASE_MODEL=served or "", FLYWHEEL_PROXY_MAX_LORA_RANK=str(config.max_lora_rank))
         if config.learner:
@@ -91,16 +101,16 @@ def up(config: UpConfig) -> int:
         supervisor.wait_ready(supervisor.start(proxy), 60, "the proxy")
         if config.learner:
             if not model:
-                raise SystemExit("flywheel up: the learner needs --model when --upstream is given")
-            learner = Child("learner", [sys.executable, "-m", "flywheel", "learner", "--model", model, "--listen",
-                                        learner_address, "--proxy", proxy_url, "--state-dir", config.learner_state,
-                                        *settings_file], ready_url=f"tcp://{learner_address}")
+                raise UpError("the learner needs --model when --upstream is given")
+            learner = Child("learner", flywheel_command("learner", "--model", model, "--listen", learner_address,
+                                                        "--proxy", proxy_url, "--state-dir", config.learner_state,
+                                                        *settings_file), ready_url=f"tcp://{learner_address}")
             supervisor.wait_ready(supervisor.start(learner), 120, "the learner")
         supervisor.say(f"Flywheel is up: point agents at http://{config.host}:{config.port}/v1 "
                        f"(model {served or 'as upstream'}), upstream {upstream}. Ctrl-C stops everything.")
         supervisor.watch()
         return 0
-    except (ChildDied, VllmError) as failure:
+    except (ChildDied, VllmError, UpError) as failure:
         supervisor.say(f"error: {failure}")
         return 1
     except KeyboardInterrupt:

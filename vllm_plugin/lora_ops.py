@@ -11,13 +11,10 @@ Semantics are those of the originals, with one fix: a token whose LoRA index is 
 (no adapter, i.e. a base-model request in a mixed batch) gets no LoRA contribution,
 where the originals index slot -1, the last adapter slot.
 
-Loaded by vLLM in every process through the `vllm.general_plugins` entry point
-(pyproject.toml); FLYWHEEL_VLLM_LORA_OPS=0 turns it off.
+Installed into vLLM by `flywheel.vllm_plugin.register`.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -111,18 +108,3 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
 
 OPS = {f.__name__: f for f in (bgmv_shrink, bgmv_expand, bgmv_expand_slice, sgmv_shrink, sgmv_expand,
                                 sgmv_expand_slice)}
-
-
-def register() -> None:
-    """vLLM general-plugin entry point: swap the grouped ops into the CPU punica wrapper."""
-    if os.environ.get("FLYWHEEL_VLLM_LORA_OPS", "1") == "0":
-        return
-    try:
-        from vllm.lora.punica_wrapper import punica_cpu
-    except ImportError:  # a vLLM without the CPU LoRA path: nothing to fix
-        return
-    for name, op in OPS.items():
-        setattr(punica_cpu, name, op)
-    from vllm.logger import init_logger
-
-    init_logger("vllm.flywheel_lora_ops").info("Flywheel: grouped LoRA matmuls installed in vLLM's CPU LoRA path")

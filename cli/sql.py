@@ -5,43 +5,28 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import urllib.error
-import urllib.request
 from typing import Callable
 
-from store.db import QueryError, ReadOnlyViolation, Store
+import duckdb
 
-DEFAULT_URL = "http://127.0.0.1:8400"
+from flywheel.client import DEFAULT_URL, fetch_via_proxy
+from flywheel.store.db import Store
+
 _TABLE_CELL = 60  # widest cell in table format; use --format csv/json for whole values
 
 
-def proxy_request(url: str, path: str, body: dict | None = None, timeout_s: float = 120, hint: str = ""):
-    """An open response from the proxy (POST with `body`, else GET); an error reply or no proxy
-    ends the command with the proxy's message."""
-    request = urllib.request.Request(url.rstrip("/") + path, headers={"Content-Type": "application/json"},
-                                     data=json.dumps(body).encode() if body is not None else None)
-    try:
-        return urllib.request.urlopen(request, timeout=timeout_s)
-    except urllib.error.HTTPError as refused:
-        raise SystemExit(f"flywheel: {json.load(refused).get('error', {}).get('message', refused.reason)}") from None
-    except urllib.error.URLError as down:
-        raise SystemExit(f"flywheel: no proxy at {url} ({down.reason}){hint}") from None
-
-
-def fetch_via_proxy(query: str, url: str) -> dict:
-    with proxy_request(url, "/v1/sql", {"query": query}, hint="; pass --db FILE for a file") as response:
-        return json.load(response)
+class StoreBusy(RuntimeError):
+    """The store file cannot be opened read-only (another process holds it, or it is not there)."""
 
 
 def fetch_from_file(query: str, db: str, max_rows: int = 1_000_000) -> dict:
+    """One read-only query on a store file; raises StoreBusy, or the store's QueryError/ReadOnlyViolation."""
     try:
         store = Store(db, read_only=True)
-    except Exception as busy:  # duckdb raises IOException when another process holds the file
-        raise SystemExit(f"flywheel sql: cannot open {db}: {busy}; if a proxy holds it, use --url") from None
+    except duckdb.Error as busy:  # IOException when another process holds the file
+        raise StoreBusy(f"cannot open {db}: {busy}; if a proxy holds it, use --url") from None
     try:
         return store.query(query, max_rows, timeout_s=600)
-    except (ReadOnlyViolation, QueryError) as refused:
-        raise SystemExit(f"flywheel sql: {refused}") from None
     finally:
         store.close()
 

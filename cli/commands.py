@@ -1,56 +1,29 @@
-"""The `flywheel` command: one entry point for every layer.
+"""The `flywheel` command: one entry point for every layer, and the one place errors become exit codes.
 
 Settings come from one TOML file (`--config`, default ./flywheel.toml if present), each
-layer reading its own section, then environment variables FLYWHEEL_<SECTION>_<FIELD>,
-then command-line flags; later sources win.
+layer reading its own section, then environment variables, then command-line flags
+(`flywheel.settings`). A command that fails on what the user asked for prints one line
+`flywheel: ...` and exits 2; an update or a stack that fails exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import logging
 import os
 import sys
-import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
 
-C = TypeVar("C")
-
-
-def load_config(cls: type[C], section: str, config_path: str | None, flags: dict[str, Any]) -> C:
-    """Build the dataclass `cls` from [section] of the TOML file, env vars and non-None flags."""
-    values: dict[str, Any] = {}
-    path = Path(config_path or "flywheel.toml")
-    if config_path or path.exists():
-        with path.open("rb") as f:
-            values.update(tomllib.load(f).get(section, {}))
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(known)
-    if unknown:
-        raise SystemExit(f"{path}: unknown setting(s) in [{section}]: {', '.join(sorted(unknown))}")
-    for name, spec in known.items():
-        env = os.environ.get(f"FLYWHEEL_{section.upper()}_{name.upper()}")
-        if env is not None:
-            values[name] = _parse(env, type(spec.default), name)
-        if flags.get(name) is not None:
-            values[name] = flags[name]
-    return cls(**values)
-
-
-def _parse(text: str, kind: type, name: str) -> Any:
-    try:
-        if kind is bool:
-            return text.lower() in ("1", "true", "yes", "on")
-        return kind(text)
-    except ValueError:
-        raise SystemExit(f"setting {name}: cannot read {text!r} as {kind.__name__}") from None
+from flywheel.client import DEFAULT_URL, ProxyError, proxy_request
+from flywheel.settings import ConfigError, load_config
+from flywheel.sql import StoreBusy
+from flywheel.store.sandbox import QueryError, ReadOnlyViolation
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from proxy.app import run
-    from proxy.config import ProxyConfig
+    from flywheel.proxy.app import run
+    from flywheel.proxy.config import ProxyConfig
 
     config = load_config(ProxyConfig, "proxy", args.config, vars(args))
     run(config)
@@ -58,16 +31,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
-    from proxy.sql_cli import run_sql
+    from flywheel.sql import run_sql
 
     return run_sql(args.query, url=args.url, db=args.db, fmt=args.format)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from proxy.report import write_report
-    from proxy.sql_cli import DEFAULT_URL, fetcher
+    from flywheel.report import write_report
+    from flywheel.sql import fetcher
 
     source = args.db or args.url or DEFAULT_URL
     print(f"report written: {write_report(fetcher(args.url, args.db), Path(args.out), source)}")
@@ -75,7 +46,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from proxy.up import UpConfig, up
+    from flywheel.up import UpConfig, up
 
     return up(load_config(UpConfig, "up", args.config, vars(args)))
 
@@ -83,9 +54,9 @@ def _up(args: argparse.Namespace) -> int:
 def _learner(args: argparse.Namespace) -> int:
     import asyncio
 
-    from learner.config import LearnerConfig
-    from learner.prepare_model import prepare
-    from learner.service import serve
+    from flywheel.learner.config import LearnerConfig
+    from flywheel.learner.prepare_model import prepare
+    from flywheel.learner.service import serve
 
     config = load_config(LearnerConfig, "learner", args.config, vars(args))
     asyncio.run(serve(config, config.model or str(prepare())))
@@ -93,11 +64,7 @@ def _learner(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import json
-
     failed = False
-    from proxy.sql_cli import proxy_request
-
     with proxy_request(args.url, "/v1/learner/train", {"wait": args.wait}, timeout_s=3600) as response:
         for line in response:
             event = json.loads(line)
@@ -118,17 +85,13 @@ def _describe(event: dict) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import json
-
-    from proxy.sql_cli import proxy_request
-
     with proxy_request(args.url, "/v1/learner/status") as response:
         print(json.dumps(json.load(response), indent=1))
     return 0
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
-    from learner.prepare_model import prepare
+    from flywheel.learner.prepare_model import prepare
 
     print(prepare(args.out))
     return 0
@@ -190,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="ask the learner for an update now")
     train.add_argument("--wait", action="store_true", help="wait for the update and print its metrics")
     train.add_argument("--json", action="store_true", help="print events as JSON")
-    train.add_argument("--url", default="http://127.0.0.1:8400", help="the proxy")
+    train.add_argument("--url", default=DEFAULT_URL, help="the proxy")
     train.set_defaults(run=_train)
 
     status = sub.add_parser("status", help="the learner's buffer, last update and adapter versions")
-    status.add_argument("--url", default="http://127.0.0.1:8400", help="the proxy")
+    status.add_argument("--url", default=DEFAULT_URL, help="the proxy")
     status.set_defaults(run=_status)
 
     model = sub.add_parser("model", help="manage the embedded default model")
@@ -208,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    return args.run(args)
+    try:
+        return args.run(args)
+    except _USER_ERRORS as failure:
+        print(f"flywheel {args.command}: {failure}", file=sys.stderr)
+        return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# What a command can fail on because of what it was asked (a setting, a query, a file, a URL).
+_USER_ERRORS = (ConfigError, ProxyError, StoreBusy, QueryError, ReadOnlyViolation)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from store.schema import IS_EVAL_EPISODE
+from flywheel.store.schema import IS_EVAL_EPISODE
 
 Fetch = Callable[[str], dict]  # a query -> {"columns", "rows"}
 

@@ -1,4 +1,5 @@
-"""Forwarding LLM calls to the upstream, streaming or not, and recording each one."""
+"""`/v1/chat/completions`, `/v1/completions`, `/v1/models`: forwarding LLM calls to the upstream,
+streaming or not, and recording each one."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.attribution import Attribution, attribute, new_id
-from proxy.capture import Capture, Wants, strip_unrequested, upstream_body
-from proxy.errors import error_body, error_response, read_json_object
-from proxy.state import STATE, ProxyState
-from proxy.upstream import UpstreamError, UpstreamResponse
-from store.records import CallRecord
+from flywheel.proxy.attribution import Attribution, attribute, new_id
+from flywheel.proxy.capture import Capture, Wants, strip_unrequested, upstream_body
+from flywheel.proxy.errors import error_body, error_response, read_json_object
+from flywheel.proxy.state import STATE, ProxyState
+from flywheel.proxy.upstream import UpstreamError, UpstreamResponse
+from flywheel.store.records import CallRecord
 
 _MAX_ERROR_CHARS = 4000  # upstream error bodies are recorded up to this length
 
@@ -221,11 +221,5 @@ def _relay_line(call: _Call, line: bytes, wants: Wants) -> bytes:
 
 
 async def models_handler(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    try:
-        async with state.session.get(state.upstream_url("models")) as upstream:
-            return web.Response(status=upstream.status, body=await upstream.read(),
-                                content_type=upstream.content_type)
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as failure:
-        return error_response(502, f"upstream {state.config.upstream} unreachable: {failure}",
-                              "upstream_unreachable")
+    status, body, content_type = await request.app[STATE].admin.get("models")
+    return web.Response(status=status, body=body, content_type=content_type)
