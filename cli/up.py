@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.supervisor import ChildDied, Child, Supervisor
-from flywheel.vllm_server import VllmError, VllmSettings, child as vllm_child
+from flywheel.vllm_server import VllmError, VllmSettings, child as vllm_child, sampling_defaults
 
 
 class UpError(ValueError):
@@ -35,6 +35,8 @@ class UpConfig:
     max_loras: int = 4
     # highest adapter rank vLLM accepts
     max_lora_rank: int = 16
+    # GPU builds of vLLM: its share of GPU memory; the rest is the learner's when it shares the GPU
+    gpu_memory_utilization: float = 0.5
     # seconds to wait for vLLM to load
     vllm_timeout_s: float = 900.0
     # start the learner too (trains the agents' adapters from their traffic)
@@ -84,7 +86,8 @@ def up(config: UpConfig) -> int:
         if not upstream:
             model, served = _model(config)
             settings = VllmSettings(model=model, served_name=served, port=config.vllm_port,
-                                    max_loras=config.max_loras, max_lora_rank=config.max_lora_rank)
+                                    max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                                    gpu_memory_utilization=config.gpu_memory_utilization)
             vllm = supervisor.start(vllm_child(settings))
             supervisor.wait_ready(vllm, config.vllm_timeout_s, f"vLLM to load {Path(model).name}")
             upstream = settings.url
@@ -96,6 +99,9 @@ def up(config: UpConfig) -> int:
                                                 str(config.port), "--db", config.db, *settings_file),
                       ready_url=f"{proxy_url}/healthz")
         proxy.env.update(FLYWHEEL_PROXY_BASE_MODEL=served or "", FLYWHEEL_PROXY_MAX_LORA_RANK=str(config.max_lora_rank))
+        if not config.upstream:  # we started vLLM without its generation-config defaults: the proxy applies them
+            defaults = sampling_defaults(model)
+            proxy.env["FLYWHEEL_PROXY_SAMPLING_DEFAULTS"] = ",".join(f"{k}={v}" for k, v in defaults.items())
         if config.learner:
             proxy.env["FLYWHEEL_PROXY_LEARNER"] = learner_address
         supervisor.wait_ready(supervisor.start(proxy), 60, "the proxy")

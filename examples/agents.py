@@ -1,8 +1,11 @@
-"""The example multi-agent workflow: a planner writes the calculation, a tool computes it,
-a writer answers the user. Both agents are plain OpenAI SDK clients pointed at Flywheel;
-the agent name is in the base_url, the episode and task ids in headers. Each episode is
-opened with its task id (attempts of one task form a GRPO group); evaluation episodes are
-marked `{"eval": true}`, which keeps them away from the learner.
+"""The example multi-agent workflows' plumbing, and the arithmetic workflow of `make demo`.
+
+Every agent is a plain OpenAI SDK client pointed at Flywheel, its name in the base_url; the
+episode and task ids go in headers. Each episode is opened with its task id when attempts
+of one task should form a GRPO group (without one it is a one-off, as most production
+traffic is); evaluation episodes are marked `{"eval": true}`, which keeps them away from
+the learner. The arithmetic workflow: a planner writes the calculation, a tool computes
+it, a writer answers the user.
 """
 
 from __future__ import annotations
@@ -23,53 +26,73 @@ WRITER_SHOT = ("Question: Ben has 4 cups and gets 9 more. How many cups does Ben
                "Ben has 13 cups now.\nAnswer: 13")
 
 
-class Workflow:
-    """One client per agent; each episode passes its ids per call."""
+class AgentClients:
+    """One OpenAI client per agent, all pointed at Flywheel, and the episode API beside them."""
 
-    def __init__(self, proxy_url: str, model: str, temperature: float = 0.7):
+    def __init__(self, proxy_url: str, model: str, temperature: float, agents: tuple[str, ...], example: str):
         self.proxy_url = proxy_url.rstrip("/")
         self.model = model
         self.temperature = temperature
-        self.planner = openai.AsyncOpenAI(base_url=f"{self.proxy_url}/agents/planner/v1", api_key="unused")
-        self.writer = openai.AsyncOpenAI(base_url=f"{self.proxy_url}/agents/writer/v1", api_key="unused")
+        self.example = example
+        self.clients = {name: openai.AsyncOpenAI(base_url=f"{self.proxy_url}/agents/{name}/v1", api_key="unused")
+                        for name in agents}
         self.http = httpx.AsyncClient(base_url=self.proxy_url, timeout=60)
 
-    async def _ask(self, client: openai.AsyncOpenAI, messages: list[dict], ids: dict, max_tokens: int,
-                   temperature: float) -> str:
-        reply = await client.chat.completions.create(
-            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, extra_headers=ids)
+    async def open(self, task: Task, evaluation: bool, grouped: bool) -> dict[str, str]:
+        """A new episode; the headers that attribute a call to it (and to its task, when `grouped`)."""
+        body = {"metadata": {"eval": evaluation, "example": self.example}}
+        if grouped:
+            body["task"] = task.task_id
+        reply = await self.http.post("/v1/episodes", json=body)
+        reply.raise_for_status()
+        ids = {"X-Flywheel-Episode": reply.json()["episode_id"]}
+        if grouped:
+            ids["X-Flywheel-Task"] = task.task_id
+        return ids
+
+    async def ask(self, agent: str, messages: list[dict], ids: dict[str, str], max_tokens: int) -> str:
+        reply = await self.clients[agent].chat.completions.create(
+            model=self.model, messages=messages, max_tokens=max_tokens, temperature=self.temperature,
+            extra_headers=ids)
         return reply.choices[0].message.content or ""
 
-    async def open_episode(self, task: Task, evaluation: bool) -> str:
-        reply = await self.http.post("/v1/episodes", json={
-            "task": task.task_id, "metadata": {"eval": evaluation, "example": "arithmetic"}})
-        reply.raise_for_status()
-        return reply.json()["episode_id"]
-
-    async def run(self, task: Task, evaluation: bool = False) -> tuple[float, dict]:
-        """One episode: plan, calculate, write, grade, report the outcome to Flywheel."""
-        episode_id = await self.open_episode(task, evaluation)
-        ids = {"X-Flywheel-Episode": episode_id, "X-Flywheel-Task": task.task_id}
-        messages = [{"role": "system", "content": PLANNER_SYSTEM}]
-        for question, expression in PLANNER_SHOTS:
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": expression}]
-        plan = await self._ask(self.planner, messages + [{"role": "user", "content": task.question}], ids, 16,
-                               self.temperature)
-        calc = calculate(plan)
-        calculation = f"{calc[0]} = {calc[1]}" if calc else "(no calculation)"
-        reply = await self._ask(self.writer, [
-            {"role": "system", "content": WRITER_SYSTEM},
-            {"role": "user", "content": WRITER_SHOT[0]}, {"role": "assistant", "content": WRITER_SHOT[1]},
-            {"role": "user", "content": f"Question: {task.question}\nCalculation: {calculation}"},
-        ], ids, 32, self.temperature)
-        reward, dims = grade(task, reply, plan)
+    async def report(self, ids: dict[str, str], reward: float, dims: dict[str, float]) -> None:
+        """The graded outcome, then the close: the episode is ready for the learner."""
+        episode_id = ids["X-Flywheel-Episode"]
         feedback = await self.http.post(f"/v1/episodes/{episode_id}/feedback", json={
             "reward": reward, "dims": dims, "source": "grader", "idempotency_key": f"{episode_id}-grade"})
         feedback.raise_for_status()
         (await self.http.post(f"/v1/episodes/{episode_id}/close")).raise_for_status()
-        return reward, dims
 
     async def close(self) -> None:
         await self.http.aclose()
-        await self.planner.close()
-        await self.writer.close()
+        for client in self.clients.values():
+            await client.close()
+
+
+class Workflow:
+    """The arithmetic workflow: planner -> calculator tool -> writer, graded on the final number."""
+
+    def __init__(self, proxy_url: str, model: str, temperature: float = 0.7):
+        self.agents = AgentClients(proxy_url, model, temperature, ("planner", "writer"), "arithmetic")
+
+    async def run(self, task: Task, evaluation: bool = False, grouped: bool = True) -> tuple[float, dict]:
+        """One episode: plan, calculate, write, grade, report the outcome to Flywheel."""
+        ids = await self.agents.open(task, evaluation, grouped)
+        messages = [{"role": "system", "content": PLANNER_SYSTEM}]
+        for question, expression in PLANNER_SHOTS:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": expression}]
+        plan = await self.agents.ask("planner", messages + [{"role": "user", "content": task.question}], ids, 16)
+        calc = calculate(plan)
+        calculation = f"{calc[0]} = {calc[1]}" if calc else "(no calculation)"
+        reply = await self.agents.ask("writer", [
+            {"role": "system", "content": WRITER_SYSTEM},
+            {"role": "user", "content": WRITER_SHOT[0]}, {"role": "assistant", "content": WRITER_SHOT[1]},
+            {"role": "user", "content": f"Question: {task.question}\nCalculation: {calculation}"},
+        ], ids, 32)
+        reward, dims = grade(task, reply, plan)
+        await self.agents.report(ids, reward, dims)
+        return reward, dims
+
+    async def close(self) -> None:
+        await self.agents.close()

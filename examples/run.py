@@ -10,18 +10,18 @@ from examples.agents import Workflow
 from examples.arithmetic import Task, task_split
 
 
-async def attempt(workflow: Workflow, tasks: list[Task], attempts: int, concurrency: int,
-                  evaluation: bool = False) -> list[float]:
-    """Every task `attempts` times (a GRPO group per task when training), `concurrency` at once;
-    the rewards in task order."""
+async def attempt(workflow: Workflow, runs: list[Task], concurrency: int, evaluation: bool = False,
+                  grouped: bool = True) -> list[float]:
+    """One episode per entry of `runs` (a task listed G times is a GRPO group when `grouped`),
+    `concurrency` at once; the rewards in that order."""
     limit = asyncio.Semaphore(concurrency)
 
     async def one(task: Task) -> float:
         async with limit:
-            reward, _ = await workflow.run(task, evaluation)
+            reward, _ = await workflow.run(task, evaluation, grouped)
             return reward
 
-    return await asyncio.gather(*(one(task) for task in tasks for _ in range(attempts)))
+    return await asyncio.gather(*(one(task) for task in runs))
 
 
 def main() -> None:
@@ -42,7 +42,8 @@ def main() -> None:
     async def go() -> list[float]:
         workflow = Workflow(args.proxy, args.model, args.temperature)
         try:
-            return await attempt(workflow, tasks, args.group_size, args.concurrency, args.split == "heldout")
+            runs = [task for task in tasks for _ in range(args.group_size)]
+            return await attempt(workflow, runs, args.concurrency, args.split == "heldout")
         finally:
             await workflow.close()
 

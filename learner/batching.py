@@ -7,7 +7,7 @@ position P + t and the logits to keep are one contiguous slice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
@@ -30,6 +30,11 @@ class MicroBatch:
     @property
     def padded_tokens(self) -> int:
         return self.input_ids_BL.numel()
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """This micro-batch with its tensors on `device` (the same tensors where they already are)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def pack(items: Sequence[Scored], token_budget: int) -> list[list[Scored]]:

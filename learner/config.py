@@ -35,13 +35,20 @@ class LearnerConfig:
     train_agents: str = ".*"
     # "" = one adapter per agent; a name = one adapter of that name shared by all trained agents
     shared_adapter: str = ""
-    # update once this many trainable groups (agent x task with differing rewards) are buffered
-    # (0 = never by count: only on the timer or on demand, e.g. `flywheel train`)
-    min_groups: int = 8
+    # update once this many episodes with a learning signal are ready (members of groups whose
+    # rewards differ, and one-off episodes scored against a warm baseline); 64 is 8 tasks x 8
+    # attempts (0 = never by count: only on the timer or on demand, e.g. `flywheel train`)
+    min_episodes: int = 64
     # ...or this many seconds after the last update, if anything is trainable (0 = never by time)
     interval_s: float = 0.0
+    # a task's group (episodes sharing a task id) is trained once it has this many attempts...
+    group_size: int = 8
+    # ...or no attempt of it has arrived for this long; until then its members stay buffered
+    group_wait_s: float = 300.0
     # drop calls served by adapter versions this many or more behind the current one
     max_staleness: int = 4
+    # largest episode message accepted from the proxy, bytes (gRPC's default is 4 MiB)
+    max_message_bytes: int = 64 * 1024 * 1024
     # refuse an update whose learner/vLLM logprob gap (mean |diff| per token) exceeds this (0 = report only)
     max_logprob_mismatch: float = 0.0
     credit: CreditConfig = field(default_factory=CreditConfig)

@@ -41,8 +41,12 @@ class CreditConfig:
     call_feedback: Literal["add", "override"] = "add"
     # reward = sum(weight * dims[name]); the name "reward" weighs the scalar (unset: the scalar reward alone)
     dim_weights: Mapping[str, float] | None = None
-    # drop completions cut off by max_tokens (their reward is noise: DAPO)
-    skip_truncated: bool = True
+    # drop completions cut off by max_tokens. Off by default: in an agent system the outcome was
+    # graded on exactly the cut-off text, so the reward is the truth about it, and rambling past
+    # max_tokens is behaviour to unlearn. Tried as a new user would (a replier with 32 tokens),
+    # skipping threw away 88 of 128 calls of the first round. DAPO skips them because its
+    # reward model grades unfinished answers as noise; turn this on when yours does too.
+    skip_truncated: bool = False
     # drop transitions whose prompt + completion is longer
     max_tokens: int = 4096
 
@@ -81,11 +85,23 @@ def skip_reason(call: pb.Call, config: CreditConfig) -> str | None:
         return "no_prompt_ids"
     if call.choices > 1:  # the outcome followed whichever choice the agent used; only choice 0 is recorded
         return "several_choices"
+    if call.temperature < 1e-5:  # argmax decoding: no sampling distribution to weigh the tokens against
+        return "greedy"
+    if reshaped_distribution(call):
+        return "unsupported_sampling"
     if config.skip_truncated and call.finish_reason == "length":
         return "truncated"
     if len(call.prompt_token_ids) + len(call.completion_token_ids) > config.max_tokens:
         return "too_long"
     return None
+
+
+def reshaped_distribution(call: pb.Call) -> bool:
+    """True when vLLM sampled from more than the temperature-scaled softmax (top-p, top-k, min-p,
+    penalties): the learner recomputes only temperature-scaled log-probs, so its importance
+    weights would compare different distributions. 0 counts as unset for every field."""
+    return (0 < call.top_p < 1 or call.top_k > 0 or call.min_p > 0 or call.presence_penalty != 0
+            or call.frequency_penalty != 0 or call.repetition_penalty not in (0.0, 1.0))
 
 
 def call_credits(episode: pb.Episode, config: CreditConfig) -> dict[str, float]:

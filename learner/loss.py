@@ -26,6 +26,10 @@ class LossConfig:
     beta: float = 0.0
     # truncated importance sampling: min(pi_old / pi_behaviour, is_cap); 0 = off
     is_cap: float = 2.0
+    # dr_grpo's constant L (sum of token losses / (sequences * L)); TRL uses its max_completion_length,
+    # 512 by default. A constant, not the batch's longest completion, so a step's size does not
+    # depend on which completions happen to share a batch
+    dr_grpo_length: int = 512
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Normalizer:
 
     sequences: int
     tokens: int
-    max_completion_len: int  # dr_grpo's constant L
+    max_completion_len: int  # dr_grpo's constant L (LossConfig.dr_grpo_length)
 
 
 def k3_kl(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,7 @@ def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, loss_type: str, norm
 
     dapo:    sum of token losses / tokens in the batch        (token-level, TRL "dapo")
     grpo:    mean over sequences of each sequence's token mean  (TRL "grpo")
-    dr_grpo: sum of token losses / (sequences * L)              (TRL "dr_grpo", L = max completion length)
+    dr_grpo: sum of token losses / (sequences * L)              (TRL "dr_grpo", L = a constant)
     """
     mask_BT = mask_BT.to(loss_BT.dtype)
     if loss_type == "dapo":

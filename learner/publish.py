@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 from google.protobuf.json_format import MessageToDict
 
+from flywheel.learner.durable import write_json
 from flywheel.protos import flywheel_pb2 as pb
 
 log = logging.getLogger("flywheel.learner")
@@ -69,13 +70,8 @@ class Publisher:
                                                   metrics=metrics))
                 log.info("published %s (loss %.4f, reward %.3f, %d transitions, %.1f s)", reply["served_name"],
                          metrics.loss, metrics.reward_mean, metrics.transitions, metrics.seconds)
-        self._save()
+        write_json(self.agents_file, {agent: asdict(record) for agent, record in self.latest.items()})
         for queue in self.watchers:
             for event in events:
                 queue.put_nowait(event)
         return events
-
-    def _save(self) -> None:
-        tmp = self.agents_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({agent: asdict(record) for agent, record in self.latest.items()}, indent=1))
-        tmp.replace(self.agents_file)

@@ -9,6 +9,7 @@ events; Status reports the buffer; WatchAdapters streams every published version
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -56,11 +57,19 @@ class Servicer(pb_grpc.LearnerServicer):
             self.learner.publisher.watchers.remove(queue)
 
 
+def grpc_server(learner: Learner) -> grpc.aio.Server:
+    """The learner's gRPC server on `config.listen`, not started."""
+    limit = learner.config.max_message_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit)])
+    pb_grpc.add_LearnerServicer_to_server(Servicer(learner), server)
+    server.add_insecure_port(learner.config.listen)
+    return server
+
+
 async def serve(config: LearnerConfig, model_dir: str) -> None:
     learner = Learner(config, model_dir)
-    server = grpc.aio.server()
-    pb_grpc.add_LearnerServicer_to_server(Servicer(learner), server)
-    server.add_insecure_port(config.listen)
+    server = grpc_server(learner)
     await server.start()
     log.info("learner listening on %s (state %s, %d episodes buffered, adapters: %s)", config.listen,
              config.state_dir, len(learner.buffer.pending), {a: r.served_name for a, r in learner.publisher.latest.items()})
@@ -69,4 +78,6 @@ async def serve(config: LearnerConfig, model_dir: str) -> None:
         await server.wait_for_termination()
     finally:
         scheduler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scheduler
         await server.stop(grace=5)

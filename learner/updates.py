@@ -1,28 +1,41 @@
-"""What the learner trains on and when: plans, scheduled and on-demand updates.
+"""What the learner trains on and when: plans, scheduled and on-demand updates, all-or-nothing.
 
-An update runs when enough trainable groups are buffered (or on a timer, or on demand
-through Train): credit assignment, staleness filter, advantages (the `Plan`), then one
-GRPO update per trained adapter on a worker thread, so the gRPC server keeps answering.
-Each new adapter version is saved atomically and handed to the `Publisher`.
+An update takes the buffered episodes that are ready (`ready_episodes`: one-off episodes,
+and task groups that are complete or have gone quiet), assigns credit, filters stale
+calls, computes advantages (the `Plan`), then runs one GRPO update per trained adapter on
+a worker thread, so the gRPC server keeps answering. It is transactional:
+
+- everything that can refuse an adapter's update (the learner/vLLM logprob gap) is checked
+  before its optimizer step; an update that fails part-way restores every adapter it
+  already stepped from a snapshot, and its episodes stay buffered;
+- each stepped adapter is saved, and the saved directories are recorded in `pending.json`
+  before publishing; a failed publish is retried from that record (never by training
+  again), also after a restart;
+- the episodes are consumed, and the agents' baselines (`baselines.json`) advance, only
+  once every version of the update is published.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
+
+from google.protobuf.json_format import MessageToDict, ParseDict
 
 from flywheel.learner.advantages import AdvantageStats, Baseline, Scored, compute_advantages
 from flywheel.learner.buffer import EpisodeBuffer
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.credit import Transition, agent_filter, assign
-from flywheel.learner.publish import Publisher
+from flywheel.learner.durable import write_json
+from flywheel.learner.publish import PublishError, Publisher
 from flywheel.protos import flywheel_pb2 as pb
 
 log = logging.getLogger("flywheel.learner")
@@ -38,15 +51,29 @@ def served_version(adapter: str, agent_prefix: str) -> int:
     return int(match.group(1)) if match and adapter[: match.start()] == agent_prefix else 0
 
 
-def update_due(ready_groups: int, since_last_s: float, min_groups: int, interval_s: float) -> str | None:
-    """Why an update is due, given something is trainable: "scheduled" (enough groups), "timer"
-    (interval passed), or None.
+def update_due(ready_episodes: int, since_last_s: float, min_episodes: int, interval_s: float) -> str | None:
+    """Why an update is due, given something is trainable: "scheduled" (enough trainable
+    episodes), "timer" (interval passed), or None.
     0 turns either trigger off; with both off, updates happen only on demand."""
-    if min_groups and ready_groups >= min_groups:
+    if min_episodes and ready_episodes >= min_episodes:
         return "scheduled"
     if interval_s and since_last_s >= interval_s:
         return "timer"
     return None
+
+
+def ready_episodes(episodes: Sequence[pb.Episode], arrived: dict[str, float], now: float, group_size: int,
+                   group_wait_s: float) -> list[pb.Episode]:
+    """The episodes an update may take now, in arrival order: every episode without a task id,
+    and the members of each task whose group is complete: `group_size` attempts buffered, or
+    none arrived for `group_wait_s`. The members of a group still filling stay buffered."""
+    by_task: dict[str, list[pb.Episode]] = defaultdict(list)
+    for episode in episodes:
+        by_task[episode.task_id].append(episode)
+    complete = {task for task, members in by_task.items()
+                if not task or len(members) >= group_size
+                or now - max(arrived.get(m.episode_id, 0.0) for m in members) >= group_wait_s}
+    return [e for e in episodes if e.task_id in complete]
 
 
 @dataclass(frozen=True)
@@ -61,10 +88,28 @@ class AdapterBatch:
 class Plan:
     """What an update would train on now."""
 
-    episodes: list[pb.Episode]  # every buffered episode it considered
+    episodes: list[pb.Episode]  # the ready episodes it considered: consumed once the update is published
+    waiting: int  # episodes of groups still filling, left buffered
     batches: dict[str, AdapterBatch]  # adapter -> its batch; adapters with nothing trainable are absent
-    groups: int  # trainable groups over all adapters
     skipped: Counter  # transitions not trained on, by reason
+    baselines: dict[str, Baseline]  # the agents' baselines once these episodes are learnt from
+
+    @property
+    def groups(self) -> int:
+        return sum(b.stats.groups for b in self.batches.values())
+
+    @property
+    def trainable_episodes(self) -> int:
+        return len({s.transition.episode_id for b in self.batches.values() for s in b.scored})
+
+
+@dataclass
+class PendingUpdate:
+    """A trained update whose versions are not all published yet (`pending.json`)."""
+
+    episode_ids: list[str]
+    baselines: dict[str, dict]  # agent -> Baseline fields
+    publishes: list[dict] = field(default_factory=list)  # {"agent", "directory", "metrics"}, in order
 
 
 class Learner:
@@ -75,10 +120,14 @@ class Learner:
         self.buffer = EpisodeBuffer(self.state_dir)
         self.publisher = Publisher(self.state_dir, config.proxy)
         self.trains = agent_filter(config.train_agents)
-        self.baselines: dict[str, Baseline] = {}
+        self.baselines_file = self.state_dir / "baselines.json"
+        self.baselines = _read_baselines(self.baselines_file)
+        self.pending_file = self.state_dir / "pending.json"
+        self.pending = PendingUpdate(**json.loads(self.pending_file.read_text())) if self.pending_file.exists() else None
         self.trainer = None  # loaded on the first update: start-up stays fast
         self.updates = 0
         self.last_update = time.time()
+        self.last_error = ""  # why the latest update or publish failed; "" once one succeeds
         self.training = asyncio.Lock()
 
     # ---- what to train on ---------------------------------------------------
@@ -99,76 +148,127 @@ class Learner:
                     by_adapter[self.adapter_for(t.agent)].append(t)
         return by_adapter, skipped
 
-    def plan(self, commit: bool = False) -> Plan:
-        """What an update would train on now. Only `commit` lets the per-agent baselines learn
-        from these rewards."""
-        episodes = list(self.buffer.pending.values())
+    def plan(self, now: float | None = None) -> Plan:
+        """What an update would train on now; the learner's own baselines are left as they are."""
+        pending = list(self.buffer.pending.values())
+        episodes = ready_episodes(pending, self.buffer.arrived, time.time() if now is None else now,
+                                  self.config.group_size, self.config.group_wait_s)
         by_adapter, skipped = self._transitions(episodes)
-        batches, groups = {}, 0
-        baselines = self.baselines if commit else {k: Baseline(**asdict(v)) for k, v in self.baselines.items()}
+        batches = {}
+        baselines = {agent: Baseline(**asdict(b)) for agent, b in self.baselines.items()}
         for adapter, transitions in by_adapter.items():
             scored, stats = compute_advantages(transitions, self.config.advantages, baselines)
             skipped.update(stats.skipped)
-            groups += stats.groups
             if scored:
                 batches[adapter] = AdapterBatch(scored, stats)
-        return Plan(episodes, batches, groups, skipped)
+        return Plan(episodes, len(pending) - len(episodes), batches, skipped, baselines)
 
     # ---- updates ------------------------------------------------------------
 
     async def update(self, reason: str, emit: Emit | None = None) -> list[pb.AdapterPublished]:
+        """Train on what is ready and publish it; raises PublishError if publishing fails (the
+        trained versions stay pending and are published by the next call)."""
         emit = emit or (lambda event: None)
         async with self.training:
-            plan = self.plan(commit=True)
-            if not plan.batches:
-                emit(pb.TrainEvent(progress=f"nothing to train: {len(plan.episodes)} episodes buffered, "
-                                            f"no trainable group (skipped: {dict(plan.skipped)})"))
-                return []
-            emit(pb.TrainEvent(progress=f"update ({reason}): {plan.groups} groups from {len(plan.episodes)} episodes"))
-            if self.trainer is None:
-                emit(pb.TrainEvent(progress="loading the model"))
-                self.trainer = await asyncio.to_thread(self._load_trainer)
-            published = []
-            for adapter, batch in plan.batches.items():
-                for event in await self._update_adapter(adapter, batch, plan.skipped, emit):
-                    published.append(event)
-                    emit(pb.TrainEvent(published=event))
-            self.buffer.consume(e.episode_id for e in plan.episodes)
-            self.updates += 1
-            self.last_update = time.time()
-            return published
+            try:
+                return await self._update(reason, emit)
+            except Exception as failure:
+                self.last_error = f"{type(failure).__name__}: {failure}"
+                raise
 
-    async def _update_adapter(self, adapter: str, batch: AdapterBatch, skipped: Counter,
-                              emit: Emit) -> list[pb.AdapterPublished]:
-        scored = batch.scored
-        stats = await asyncio.to_thread(self.trainer.update, adapter, scored, self._progress(adapter))
-        if self.config.max_logprob_mismatch and stats.mismatch_mean > self.config.max_logprob_mismatch:
-            emit(pb.TrainEvent(error=f"{adapter}: learner/vLLM logprob gap {stats.mismatch_mean:.3f} "
-                                     f"exceeds max_logprob_mismatch; not published"))
+    async def _update(self, reason: str, emit: Emit) -> list[pb.AdapterPublished]:
+        if self.pending is not None:
+            emit(pb.TrainEvent(progress=f"publishing the {len(self.pending.publishes)} version(s) of the last "
+                                        "update first"))
+            return await self._publish_pending(emit)
+        plan = self.plan()
+        if not plan.batches:
+            emit(pb.TrainEvent(progress=f"nothing to train: {len(plan.episodes)} episodes ready, {plan.waiting} "
+                                        f"in groups still filling (skipped: {dict(plan.skipped)})"))
+            # ready episodes without a learning signal now never get one (their groups are complete,
+            # their rewards equal): they leave the buffer, and what they taught the baselines stays
+            self._consume([e.episode_id for e in plan.episodes], {a: asdict(b) for a, b in plan.baselines.items()})
             return []
-        metrics = pb.UpdateMetrics(
-            agent=adapter, episodes=len({s.transition.episode_id for s in scored}),
-            transitions=len(scored), tokens=stats.tokens, loss=stats.loss,
-            reward_mean=sum(s.transition.reward for s in scored) / len(scored),
-            advantage_mean=batch.stats.mean, advantage_std=batch.stats.std,
-            clip_fraction=stats.clip_fraction, kl=stats.kl, entropy=stats.entropy,
-            tokens_per_s=stats.tokens_per_s, grad_norm=stats.grad_norm,
-            logprob_mismatch_mean=stats.mismatch_mean, logprob_mismatch_max=stats.mismatch_max,
-            seconds=stats.seconds, skipped=dict(skipped))
-        emit(pb.TrainEvent(metrics=metrics))
-        agents = sorted({s.transition.agent for s in scored}) if self.config.shared_adapter else [adapter]
-        number = max(self.publisher.version(a) for a in agents) + 1
-        directory = await asyncio.to_thread(
-            self.trainer.save, adapter, self.state_dir / "adapters" / adapter / f"update-{int(time.time())}-{number}")
-        return await self.publisher.publish(directory, agents, metrics)
+        emit(pb.TrainEvent(progress=f"update ({reason}): {plan.groups} groups, {plan.trainable_episodes} "
+                                    f"trainable episodes of {len(plan.episodes)} ready"))
+        if self.trainer is None:
+            emit(pb.TrainEvent(progress="loading the model"))
+            self.trainer = await asyncio.to_thread(self._load_trainer)
+        publishes = await self._train_all(plan, emit)
+        self._set_pending(PendingUpdate([e.episode_id for e in plan.episodes],
+                                        {a: asdict(b) for a, b in plan.baselines.items()}, publishes))
+        return await self._publish_pending(emit)
+
+    async def _train_all(self, plan: Plan, emit: Emit) -> list[dict]:
+        """One update per adapter; if one fails, every adapter already stepped is restored."""
+        from flywheel.learner.trainer import UpdateRefused
+
+        snapshots = {}
+        publishes = []
+        try:
+            for adapter, batch in plan.batches.items():
+                snapshots[adapter] = await asyncio.to_thread(self.trainer.snapshot, adapter)
+                try:
+                    stats = await asyncio.to_thread(self.trainer.update, adapter, batch.scored,
+                                                    self._progress(adapter), self.config.max_logprob_mismatch)
+                except UpdateRefused as refused:
+                    emit(pb.TrainEvent(error=f"{adapter}: {refused}; not trained, not published"))
+                    continue
+                metrics = _metrics(adapter, batch, stats, plan.skipped)
+                emit(pb.TrainEvent(metrics=metrics))
+                agents = sorted({s.transition.agent for s in batch.scored}) if self.config.shared_adapter else [adapter]
+                number = max(self.publisher.version(a) for a in agents) + 1
+                directory = await asyncio.to_thread(
+                    self.trainer.save, adapter,
+                    self.state_dir / "adapters" / adapter / f"update-{int(time.time())}-{number}")
+                publishes += [{"agent": a, "directory": str(directory),
+                               "metrics": MessageToDict(metrics, preserving_proto_field_name=True)} for a in agents]
+        except BaseException:
+            for adapter, snapshot in snapshots.items():
+                self.trainer.restore(adapter, snapshot)
+            raise
+        return publishes
+
+    async def _publish_pending(self, emit: Emit) -> list[pb.AdapterPublished]:
+        published = []
+        while self.pending.publishes:
+            entry = self.pending.publishes[0]
+            metrics = ParseDict(entry["metrics"], pb.UpdateMetrics())
+            for event in await self.publisher.publish(Path(entry["directory"]), [entry["agent"]], metrics):
+                published.append(event)
+                emit(pb.TrainEvent(published=event))
+            self.pending.publishes.pop(0)
+            self._set_pending(self.pending)
+        self._consume(self.pending.episode_ids, self.pending.baselines)
+        self._set_pending(None)
+        self.updates += 1
+        self.last_update = time.time()
+        self.last_error = ""
+        return published
+
+    def _consume(self, episode_ids: list[str], baselines: dict[str, dict]) -> None:
+        """The episodes are used: they leave the buffer, and the baselines they moved are kept."""
+        write_json(self.baselines_file, baselines)
+        self.baselines = {agent: Baseline(**b) for agent, b in baselines.items()}
+        self.buffer.consume(episode_ids)
+
+    def _set_pending(self, pending: PendingUpdate | None) -> None:
+        self.pending = pending
+        if pending is None:
+            self.pending_file.unlink(missing_ok=True)
+        else:
+            write_json(self.pending_file, asdict(pending))
 
     def _load_trainer(self):
         from flywheel.learner.trainer import PolicyTrainer
 
         trainer = PolicyTrainer(self.model_dir, self.config.trainer, self.config.loss)
-        for agent, record in self.publisher.latest.items():
-            trainer.ensure_adapter(self.adapter_for(agent), resume_from=record.path)
-            log.info("resumed %s from %s", agent, record.path)
+        latest = {agent: record.path for agent, record in self.publisher.latest.items()}
+        for entry in self.pending.publishes if self.pending else ():  # trained, not yet published: newer
+            latest[entry["agent"]] = entry["directory"]
+        for agent, path in latest.items():
+            trainer.ensure_adapter(self.adapter_for(agent), resume_from=path)
+            log.info("resumed %s from %s", agent, path)
         return trainer
 
     def _progress(self, adapter: str):
@@ -185,30 +285,56 @@ class Learner:
         return show
 
     async def schedule(self) -> None:
-        """Update when enough groups are ready, or on the timer."""
+        """Update when enough trainable episodes are ready, or on the timer; publish what is pending."""
         while True:
             await asyncio.sleep(1.0)
-            if self.training.locked() or not self.buffer.pending:
+            if self.training.locked():
                 continue
-            plan = self.plan()
-            reason = update_due(plan.groups, time.time() - self.last_update, self.config.min_groups,
-                                self.config.interval_s)
-            if plan.batches and reason:
-                try:
+            try:
+                if self.pending is not None:
+                    await self.update("retrying publish")
+                    continue
+                if not self.buffer.pending:
+                    continue
+                plan = self.plan()
+                reason = update_due(plan.trainable_episodes, time.time() - self.last_update, self.config.min_episodes,
+                                    self.config.interval_s)
+                if plan.batches and reason:
                     await self.update(reason)
-                except Exception:
-                    log.exception("update failed; the episodes stay buffered")
-                    await asyncio.sleep(10)
+            except PublishError as failure:
+                log.warning("publishing failed (%s); retrying in 10 s", failure)
+                await asyncio.sleep(10)
+            except Exception:
+                log.exception("update failed; the episodes stay buffered")
+                await asyncio.sleep(10)
 
     def status(self) -> pb.LearnerStatus:
         plan = self.plan()
         agents = set(self.publisher.latest) | {s.transition.agent for b in plan.batches.values() for s in b.scored}
         return pb.LearnerStatus(
-            buffered_episodes=len(plan.episodes), episodes_received=self.buffer.received, updates=self.updates,
-            training=self.training.locked(),
+            buffered_episodes=len(self.buffer.pending), episodes_received=self.buffer.received, updates=self.updates,
+            training=self.training.locked(), waiting_episodes=plan.waiting,
+            pending_publishes=len(self.pending.publishes) if self.pending else 0, last_error=self.last_error,
             agents=[pb.AgentStatus(
                 agent=a, version=self.publisher.version(a),
                 buffered_transitions=sum(1 for b in plan.batches.values() for s in b.scored if s.transition.agent == a),
                 ready_groups=plan.batches[self.adapter_for(a)].stats.groups if self.adapter_for(a) in plan.batches
                 else 0,
                 last_update=self.last_update) for a in sorted(agents)])
+
+
+def _metrics(adapter: str, batch: AdapterBatch, stats, skipped: Counter) -> pb.UpdateMetrics:
+    scored = batch.scored
+    return pb.UpdateMetrics(
+        agent=adapter, episodes=len({s.transition.episode_id for s in scored}),
+        transitions=len(scored), tokens=stats.tokens, loss=stats.loss,
+        reward_mean=sum(s.transition.reward for s in scored) / len(scored),
+        advantage_mean=batch.stats.mean, advantage_std=batch.stats.std,
+        clip_fraction=stats.clip_fraction, kl=stats.kl, entropy=stats.entropy,
+        tokens_per_s=stats.tokens_per_s, grad_norm=stats.grad_norm,
+        logprob_mismatch_mean=stats.mismatch_mean, logprob_mismatch_max=stats.mismatch_max,
+        seconds=stats.seconds, skipped=dict(skipped))
+
+
+def _read_baselines(path: Path) -> dict[str, Baseline]:
+    return {agent: Baseline(**b) for agent, b in json.loads(path.read_text()).items()} if path.exists() else {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 from typing import AsyncIterator
@@ -20,10 +21,11 @@ from flywheel.proxy.admin import UpstreamAdmin, upstream_base
 from flywheel.proxy.capture import CHAT, COMPLETIONS
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.errors import error_middleware
-from flywheel.proxy.feed import Feed
+from flywheel.proxy.feed import Feed, channel_options
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.routes import adapters, episodes, learner, sql
 from flywheel.proxy.routes.completions import completion_handler, models_handler
+from flywheel.proxy.sampling import checked_defaults
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamPool
 from flywheel.store.db import Store
@@ -43,6 +45,8 @@ _PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
 
 
 def build_app(config: ProxyConfig) -> web.Application:
+    """The proxy for `config`; raises ValueError for settings it cannot serve with."""
+    config = dataclasses.replace(config, sampling_defaults=checked_defaults(config.sampling_defaults))
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     for prefix in _PREFIXES:
@@ -103,8 +107,9 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
     if not config.learner:
         yield
         return
-    channel = grpc.aio.insecure_channel(config.learner)
-    feed = Feed(app[WRITER], channel, config.learner, config.push_after_s, config.push_batch, config.push_interval_s)
+    channel = grpc.aio.insecure_channel(config.learner, options=channel_options(config.max_message_bytes))
+    feed = Feed(app[WRITER], channel, config.learner, config.push_after_s, config.push_batch, config.push_interval_s,
+                config.max_message_bytes)
     app[FEED] = feed
     feeding = asyncio.get_running_loop().create_task(feed.run())
     yield
@@ -127,8 +132,12 @@ async def _cancel(task: asyncio.Task) -> None:
 
 
 async def _health(request: web.Request) -> web.Response:
+    """Alive, with the writer's queue and, when a learner is configured, the feed's health."""
     state = request.app[STATE]
-    return web.json_response({"status": "ok", "queued_records": state.writer.pending})
+    body = {"status": "ok", "queued_records": state.writer.pending}
+    if state.feed is not None:
+        body["feed"] = state.feed.health()
+    return web.json_response(body)
 
 
 def run(config: ProxyConfig) -> None:

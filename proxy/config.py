@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -44,3 +44,11 @@ class ProxyConfig:
     sql_max_rows: int = 10_000
     # a SQL query running longer than this is interrupted, seconds
     sql_timeout_s: float = 30.0
+    # sampling values for fields a request leaves out, written into the forwarded body and recorded:
+    # the model's generation config (`flywheel up` reads it and starts vLLM with --generation-config
+    # vllm). With a vLLM you start yourself, start it with --generation-config vllm too, or set its
+    # generation config's values here, so that what is recorded is what was sampled.
+    # Fields: temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # largest episode message the feed sends (and the learner accepts), bytes; a larger one is quarantined
+    max_message_bytes: int = 64 * 1024 * 1024

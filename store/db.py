@@ -22,6 +22,7 @@ from flywheel.store.records import (
     CallRecord,
     EpisodeClose,
     EpisodeOpen,
+    EpisodeQuarantined,
     EpisodesPushed,
     Feedback,
     FeedbackResult,
@@ -97,6 +98,10 @@ class Store:
                 results.append(self._feedback(op))
             elif isinstance(op, EpisodeClose):
                 results.append(self._close(op))
+            elif isinstance(op, EpisodeQuarantined):
+                self.con.execute("UPDATE episodes SET quarantined_at = ?, push_error = ? WHERE episode_id = ?",
+                                 [op.quarantined_at, op.error, op.episode_id])
+                results.append(None)
             elif isinstance(op, EpisodesPushed):
                 self.con.execute("UPDATE episodes SET pushed_at = ? WHERE episode_id IN (SELECT unnest(?))",
                                  [op.pushed_at, list(op.episode_ids)])
@@ -245,7 +250,8 @@ class Store:
         last feedback is older than `quiet_s`. Each with its `calls` and `feedback` (raw values).
         Evaluation episodes (metadata `{"eval": true}`) are never pushed: held-out data stays held out."""
         episodes = self._dicts(
-            "SELECT e.* FROM episodes e WHERE e.pushed_at IS NULL AND e.reward IS NOT NULL AND "
+            "SELECT e.* FROM episodes e WHERE e.pushed_at IS NULL AND e.quarantined_at IS NULL AND "
+            "e.reward IS NOT NULL AND "
             f"NOT {IS_EVAL_EPISODE} AND "
             "(e.status = 'closed' OR (SELECT max(f.created_at) FROM feedback f WHERE f.episode_id = e.episode_id)"
             " < now() - to_seconds(?)) ORDER BY e.created_at LIMIT ?",
@@ -302,6 +308,8 @@ def migrate(con: duckdb.DuckDBPyConnection) -> None:
         for column in table.columns:
             if column.name not in have:
                 con.execute(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.sql_type}")
+                if column.backfill:  # rows written before the column existed
+                    con.execute(f"UPDATE {table.name} SET {column.name} = {column.backfill}")
     con.execute(
         "INSERT INTO flywheel_meta VALUES ('schema_version', ?) "
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",

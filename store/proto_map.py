@@ -57,10 +57,6 @@ def episode_proto(row: dict[str, Any]) -> pb.Episode:
     for call_row in row["calls"]:
         call = episode.calls.add()
         fill(call, CALLS, call_row)
-        request = json.loads(call_row["request"] or "{}")
-        temperature = request.get("temperature")
-        call.temperature = 1.0 if temperature is None else float(temperature)
-        call.choices = int(request.get("n") or 1)
         call.rewards.extend(call_rewards.get(call_row["call_id"], ()))
     return episode
 

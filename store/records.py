@@ -42,6 +42,15 @@ class CallRecord:
     status: int
     error: str | None
     task_id: str | None = None  # goes to the episode row, not the call row
+    # what vLLM sampled with: the request's values, else the proxy's sampling_defaults, else neutral
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    choices: int = 1  # n: only choice 0's tokens are recorded
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,16 @@ class AdapterRow:
     base_model: str | None
     created_at: datetime
     status: str
+
+
+@dataclass(frozen=True)
+class EpisodeQuarantined:
+    """The feed could not send this episode (it failed to convert, or the learner refused it): it
+    is kept out of every later push, with the error, and shown by SQL and `flywheel status`."""
+
+    episode_id: str
+    error: str
+    quarantined_at: datetime
 
 
 @dataclass(frozen=True)
@@ -127,4 +146,4 @@ class UnknownCall(LookupError):
     pass
 
 
-StoreOp = EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | TrainRun
+StoreOp = EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined | TrainRun

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Column:
     doc: str
     primary_key: bool = False
     proto: bool = False  # carried to the learner in the same-named field of the table's message
+    backfill: str = ""  # SQL over the row's other columns that fills the column when an upgrade adds it
 
 
 _ARROW_TYPES = {
@@ -76,6 +77,8 @@ EPISODES = Table(
         Column("reward", "DOUBLE", "latest episode-level feedback reward"),
         Column("metadata", "JSON", "free-form metadata from POST /v1/episodes"),
         Column("pushed_at", "TIMESTAMPTZ", "when the learner acknowledged it (NULL: not yet sent)"),
+        Column("quarantined_at", "TIMESTAMPTZ", "when the feed gave up on it (never pushed after that)"),
+        Column("push_error", "VARCHAR", "why it was quarantined"),
     ),
     proto_message="Episode",
 )
@@ -104,6 +107,22 @@ CALLS = Table(
         Column("ttft_ms", "DOUBLE", "request received to first content chunk (streaming)"),
         Column("status", "INTEGER", "HTTP status returned to the client", proto=True),
         Column("error", "VARCHAR", "upstream or proxy error message"),
+        Column("temperature", "DOUBLE", "sampling temperature vLLM used (request, else sampling_defaults, else 1)",
+               proto=True, backfill="coalesce(TRY_CAST(request->>'temperature' AS DOUBLE), 1.0)"),
+        Column("top_p", "DOUBLE", "nucleus sampling threshold used (1 = off)", proto=True,
+               backfill="coalesce(TRY_CAST(request->>'top_p' AS DOUBLE), 1.0)"),
+        Column("top_k", "INTEGER", "top-k used (-1 or 0 = off)", proto=True,
+               backfill="coalesce(TRY_CAST(request->>'top_k' AS INTEGER), -1)"),
+        Column("min_p", "DOUBLE", "min-p used (0 = off)", proto=True,
+               backfill="coalesce(TRY_CAST(request->>'min_p' AS DOUBLE), 0.0)"),
+        Column("presence_penalty", "DOUBLE", "presence penalty used", proto=True,
+               backfill="coalesce(TRY_CAST(request->>'presence_penalty' AS DOUBLE), 0.0)"),
+        Column("frequency_penalty", "DOUBLE", "frequency penalty used", proto=True,
+               backfill="coalesce(TRY_CAST(request->>'frequency_penalty' AS DOUBLE), 0.0)"),
+        Column("repetition_penalty", "DOUBLE", "repetition penalty used (1 = off)", proto=True,
+               backfill="coalesce(TRY_CAST(request->>'repetition_penalty' AS DOUBLE), 1.0)"),
+        Column("choices", "INTEGER", "n: choices asked for (the token columns hold choice 0's)", proto=True,
+               backfill="coalesce(TRY_CAST(request->>'n' AS INTEGER), 1)"),
     ),
     proto_message="Call",
 )

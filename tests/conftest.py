@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-import grpc
 import pytest
 from aiohttp import web
 
@@ -14,9 +13,8 @@ from flywheel.proxy.app import build_app
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.state import STATE
 from flywheel.learner.config import LearnerConfig
-from flywheel.learner.service import Servicer
+from flywheel.learner.service import grpc_server
 from flywheel.learner.updates import Learner
-from flywheel.protos import flywheel_pb2_grpc as pb_grpc
 from flywheel.store.db import Store
 from tests.fake_upstream import RECEIVED, make_app
 
@@ -24,13 +22,14 @@ from tests.fake_upstream import RECEIVED, make_app
 class Running:
     """An aiohttp app served on an ephemeral 127.0.0.1 port."""
 
-    def __init__(self, app: web.Application):
+    def __init__(self, app: web.Application, port: int = 0):
         self.app = app
         self.runner = web.AppRunner(app, access_log=None)
+        self.requested_port = port  # 0 = any free port
 
     async def start(self) -> "Running":
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", self.requested_port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -43,7 +42,7 @@ class Running:
 
 class Proxy(Running):
     def __init__(self, config: ProxyConfig):
-        super().__init__(build_app(config))
+        super().__init__(build_app(config), config.port)
         self.config = config
 
     @property
@@ -160,9 +159,7 @@ class LearnerServer:
 
     async def start(self) -> "LearnerServer":
         self.learner = Learner(self.config, self.model)
-        self.server = grpc.aio.server()
-        pb_grpc.add_LearnerServicer_to_server(Servicer(self.learner), self.server)
-        self.server.add_insecure_port(self.config.listen)
+        self.server = grpc_server(self.learner)
         await self.server.start()
         return self
 

@@ -53,7 +53,7 @@ def test_untrainable_calls_are_skipped_with_a_reason():
     no_ids = pb.Call(call_id="n", agent="x", seq=3, status=200, finish_reason="stop")
     ep = episode("e", "t", 1.0, [call("a", "x", 0, finish="length"), call("b", "x", 1, status=502),
                                  call("c", "x", 2, n_tokens=40), no_ids, call("d", "x", 4, choices=2)])
-    transitions, skipped = assign(ep, CreditConfig(max_tokens=30), agent_filter(".*"))
+    transitions, skipped = assign(ep, CreditConfig(skip_truncated=True, max_tokens=30), agent_filter(".*"))
     assert transitions == []
     assert skipped == {"truncated": 1, "error_status": 1, "too_long": 1, "no_token_ids": 1, "several_choices": 1}
     kept, _ = assign(ep, CreditConfig(skip_truncated=False, max_tokens=30), agent_filter(".*"))
@@ -88,14 +88,54 @@ def test_batch_scale_divides_by_the_batch_reward_std():
     assert [s.advantage for s in scored] == pytest.approx([a / (spread + 1e-4) for a in (0.5, -0.5, 1, -1)])
 
 
-def test_singletons_use_the_agents_running_baseline():
+def _episodes(specs, agent="x"):
+    """[(episode id, task, reward, calls of the agent)] -> transitions, in that order."""
+    eps = [episode(e, task, r, [call(f"{e}-{k}", agent, k) for k in range(n)]) for e, task, r, n in specs]
+    return [t for ep in eps for t in assign(ep, CreditConfig(), agent_filter(".*"))[0]]
+
+
+def test_a_singleton_baseline_is_bounded_and_scores_each_episode_before_learning_from_it():
+    """Rewards 0 then 1 gave A = 1 / (0 + 1e-4) = 10000: now the std is floored at 0.25."""
     baselines: dict[str, Baseline] = {}
-    singles = [t for t in _transitions({"": [1.0]}) ]
-    scored, stats = compute_advantages(singles, AdvantageConfig(scale="none"), baselines)
-    assert scored == [] and stats.skipped == {"no_baseline_yet": 1} and baselines["x"].mean == 1.0
-    scored, _ = compute_advantages(_transitions({"": [0.0]}), AdvantageConfig(scale="none"), baselines)
-    assert [s.advantage for s in scored] == [-1.0]
-    assert baselines["x"].mean == pytest.approx(0.9)  # 1 + 0.1 * (0 - 1)
+    singles = _episodes([("e0", "", 0.0, 1), ("e1", "", 1.0, 1), ("e2", "", 0.0, 1)])
+    scored, stats = compute_advantages(singles, AdvantageConfig(baseline_warmup=1), baselines)
+    # e0 starts the baseline (mean 0, var 0); e1: (1 - 0) / max(0, 0.25) = 4;
+    # then mean 0 + 0.1 * 1 = 0.1, var 0.9 * (0 + 0.1 * 1) = 0.09; e2: (0 - 0.1) / max(0.3, 0.25)
+    assert [(s.transition.episode_id, s.advantage) for s in scored] == [("e1", 4.0), ("e2", pytest.approx(-1 / 3))]
+    assert stats.skipped == {"no_baseline_yet": 1}
+    assert baselines["x"].seen == 3 and baselines["x"].mean == pytest.approx(0.09)  # 0.1 + 0.1 * (0 - 0.1)
+
+
+def test_the_calls_of_one_episode_share_the_baseline_from_before_it_which_learns_once():
+    """Four calls of one episode got 2.0, 1.60, 1.36, 1.18 when the baseline learnt after every call."""
+    baselines = {"x": Baseline(mean=0.0, var=0.0, seen=5)}
+    scored, _ = compute_advantages(_episodes([("e", "", 2.0, 4)]), AdvantageConfig(scale="none"), baselines)
+    assert [s.advantage for s in scored] == [2.0, 2.0, 2.0, 2.0]
+    assert baselines["x"].seen == 6 and baselines["x"].mean == pytest.approx(0.2)
+
+
+def test_singletons_wait_for_a_warm_baseline_and_groups_teach_it_too():
+    baselines: dict[str, Baseline] = {}
+    mixed = _episodes([("g0", "t", 1.0, 1), ("g1", "t", 0.0, 1), ("s0", "", 1.0, 1)])
+    scored, stats = compute_advantages(mixed, AdvantageConfig(baseline_warmup=2, scale="none"), baselines)
+    # the group's two episodes warm the baseline (mean 1 then 0.9); s0 is scored against 0.9
+    assert [(s.transition.episode_id, round(s.advantage, 6)) for s in scored] == [
+        ("g0", 0.5), ("g1", -0.5), ("s0", 0.1)]
+    assert stats.groups == 1 and baselines["x"].seen == 3
+    cold: dict[str, Baseline] = {}
+    _, stats = compute_advantages(_episodes([("s1", "", 1.0, 2)]), AdvantageConfig(), cold)
+    assert stats.skipped == {"no_baseline_yet": 2} and cold["x"].seen == 1
+
+
+def test_group_statistics_per_episode_or_per_call():
+    """e0 has three calls with reward 1, e1 one call with reward 0."""
+    members = _episodes([("e0", "t", 1.0, 3), ("e1", "t", 0.0, 1)])
+    by_episode, _ = compute_advantages(members, AdvantageConfig(), {})
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)  # returns [1, 0]: mean 0.5, std sqrt(0.5)
+    assert [s.advantage for s in by_episode] == pytest.approx([a, a, a, -a])
+    by_call, _ = compute_advantages(members, AdvantageConfig(level="call"), {})
+    # rewards [1, 1, 1, 0]: mean 0.75, std 0.5
+    assert [s.advantage for s in by_call] == pytest.approx([0.25 / 0.5001] * 3 + [-0.75 / 0.5001])
 
 
 def test_staleness_drops_calls_served_by_versions_too_far_behind(tmp_path):

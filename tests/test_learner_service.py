@@ -14,7 +14,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.credit import CreditConfig
 from flywheel.learner.trainer import TrainerConfig
-from flywheel.learner.updates import update_due
 from flywheel.protos import flywheel_pb2 as pb
 from flywheel.protos import flywheel_pb2_grpc as pb_grpc
 from tests.conftest import free_port, wait_buffered
@@ -53,7 +52,8 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
     address = f"127.0.0.1:{free_port()}"
     proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=0.05)
     config = LearnerConfig(model=tiny_model, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"),
-                           min_groups=1000, trainer=TINY_TRAINER, credit=CreditConfig(skip_truncated=False))
+                           min_episodes=1000, group_size=4, trainer=TINY_TRAINER,
+                           credit=CreditConfig(skip_truncated=False))
 
     # the learner is down: the proxy keeps serving and nothing is lost
     await run_episodes(proxy, {"t1": [1.0, 0.0, 1.0, 0.0]})
@@ -96,22 +96,14 @@ async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_p
     assert server.learner.publisher.latest["solver"].served_name == "solver-v1"
     assert server.learner.buffer.pending == {}
     assert server.learner.buffer.add([_episode("t1-0")]) == (0, 1)  # a duplicate by episode id
-    await run_episodes(proxy, {"t3": [1.0, 0.0]})
-    await wait_buffered(server, 2)
+    await run_episodes(proxy, {"t3": [1.0, 0.0, 1.0, 0.0]})
+    await wait_buffered(server, 4)
     published = await server.learner.update("test")
     assert [p.served_name for p in published] == ["solver-v2"]
 
 
 def _episode(episode_id):
     return pb.Episode(episode_id=episode_id)
-
-
-def test_update_due_by_groups_by_timer_or_only_on_demand():
-    assert update_due(ready_groups=8, since_last_s=0, min_groups=8, interval_s=0) == "scheduled"
-    assert update_due(ready_groups=7, since_last_s=10, min_groups=8, interval_s=0) is None
-    assert update_due(ready_groups=1, since_last_s=60, min_groups=8, interval_s=60) == "timer"
-    assert update_due(ready_groups=1, since_last_s=59, min_groups=8, interval_s=60) is None
-    assert update_due(ready_groups=10_000, since_last_s=1e9, min_groups=0, interval_s=0) is None  # on demand only
 
 
 async def test_train_pushes_everything_ready_and_never_eval_episodes(start_proxy, start_learner, tiny_model,
@@ -121,7 +113,8 @@ async def test_train_pushes_everything_ready_and_never_eval_episodes(start_proxy
     address = f"127.0.0.1:{free_port()}"
     proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=3600, push_batch=2)
     server = await start_learner(LearnerConfig(
-        model=tiny_model, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"), min_groups=0,
+        model=tiny_model, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"), min_episodes=0,
+        group_size=4,
         trainer=TINY_TRAINER, credit=CreditConfig(skip_truncated=False)), tiny_model)
     await run_episodes(proxy, {"t1": [1.0, 0.0, 1.0, 0.0, 1.0]})
     for i, reward in enumerate([1.0, 0.0]):
@@ -137,4 +130,4 @@ async def test_train_pushes_everything_ready_and_never_eval_episodes(start_proxy
     metrics = next(e["metrics"] for e in events if "metrics" in e)
     assert metrics["episodes"] == 5 and metrics["transitions"] == 5, events
     assert await proxy.rows("SELECT count(*) AS n FROM episodes WHERE pushed_at IS NULL") == [{"n": 2}]
-    assert server.learner.updates == 1  # min_groups = 0: nothing trained on its own
+    assert server.learner.updates == 1  # min_episodes = 0: nothing trained on its own

@@ -17,11 +17,11 @@ def write(tmp_path, text: str) -> str:
 def test_sub_tables_fill_the_sections_and_env_vars_follow_the_path(tmp_path, monkeypatch):
     path = write(tmp_path, """
 [learner]
-min_groups = 0
+min_episodes = 0
 [learner.loss]
 loss_type = "dr_grpo"
 [learner.credit]
-skip_truncated = false
+skip_truncated = true
 dim_weights = {correct = 1, style = 0.25}
 [learner.trainer]
 lr = 3e-4
@@ -30,9 +30,9 @@ target_modules = ["q_proj", "v_proj"]
     monkeypatch.setenv("FLYWHEEL_LEARNER_TRAINER_LORA_RANK", "8")
     monkeypatch.setenv("FLYWHEEL_LEARNER_ADVANTAGES_SCALE", "none")
     config = load_config(LearnerConfig, "learner", path, {"train_agents": "planner|writer", "model": None})
-    assert config.min_groups == 0 and config.train_agents == "planner|writer"
+    assert config.min_episodes == 0 and config.train_agents == "planner|writer"
     assert config.loss.loss_type == "dr_grpo" and config.loss.epsilon == 0.2  # the rest stays default
-    assert config.credit.skip_truncated is False and config.credit.dim_weights == {"correct": 1.0, "style": 0.25}
+    assert config.credit.skip_truncated is True and config.credit.dim_weights == {"correct": 1.0, "style": 0.25}
     assert config.trainer.lr == 3e-4 and config.trainer.lora_rank == 8
     assert config.trainer.target_modules == ("q_proj", "v_proj")
     assert config.advantages.scale == "none"

@@ -42,6 +42,20 @@ def test_older_file_is_upgraded_in_place_and_keeps_its_rows(db_path):
     assert read_db(db_path, "SELECT count(*) AS n FROM calls") == [{"n": 0}]
 
 
+def test_calls_recorded_before_the_sampling_columns_get_them_from_their_requests(db_path):
+    """A version-1 store: temperature and n lived only in the request JSON (a bad value there
+    made the feed raise); the upgrade fills the new columns, TRY_CAST turning junk into the neutral value."""
+    con = duckdb.connect(db_path)
+    con.execute("CREATE TABLE calls (call_id VARCHAR, request JSON)")
+    con.execute("""INSERT INTO calls VALUES ('c1', '{"temperature": 0.5, "n": 2}'), ('c2', '{"temperature": "hot"}'),
+                   ('c3', '{}')""")
+    con.close()
+    Store(db_path).close()
+    rows = read_db(db_path, "SELECT call_id, temperature, top_p, choices FROM calls ORDER BY call_id")
+    assert [(r["temperature"], r["top_p"], r["choices"]) for r in rows] == [(0.5, 1.0, 2), (1.0, 1.0, 1),
+                                                                          (1.0, 1.0, 1)]
+
+
 def test_a_newer_file_is_refused(db_path):
     Store(db_path).close()
     con = duckdb.connect(db_path)

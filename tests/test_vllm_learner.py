@@ -63,7 +63,8 @@ async def test_loop_episodes_update_hot_swap_and_learner_restart(start_proxy, st
     proxy = await start_proxy(upstream=vllm.url, base_model="smollm2", learner=address, push_after_s=0.0,
                               push_interval_s=0.05)
     config = LearnerConfig(model=smollm2, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "learner"),
-                           min_groups=1000, credit=CreditConfig(skip_truncated=False), trainer=TrainerConfig(lr=1e-4))
+                           min_episodes=1000, group_size=2, credit=CreditConfig(skip_truncated=False),
+                           trainer=TrainerConfig(lr=1e-4))
     server = await start_learner(config, smollm2)
 
     async def episodes(prefix, count):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import orjson
@@ -14,6 +14,7 @@ from aiohttp import web
 from flywheel.proxy.attribution import Attribution, attribute, new_id
 from flywheel.proxy.capture import Capture, Wants, strip_unrequested, upstream_body
 from flywheel.proxy.errors import error_body, error_response, read_json_object
+from flywheel.proxy.sampling import Sampling, resolve
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamError, UpstreamResponse
 from flywheel.store.records import CallRecord
@@ -35,6 +36,7 @@ class _Call:
     model: str | None
     stream: bool
     capture: Capture
+    sampling: Sampling
     ttft_ms: float | None = None
     capture_error: str | None = None  # an error event the upstream sent inside the stream
 
@@ -69,6 +71,7 @@ class _Call:
             status=status,
             error=error,
             task_id=self.who.task_id,
+            **asdict(self.sampling),
         ))
 
 
@@ -85,12 +88,14 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     created_at = datetime.now(timezone.utc)
     body = await read_json_object(request)
     who = attribute(request.match_info, request.headers, body, state.config.default_agent)
+    request_json = orjson.dumps(body).decode()  # as the client sent it: before defaults are filled in
+    forward, wants = upstream_body(body, endpoint)
     call = _Call(
         state=state, endpoint=endpoint, who=who, call_id=new_id("call"), created_at=created_at,
-        started=started, request_json=orjson.dumps(body).decode(), model=body.get("model"),
+        started=started, request_json=request_json, model=body.get("model"),
         stream=bool(body.get("stream")), capture=Capture(endpoint),
+        sampling=resolve(forward, state.config.sampling_defaults),
     )
-    forward, wants = upstream_body(body, endpoint)
     headers = {"Content-Type": "application/json"}
     if "Authorization" in request.headers:
         headers["Authorization"] = request.headers["Authorization"]

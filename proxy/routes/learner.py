@@ -13,6 +13,10 @@ from flywheel.proxy.feed import Feed
 from flywheel.proxy.state import STATE
 
 
+_QUARANTINED = ("SELECT episode_id, quarantined_at, push_error FROM episodes WHERE quarantined_at IS NOT NULL "
+                "ORDER BY quarantined_at DESC")
+
+
 def _feed(request: web.Request) -> Feed:
     feed = request.app[STATE].feed
     if feed is None:
@@ -44,8 +48,12 @@ async def train(request: web.Request) -> web.StreamResponse:
 
 
 async def status(request: web.Request) -> web.Response:
+    """The feed's health, the quarantined episodes (with their errors, from the store) and the learner's status."""
     feed = _feed(request)
-    out = {"learner": feed.target, "pushed_episodes": feed.pushed, "feed_error": feed.last_error}
+    writer = request.app[STATE].writer
+    quarantined = await writer.read(writer.store.query, _QUARANTINED, 20, 10)
+    out = {**feed.health(), "feed_error": feed.last_error,
+           "quarantined": [dict(zip(quarantined["columns"], row)) for row in quarantined["rows"]]}
     try:
         out.update(_as_dict(await feed.status()))
     except grpc.aio.AioRpcError as failure:
