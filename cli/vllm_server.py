@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from flywheel.learner.devices import resolve_dtype
+
 
 class VllmError(RuntimeError):
     pass
@@ -28,7 +30,9 @@ class VllmSettings:
     port: int = 8000
     max_lora_rank: int = 16
     max_loras: int = 4  # adapters resident at once: every trained agent's current and previous version
-    dtype: str = "bfloat16"
+    # auto = bfloat16 on GPUs and on CPUs with native bf16, float32 where bf16 would be emulated
+    # (flywheel.learner.devices); the learner resolves its own dtype the same way
+    dtype: str = "auto"
     kv_cache_gb: int = 2  # VLLM_CPU_KVCACHE_SPACE on CPU builds
     max_model_len: int = 4096
     # GPU builds only: the share of GPU memory vLLM takes for weights and KV cache. vLLM's own
@@ -49,7 +53,7 @@ def command(s: VllmSettings) -> list[str]:
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", s.model, "--served-model-name", s.served_name,
-        "--host", s.host, "--port", str(s.port), "--dtype", s.dtype,
+        "--host", s.host, "--port", str(s.port), "--dtype", resolve_dtype(s.dtype, "cuda" if gpu_build() else "cpu"),
         "--max-model-len", str(s.max_model_len), "--logprobs-mode", s.logprobs_mode,
         "--enable-lora", "--max-lora-rank", str(s.max_lora_rank),
         "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.max_loras),

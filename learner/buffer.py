@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from flywheel.learner.durable import fsync_dir, replace_atomically
 from flywheel.protos import flywheel_pb2 as pb
 
 log = logging.getLogger("flywheel.learner")
@@ -64,25 +65,6 @@ def _read_records(f: BinaryIO, size: int) -> Iterator[tuple[int, float, pb.Episo
             return
         offset += _HEADER.size + length
         yield _HEADER.size + length, arrived, pb.Episode.FromString(payload)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """A created or renamed file survives power loss only once its directory entry is synced."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_atomically(path: Path, chunks: Iterable[bytes]) -> None:
-    temp = path.with_name(path.name + ".tmp")
-    with temp.open("wb") as f:
-        f.writelines(chunks)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-    _fsync_dir(path.parent)
 
 
 def _write_at(path: Path, offset: int, data: bytes) -> None:
@@ -131,7 +113,7 @@ class EpisodeBuffer:
 
     def _load_consumed(self) -> None:
         if not self.consumed_file.exists():
-            _replace_atomically(self.consumed_file, [])
+            replace_atomically(self.consumed_file, [])
         data = self.consumed_file.read_bytes()
         self._consumed_end = data.rfind(b"\n") + 1
         if self._consumed_end < len(data):
@@ -145,11 +127,11 @@ class EpisodeBuffer:
         if self.spool.exists() and not _starts_with_magic(self.spool):
             aside = self.spool.with_name(f"{self.spool.name}.old-{int(time.time())}")
             os.replace(self.spool, aside)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             log.warning("%s is not in this buffer's format: moved aside to %s, its episodes are not loaded",
                         self.spool, aside.name)
         if not self.spool.exists():
-            _replace_atomically(self.spool, [_MAGIC])
+            replace_atomically(self.spool, [_MAGIC])
         size = self.spool.stat().st_size
         with self.spool.open("rb") as f:
             for record_bytes, arrived, episode in _read_records(f, size):
@@ -212,7 +194,7 @@ class EpisodeBuffer:
 
     def _compact(self) -> None:
         records = [_encode_record(episode, self.arrived[i]) for i, episode in self.pending.items()]
-        _replace_atomically(self.spool, [_MAGIC, *records])
+        replace_atomically(self.spool, [_MAGIC, *records])
         self._record_bytes = {i: len(record) for i, record in zip(self.pending, records)}
         self._spool_end = len(_MAGIC) + sum(self._record_bytes.values())
         self._consumed_record_bytes = 0
@@ -222,7 +204,7 @@ class EpisodeBuffer:
         kept = ids[len(ids) - self.consumed_ids_kept:]
         forgotten = self._forgotten + len(ids) - len(kept)
         lines = _id_lines([f"{_FORGOTTEN}{forgotten}", *kept])
-        _replace_atomically(self.consumed_file, [lines])
+        replace_atomically(self.consumed_file, [lines])
         self._forgotten = forgotten
         self._consumed = dict.fromkeys(kept)
         self._consumed_end = len(lines)

@@ -19,10 +19,17 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
-
 from flywheel.learner.advantages import Scored
 from flywheel.learner.batching import MicroBatch, collate, pack
-from flywheel.learner.loss import LossConfig, Normalizer, aggregate, k3_kl, per_token_loss, truncated_is_weight
+from flywheel.learner.devices import resolve_dtype
+from flywheel.learner.loss import (
+    LossConfig,
+    Normalizer,
+    aggregate,
+    k3_kl,
+    per_token_loss,
+    truncated_is_weight,
+)
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -50,8 +57,9 @@ class TrainerConfig:
     micro_batch_tokens: int = 1024
     # passes over each batch; 1 = one optimizer step, ratio 1 (old policy = current)
     ppo_epochs: int = 1
-    # the frozen base weights
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # the frozen base weights: auto = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16,
+    # AMX), float32 elsewhere, where bf16 is emulated and ~13x slower (flywheel.learner.devices)
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # torch threads; 0 = torch's default (all cores)
     threads: int = 0
     # where the model runs: "" = CUDA when available, else CPU; or e.g. "cuda:1", "cpu"
@@ -100,7 +108,7 @@ class PolicyTrainer:
         self.config = config
         self.loss_config = loss
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        dtype = torch.bfloat16 if resolve_dtype(config.dtype, self.device.type) == "bfloat16" else torch.float32
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)
         base.requires_grad_(False)
         if config.gradient_checkpointing:  # non-reentrant: needs no input that requires grad, replays autocast

@@ -182,7 +182,8 @@ async def start_learner():
 
 
 async def wait_buffered(server: LearnerServer, count: int) -> None:
-    for _ in range(200):
+    """Up to 45 s: longer than the feed's longest back-off (30 s) after the learner was down."""
+    for _ in range(900):
         if len(server.learner.buffer.pending) >= count:
             return
         await asyncio.sleep(0.05)

@@ -1,0 +1,26 @@
+"""Which number format runs fast where: bf16 only where the hardware has it.
+
+On a CPU without AVX512-BF16 or AMX (AVX2 machines, many AMD EPYCs) torch and vLLM emulate
+bf16 matmuls: measured on such a 2-core VM, a SmolLM2-135M forward and backward over 604
+tokens took 113 s in bf16 and 8.7 s in fp32. There `auto` means float32.
+"""
+
+from __future__ import annotations
+
+
+def fast_bf16(device_type: str) -> bool:
+    """True on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 or AMX)."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                   "_is_amx_tile_supported"))
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """"auto" -> "bfloat16" where it is fast, else "float32"; an explicit choice stays."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if fast_bf16(device_type) else "float32"
