@@ -15,6 +15,7 @@ import re
 from examples.agents import AgentClients
 from examples.arithmetic import Task
 
+MAX_OFFSET = 30  # days forward or back: 4 phrasings x 7 days x 30 = 840 distinct questions
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _PHRASES = (
     ("What day of the week is it {n} days after {day}?", 1),
@@ -33,12 +34,14 @@ REPLIER_SHOT = ("Question: Today is Monday. What day will it be in 2 days?\nCoun
 
 def task_split(seed: int, n_train: int, n_heldout: int) -> tuple[list[Task], list[Task]]:
     """Disjoint train and held-out weekday tasks, fixed by `seed`; `answer` is the weekday's index."""
+    if n_train + n_heldout > len(_PHRASES) * len(DAYS) * MAX_OFFSET:
+        raise ValueError(f"only {len(_PHRASES) * len(DAYS) * MAX_OFFSET} distinct weekday questions exist")
     rng = random.Random(seed)
     seen: set[str] = set()
     tasks: list[Task] = []
     while len(tasks) < n_train + n_heldout:
         phrase, sign = rng.choice(_PHRASES)
-        day, n = rng.choice(DAYS), rng.randint(1, 12)
+        day, n = rng.choice(DAYS), rng.randint(1, MAX_OFFSET)
         question = phrase.format(day=day, n=n)
         if question in seen:
             continue
