@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from typing import IO
 
 DEFAULT_URL = "http://127.0.0.1:8400"
+KEY_VARIABLE = "FLYWHEEL_API_KEY"  # the key the command line sends (an admin key for sql, status, train)
 
 
 class ProxyError(RuntimeError):
@@ -21,7 +23,10 @@ class ProxyUnreachable(ProxyError):
 def proxy_request(url: str, path: str, body: dict | None = None, timeout_s: float = 120, hint: str = "") -> IO[bytes]:
     """An open response from the proxy (POST with `body`, else GET); raises ProxyError with the
     proxy's message for an error reply, ProxyUnreachable when nothing answers."""
-    request = urllib.request.Request(url.rstrip("/") + path, headers={"Content-Type": "application/json"},
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(KEY_VARIABLE):
+        headers["Authorization"] = f"Bearer {os.environ[KEY_VARIABLE]}"
+    request = urllib.request.Request(url.rstrip("/") + path, headers=headers,
                                      data=json.dumps(body).encode() if body is not None else None)
     try:
         return urllib.request.urlopen(request, timeout=timeout_s)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from flywheel.client import DEFAULT_URL, ProxyError, proxy_request
+from flywheel.proxy.auth import InsecureConfig
 from flywheel.settings import ConfigError, load_config
 from flywheel.sql import StoreBusy
 from flywheel.store.sandbox import QueryError, ReadOnlyViolation
@@ -48,7 +49,10 @@ def _report(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from flywheel.up import UpConfig, up
 
-    return up(load_config(UpConfig, "up", args.config, vars(args)))
+    from flywheel.proxy.config import ProxyConfig
+
+    proxy = load_config(ProxyConfig, "proxy", args.config, {})  # its keys: the learner publishes with one
+    return up(load_config(UpConfig, "up", args.config, vars(args)), proxy.admin_keys)
 
 
 def _learner(args: argparse.Namespace) -> int:
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int)
     serve.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb)")
     serve.add_argument("--learner", help="the learner's gRPC address, e.g. 127.0.0.1:8401 (default: none)")
+    serve.add_argument("--insecure", action="store_true", default=None,
+                       help="serve a non-loopback host without keys (anyone reaching it reads every prompt)")
     serve.add_argument("--config", help="TOML settings file (default ./flywheel.toml if present)")
     serve.set_defaults(run=_serve)
 
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb)")
     stack.add_argument("--upstream", help="use this running OpenAI-compatible server instead of starting vLLM")
     stack.add_argument("--max-loras", dest="max_loras", type=int, help="adapters vLLM keeps loaded (default 4)")
+    stack.add_argument("--insecure", action="store_true", default=None,
+                       help="serve a non-loopback host without proxy keys")
     stack.add_argument("--no-learner", dest="learner", action="store_false", default=None,
                        help="serve and log only: do not start the learner")
     stack.add_argument("--learner-state", dest="learner_state", help="learner state directory")
@@ -179,4 +187,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # What a command can fail on because of what it was asked (a setting, a query, a file, a URL).
-_USER_ERRORS = (ConfigError, ProxyError, StoreBusy, QueryError, ReadOnlyViolation)
+_USER_ERRORS = (ConfigError, InsecureConfig, ProxyError, StoreBusy, QueryError, ReadOnlyViolation)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class UpConfig:
     learner_port: int = 8401
     # the learner's buffer, adapters and optimizer states
     learner_state: str = "flywheel-learner"
+    # serve a non-loopback host without proxy keys (see [proxy] insecure)
+    insecure: bool = False
     # TOML settings file passed on to the proxy and the learner ("" = none)
     config: str = ""
 
@@ -66,44 +69,51 @@ def flywheel_command(*args: str) -> list[str]:
     return [sys.executable, "-P", "-m", "flywheel", *args]
 
 
-def warm_up(url: str, model: str) -> None:
+def warm_up(url: str, model: str, api_key: str) -> None:
     """One tiny chat request, so the first agent's call does not pay vLLM's first-request costs
     (compiling the chat template takes seconds on CPU)."""
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
     try:
         urllib.request.urlopen(request, timeout=120).read()
     except OSError:
         pass  # a warm-up only: serving works without it
 
 
-def up(config: UpConfig) -> int:
+def up(config: UpConfig, admin_keys: tuple[str, ...] = ()) -> int:
+    """The stack; `admin_keys`: the proxy's, one of which the learner publishes adapters with."""
     supervisor = Supervisor(adopt_orphans=True)
     supervisor.handle_signals()
+    # secrets only these processes share, handed over in their environment (never in argv):
+    # vLLM answers only the proxy, the learner's gRPC port only the proxy's feed
+    vllm_key, learner_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     try:
         upstream, served, model = config.upstream, config.served_name, config.model
         if not upstream:
             model, served = _model(config)
             settings = VllmSettings(model=model, served_name=served, port=config.vllm_port,
                                     max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
-                                    gpu_memory_utilization=config.gpu_memory_utilization)
+                                    gpu_memory_utilization=config.gpu_memory_utilization, api_key=vllm_key)
             vllm = supervisor.start(vllm_child(settings))
             supervisor.wait_ready(vllm, config.vllm_timeout_s, f"vLLM to load {Path(model).name}")
             upstream = settings.url
-            warm_up(upstream, served)
+            warm_up(upstream, served, vllm_key)
         settings_file = ["--config", config.config] if config.config else []
         proxy_url = f"http://{config.host}:{config.port}"
         learner_address = f"127.0.0.1:{config.learner_port}"
+        insecure = ["--insecure"] if config.insecure else []
         proxy = Child("proxy", flywheel_command("serve", "--upstream", upstream, "--host", config.host, "--port",
-                                                str(config.port), "--db", config.db, *settings_file),
+                                                str(config.port), "--db", config.db, *insecure, *settings_file),
                       ready_url=f"{proxy_url}/healthz")
         proxy.env.update(FLYWHEEL_PROXY_BASE_MODEL=served or "", FLYWHEEL_PROXY_MAX_LORA_RANK=str(config.max_lora_rank))
+        if not config.upstream:
+            proxy.env["FLYWHEEL_PROXY_UPSTREAM_API_KEY"] = vllm_key
         if not config.upstream:  # we started vLLM without its generation-config defaults: the proxy applies them
             defaults = sampling_defaults(model)
             proxy.env["FLYWHEEL_PROXY_SAMPLING_DEFAULTS"] = ",".join(f"{k}={v}" for k, v in defaults.items())
         if config.learner:
-            proxy.env["FLYWHEEL_PROXY_LEARNER"] = learner_address
+            proxy.env.update(FLYWHEEL_PROXY_LEARNER=learner_address, FLYWHEEL_PROXY_LEARNER_TOKEN=learner_token)
         supervisor.wait_ready(supervisor.start(proxy), 60, "the proxy")
         if config.learner:
             if not model:
@@ -111,6 +121,9 @@ def up(config: UpConfig) -> int:
             learner = Child("learner", flywheel_command("learner", "--model", model, "--listen", learner_address,
                                                         "--proxy", proxy_url, "--state-dir", config.learner_state,
                                                         *settings_file), ready_url=f"tcp://{learner_address}")
+            learner.env["FLYWHEEL_LEARNER_TOKEN"] = learner_token
+            if admin_keys:
+                learner.env.setdefault("FLYWHEEL_LEARNER_PROXY_KEY", admin_keys[0])
             supervisor.wait_ready(supervisor.start(learner), 120, "the learner")
         supervisor.say(f"Flywheel is up: point agents at http://{config.host}:{config.port}/v1 "
                        f"(model {served or 'as upstream'}), upstream {upstream}. Ctrl-C stops everything.")

@@ -42,6 +42,8 @@ class VllmSettings:
     # logprobs after temperature (and top-k/top-p): the distribution tokens were sampled from,
     # which the learner's importance weights need (vLLM's default is the raw logits' logprobs)
     logprobs_mode: str = "processed_logprobs"
+    # the key vLLM requires on /v1 (passed as VLLM_API_KEY, never on the command line); "" = none
+    api_key: str = ""
     extra_args: tuple[str, ...] = ()
 
     @property
@@ -92,6 +94,8 @@ def environment(s: VllmSettings) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.kv_cache_gb))
+    if s.api_key:
+        env["VLLM_API_KEY"] = s.api_key
     return env
 
 
@@ -99,7 +103,7 @@ def child(s: VllmSettings):
     from flywheel.supervisor import Child
 
     check_installed()
-    return Child("vllm", command(s), ready_url=s.url + "/v1/models", env=environment(s))
+    return Child("vllm", command(s), ready_url=s.url + "/health", env=environment(s))
 
 
 def check_installed() -> None:

@@ -10,6 +10,8 @@ it, a writer answers the user.
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import openai
 
@@ -34,7 +36,7 @@ class AgentClients:
         self.model = model
         self.temperature = temperature
         self.example = example
-        self.clients = {name: openai.AsyncOpenAI(base_url=f"{self.proxy_url}/agents/{name}/v1", api_key="unused")
+        self.clients = {name: openai.AsyncOpenAI(base_url=f"{self.proxy_url}/agents/{name}/v1", api_key=os.environ.get("FLYWHEEL_API_KEY", "unused"))
                         for name in agents}
         self.http = httpx.AsyncClient(base_url=self.proxy_url, timeout=60)
 

@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from examples.agents import Workflow
 from examples.arithmetic import Task
 from examples.run import attempt
 from flywheel.report import HELDOUT_BY_VERSION, write_report
-from flywheel.client import fetch_via_proxy, proxy_request
+from flywheel.client import ProxyError, fetch_via_proxy, proxy_request
 from flywheel.sql import render
 
 # --task: its task split and its workflow. calendar is the task no setting was tuned on.
@@ -61,9 +60,9 @@ def flywheel_up(args: argparse.Namespace, log_path: Path, timeout_s: float = 900
             if proc.poll() is not None:
                 raise SystemExit(f"flywheel up exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                urllib.request.urlopen(f"{url}/v1/learner/status", timeout=2)
+                proxy_request(url, "/v1/learner/status", timeout_s=2).close()
                 break
-            except OSError:
+            except (ProxyError, OSError):
                 if time.monotonic() - started > timeout_s:
                     raise SystemExit(f"flywheel up not ready after {timeout_s:.0f} s; see {log_path}")
                 time.sleep(1)

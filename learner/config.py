@@ -29,6 +29,10 @@ class LearnerConfig:
     listen: str = "127.0.0.1:8401"
     # the proxy that publishes adapters into vLLM and records train_runs
     proxy: str = "http://127.0.0.1:8400"
+    # an admin key of that proxy, when it has keys (FLYWHEEL_LEARNER_PROXY_KEY; `flywheel up` passes one)
+    proxy_key: str = ""
+    # token the proxy must present on the gRPC port (the proxy's learner_token); "" = none
+    token: str = ""
     # where the learner keeps its buffer, adapters and optimizer states
     state_dir: str = "flywheel-learner"
     # agents to train: a regex matched against the whole agent name

@@ -38,9 +38,10 @@ class Published:
 
 
 class Publisher:
-    def __init__(self, state_dir: Path, proxy_url: str):
+    def __init__(self, state_dir: Path, proxy_url: str, proxy_key: str = ""):
         self.agents_file = Path(state_dir) / "agents.json"
         self.proxy_url = proxy_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {proxy_key}"} if proxy_key else {}
         found = json.loads(self.agents_file.read_text()) if self.agents_file.exists() else {}
         self.latest: dict[str, Published] = {agent: Published(**record) for agent, record in found.items()}
         self.watchers: list[asyncio.Queue] = []
@@ -54,7 +55,7 @@ class Publisher:
         """Register `directory` as the next version of each of `agents`; raises PublishError."""
         events = []
         train_run = MessageToDict(metrics, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), headers=self.headers) as session:
             for agent in agents:
                 body = {"agent": agent, "path": str(Path(directory).resolve()), "train_run": train_run}
                 try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 
 import grpc
@@ -57,11 +59,36 @@ class Servicer(pb_grpc.LearnerServicer):
             self.learner.publisher.watchers.remove(queue)
 
 
+class TokenCheck(grpc.aio.ServerInterceptor):
+    """Every call must carry `authorization: Bearer <token>` (the proxy's learner_token)."""
+
+    def __init__(self, token: str):
+        self._expected = hashlib.sha256(f"Bearer {token}".encode()).digest()
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        presented = dict(details.invocation_metadata or ()).get("authorization", "")
+        if handler is None or hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), self._expected):
+            return handler
+
+        async def refuse(_request, context: grpc.aio.ServicerContext):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong learner token")
+
+        # a refusal of the same shape as the method, so gRPC reads the request the way it expects
+        make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+        return make[handler.request_streaming, handler.response_streaming](
+            refuse, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
 def grpc_server(learner: Learner) -> grpc.aio.Server:
     """The learner's gRPC server on `config.listen`, not started."""
     limit = learner.config.max_message_bytes
+    token = learner.config.token
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", limit)])
+                                      ("grpc.max_send_message_length", limit)],
+                             interceptors=[TokenCheck(token)] if token else None)
     pb_grpc.add_LearnerServicer_to_server(Servicer(learner), server)
     server.add_insecure_port(learner.config.listen)
     return server

@@ -118,7 +118,7 @@ class Learner:
         self.model_dir = model_dir
         self.state_dir = Path(config.state_dir)
         self.buffer = EpisodeBuffer(self.state_dir)
-        self.publisher = Publisher(self.state_dir, config.proxy)
+        self.publisher = Publisher(self.state_dir, config.proxy, config.proxy_key)
         self.trains = agent_filter(config.train_agents)
         self.baselines_file = self.state_dir / "baselines.json"
         self.baselines = _read_baselines(self.baselines_file)

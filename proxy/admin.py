@@ -16,10 +16,11 @@ def upstream_base(upstream: str) -> str:
 
 
 class UpstreamAdmin:
-    def __init__(self, upstream: str, timeout_s: float):
+    def __init__(self, upstream: str, timeout_s: float, api_key: str = ""):
         self.upstream = upstream
         self.base = upstream_base(upstream)
         self.session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=10),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         )

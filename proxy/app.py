@@ -18,6 +18,7 @@ import grpc
 from aiohttp import web
 
 from flywheel.proxy.admin import UpstreamAdmin, upstream_base
+from flywheel.proxy.auth import ROUTE_ACCESS, Access, check_bind, guard_middleware, is_loopback
 from flywheel.proxy.capture import CHAT, COMPLETIONS
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.errors import error_middleware
@@ -45,27 +46,38 @@ _PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
 
 
 def build_app(config: ProxyConfig) -> web.Application:
-    """The proxy for `config`; raises ValueError for settings it cannot serve with."""
+    """The proxy for `config`; raises ValueError for settings it cannot serve with
+    (InsecureConfig for keys or a bind address that would expose the store)."""
+    check_bind(config)
     config = dataclasses.replace(config, sampling_defaults=checked_defaults(config.sampling_defaults))
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, guard_middleware(config)],
+                          client_max_size=config.max_body_bytes)
     app[CONFIG] = config
-    for prefix in _PREFIXES:
-        app.router.add_post(f"{prefix}/v1/chat/completions", completion_handler(CHAT))
-        app.router.add_post(f"{prefix}/v1/completions", completion_handler(COMPLETIONS))
-        app.router.add_get(f"{prefix}/v1/models", models_handler)
-    app.router.add_post("/v1/episodes", episodes.create_episode)
-    app.router.add_get("/v1/episodes/{episode}", episodes.get_episode)
-    app.router.add_post("/v1/episodes/{episode}/feedback", episodes.post_feedback)
-    app.router.add_post("/v1/episodes/{episode}/close", episodes.close_episode)
-    app.router.add_post("/v1/sql", sql.run_sql)
-    app.router.add_get("/v1/adapters", adapters.list_adapters)
-    app.router.add_post("/v1/adapters", adapters.register_adapter)
-    app.router.add_post("/v1/adapters/{agent}/rollback", adapters.rollback_adapter)
-    app.router.add_post("/v1/learner/train", learner.train)
-    app.router.add_get("/v1/learner/status", learner.status)
-    app.router.add_get("/healthz", _health)
+    access: dict = {}
+    for method, path, handler, needs in _routes():
+        access[app.router.add_route(method, path, handler)] = needs
+    app[ROUTE_ACCESS] = access
     app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _feed, _state])
     return app
+
+
+def _routes():
+    """(method, path, handler, who may call it) for every route."""
+    for prefix in _PREFIXES:
+        yield "POST", f"{prefix}/v1/chat/completions", completion_handler(CHAT), Access.CLIENT
+        yield "POST", f"{prefix}/v1/completions", completion_handler(COMPLETIONS), Access.CLIENT
+        yield "GET", f"{prefix}/v1/models", models_handler, Access.CLIENT
+    yield "POST", "/v1/episodes", episodes.create_episode, Access.CLIENT
+    yield "GET", "/v1/episodes/{episode}", episodes.get_episode, Access.CLIENT
+    yield "POST", "/v1/episodes/{episode}/feedback", episodes.post_feedback, Access.CLIENT
+    yield "POST", "/v1/episodes/{episode}/close", episodes.close_episode, Access.CLIENT
+    yield "POST", "/v1/sql", sql.run_sql, Access.ADMIN
+    yield "GET", "/v1/adapters", adapters.list_adapters, Access.ADMIN
+    yield "POST", "/v1/adapters", adapters.register_adapter, Access.ADMIN
+    yield "POST", "/v1/adapters/{agent}/rollback", adapters.rollback_adapter, Access.ADMIN
+    yield "POST", "/v1/learner/train", learner.train, Access.ADMIN
+    yield "GET", "/v1/learner/status", learner.status, Access.ADMIN
+    yield "GET", "/healthz", _health, Access.PUBLIC
 
 
 async def _writer(app: web.Application) -> AsyncIterator[None]:
@@ -86,7 +98,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 
 async def _admin(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    app[ADMIN] = admin = UpstreamAdmin(config.upstream, config.upstream_timeout_s)
+    app[ADMIN] = admin = UpstreamAdmin(config.upstream, config.upstream_timeout_s, config.upstream_api_key)
     yield
     await admin.close()
 
@@ -109,7 +121,7 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
         return
     channel = grpc.aio.insecure_channel(config.learner, options=channel_options(config.max_message_bytes))
     feed = Feed(app[WRITER], channel, config.learner, config.push_after_s, config.push_batch, config.push_interval_s,
-                config.max_message_bytes)
+                config.max_message_bytes, config.learner_token)
     app[FEED] = feed
     feeding = asyncio.get_running_loop().create_task(feed.run())
     yield
@@ -122,6 +134,9 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM], admin=app[ADMIN],
                             registry=app[REGISTRY], feed=app.get(FEED))
     log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
+    if not (config.api_keys or config.admin_keys):
+        log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,
+                    " (loopback only)" if is_loopback(config.host) else " (--insecure)")
     yield
 
 

@@ -9,9 +9,20 @@ from dataclasses import dataclass, field
 class ProxyConfig:
     # OpenAI-compatible server to forward to, e.g. http://127.0.0.1:8000 (vLLM); /v1 is optional
     upstream: str = "http://127.0.0.1:8000"
-    # address the proxy listens on
+    # address the proxy listens on; without keys only a loopback address is allowed (see `insecure`)
     host: str = "127.0.0.1"
     port: int = 8400
+    # keys for agents: inference, /v1/models and episode routes (FLYWHEEL_PROXY_API_KEYS, comma-separated).
+    # Sent as Authorization: Bearer KEY or X-Api-Key. No keys at all: every route is open, loopback only
+    api_keys: tuple[str, ...] = ()
+    # keys for everything, also /v1/sql (all prompts), /v1/adapters*, /v1/learner/*, /metrics
+    admin_keys: tuple[str, ...] = ()
+    # serve a non-loopback address without keys (anyone who reaches the port reads every prompt)
+    insecure: bool = False
+    # key the proxy sends the upstream (Authorization: Bearer); a client's own Authorization is never forwarded
+    upstream_api_key: str = ""
+    # token the learner's gRPC port requires ([learner] token); "" = none
+    learner_token: str = ""
     # DuckDB file; this process is its only writer, others read through POST /v1/sql
     db: str = "flywheel.duckdb"
     # served name of the base model in vLLM; adapters apply to calls for it ("" = to any model)

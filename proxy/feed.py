@@ -43,8 +43,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 class Feed:
     def __init__(self, writer: BatchWriter, channel: grpc.aio.Channel, target: str, push_after_s: float,
-                 batch: int, interval_s: float, max_message_bytes: int):
+                 batch: int, interval_s: float, max_message_bytes: int, token: str = ""):
         self.writer = writer
+        # the learner's TokenCheck: every call carries the shared token
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = pb_grpc.LearnerStub(channel)
         self.target = target
         self.push_after_s = push_after_s
@@ -102,7 +104,7 @@ class Feed:
     async def _send(self, messages: list[pb.Episode]) -> None:
         """Push `messages`; if the learner refuses the batch for what is in it, find the one by sending singly."""
         try:
-            ack = await self.stub.PushEpisodes(iter(messages), timeout=60)
+            ack = await self.stub.PushEpisodes(iter(messages), timeout=60, metadata=self.metadata)
         except grpc.aio.AioRpcError as failure:
             if failure.code() in _TRANSIENT:
                 raise
@@ -134,7 +136,7 @@ class Feed:
 
     def train(self, wait: bool) -> AsyncIterator[pb.TrainEvent]:
         """An update now: its events as the learner streams them (every one with `wait`)."""
-        return self.stub.Train(pb.TrainRequest(wait=wait))
+        return self.stub.Train(pb.TrainRequest(wait=wait), metadata=self.metadata)
 
     async def status(self) -> pb.LearnerStatus:
-        return await self.stub.Status(pb.StatusRequest(), timeout=10)
+        return await self.stub.Status(pb.StatusRequest(), timeout=10, metadata=self.metadata)

@@ -19,6 +19,7 @@ import time
 from aiohttp import web
 
 RECEIVED = web.AppKey("received", list)
+AUTHORIZATIONS = web.AppKey("authorizations", list)  # the Authorization header of each call, None if absent
 LORAS = web.AppKey("loras", dict)  # served name -> path, as loaded through /v1/load_lora_adapter
 LORA_CALLS = web.AppKey("lora_calls", list)  # ("load" | "unload", name) in arrival order
 DELAY_S = web.AppKey("delay_s", float)
@@ -130,6 +131,7 @@ def _handler(chat: bool):
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         request.app[RECEIVED].append(body)
+        request.app[AUTHORIZATIONS].append(request.headers.get("Authorization"))
         delay_s = float(body.get("fake_delay_ms", 0)) / 1000 or request.app[DELAY_S]
         if delay_s:
             await asyncio.sleep(delay_s)
@@ -183,6 +185,7 @@ async def _models(request: web.Request) -> web.Response:
 def make_app(delay_s: float = 0.0) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[RECEIVED] = []
+    app[AUTHORIZATIONS] = []
     app[DELAY_S] = delay_s
     app[LORAS] = {}
     app[LORA_CALLS] = []

@@ -1,5 +1,6 @@
 """Episodes and outcomes: creation, feedback, idempotency, close, read-back, refusals."""
 
+import json
 import math
 
 import aiohttp
@@ -9,10 +10,14 @@ import pytest
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
-async def api(proxy, method, path, payload=None, raw: bytes | None = None):
+async def api(proxy, method, path, payload=None, raw: bytes | None = None, key: str | None = None):
+    """(status, JSON reply) of one request; POSTs say they are JSON, as the proxy requires."""
+    headers = {"Content-Type": "application/json"} if method == "POST" else {}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
     async with aiohttp.ClientSession() as session:
-        kwargs = {"data": raw, "headers": {"Content-Type": "application/json"}} if raw is not None else {"json": payload}
-        async with session.request(method, proxy.url + path, **kwargs) as response:
+        async with session.request(method, proxy.url + path, data=data, headers=headers) as response:
             return response.status, await response.json()
 
 

@@ -131,3 +131,23 @@ async def test_train_pushes_everything_ready_and_never_eval_episodes(start_proxy
     assert metrics["episodes"] == 5 and metrics["transitions"] == 5, events
     assert await proxy.rows("SELECT count(*) AS n FROM episodes WHERE pushed_at IS NULL") == [{"n": 2}]
     assert server.learner.updates == 1  # min_episodes = 0: nothing trained on its own
+
+
+async def test_the_learner_port_answers_only_the_token_holder(start_proxy, start_learner, tiny_model, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    config = LearnerConfig(model=tiny_model, listen=address, state_dir=str(tmp_path / "state"), token="shared-secret")
+    await start_learner(config, tiny_model)
+    stub = pb_grpc.LearnerStub(grpc.aio.insecure_channel(address))
+    for metadata in ((), (("authorization", "Bearer wrong"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Status(pb.StatusRequest(), metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # a client stream is refused the same way
+            await stub.PushEpisodes(iter([pb.Episode(episode_id="e1")]), metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    proxy = await start_proxy(learner=address, learner_token="shared-secret")
+    status, body = await api(proxy, "GET", "/v1/learner/status")
+    assert status == 200 and "learner_error" not in body
+    wrong = await start_proxy(learner=address, learner_token="not-the-secret")
+    status, body = await api(wrong, "GET", "/v1/learner/status")
+    assert status == 200 and body["learner_error"].startswith("UNAUTHENTICATED")

@@ -96,9 +96,12 @@ async def test_vllm_that_cannot_start_is_reported(tmp_path):
 
 @pytest.mark.vllm
 async def test_real_stack_serves_then_ctrl_c_leaves_no_child(tmp_path, smollm2):
-    up = Up(tmp_path, "--model", smollm2, "--served-name", "smollm2", "--vllm-port", str(free_port()))
+    vllm_port = free_port()
+    up = Up(tmp_path, "--model", smollm2, "--served-name", "smollm2", "--vllm-port", str(vllm_port))
     await up.wait_for("Flywheel is up", 600)
     assert isinstance(await call(up.port, "smollm2"), str)
+    with pytest.raises(openai.AuthenticationError):  # vLLM itself answers only the proxy, which holds its key
+        await call(vllm_port, "smollm2")
     assert len(up.descendants) >= 3  # vLLM, its engine core, the proxy
     up.proc.send_signal(signal.SIGINT)
     assert await up.exit_code(120) == 0

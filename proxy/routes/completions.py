@@ -97,8 +97,8 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
         sampling=resolve(forward, state.config.sampling_defaults),
     )
     headers = {"Content-Type": "application/json"}
-    if "Authorization" in request.headers:
-        headers["Authorization"] = request.headers["Authorization"]
+    if state.config.upstream_api_key:  # never the client's own key: that is Flywheel's to check
+        headers["Authorization"] = f"Bearer {state.config.upstream_api_key}"
     version = state.registry.route(who.agent, call.model)
     if version is not None:
         forward["model"] = version.served_name

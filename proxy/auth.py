@@ -1,0 +1,144 @@
+"""Who may call which route, and the guards a web page cannot get past.
+
+Keys: `api_keys` reach what an agent needs (inference, /v1/models, its own episodes);
+`admin_keys` reach everything, including what reads or changes all agents: /v1/sql (every
+prompt and answer), /v1/adapters*, /v1/learner/*, /metrics. A key comes as
+`Authorization: Bearer KEY` (what the OpenAI SDK sends) or `X-Api-Key: KEY`. With no key
+configured every route is open, so the proxy then binds loopback only (`check_bind`).
+
+Whatever the keys, two guards stop a page in the user's browser from driving the proxy:
+every POST must say `Content-Type: application/json` (a page can send text/plain or a form
+to any origin without asking; JSON needs a CORS preflight, which is never granted), and on
+a loopback bind the Host header must name loopback (DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import ipaddress
+
+from aiohttp import web
+
+from flywheel.proxy.config import ProxyConfig
+from flywheel.proxy.errors import ApiError
+
+MIN_KEY_CHARS = 16
+_LOOPBACK_NAMES = {"localhost", "localhost.", "127.0.0.1", "::1"}
+
+
+class Access(enum.Enum):
+    PUBLIC = "public"  # liveness and the API description: no key
+    CLIENT = "client"  # an api key or an admin key
+    ADMIN = "admin"  # an admin key
+
+
+ROUTE_ACCESS = web.AppKey("flywheel_route_access", dict)  # aiohttp route -> Access
+
+
+class InsecureConfig(ValueError):
+    """Keys or a bind address that would expose the store: refused at start."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(config: ProxyConfig) -> None:
+    """Refuse keys too short to resist guessing, and an open proxy on a non-loopback address."""
+    short = [k for k in (*config.api_keys, *config.admin_keys) if len(k) < MIN_KEY_CHARS]
+    if short:
+        raise InsecureConfig(f"keys must be at least {MIN_KEY_CHARS} characters ({len(short)} shorter); "
+                             "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    if not (config.api_keys or config.admin_keys) and not is_loopback(config.host) and not config.insecure:
+        raise InsecureConfig(f"refusing to serve {config.host} without keys: anyone reaching the port could read "
+                             "every prompt through /v1/sql; set [proxy] api_keys and admin_keys "
+                             "(FLYWHEEL_PROXY_API_KEYS, FLYWHEEL_PROXY_ADMIN_KEYS), or pass --insecure")
+
+
+class Keys:
+    """The configured keys, kept as SHA-256 digests and compared in constant time."""
+
+    def __init__(self, api_keys: tuple[str, ...], admin_keys: tuple[str, ...]):
+        self._client = [_digest(k) for k in api_keys]
+        self._admin = [_digest(k) for k in admin_keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._client or self._admin)
+
+    def grant(self, key: str | None) -> Access | None:
+        """The most the key reaches, or None for no key or a wrong one."""
+        if key is None:
+            return None
+        digest = _digest(key)
+        if _matches(digest, self._admin):
+            return Access.ADMIN
+        return Access.CLIENT if _matches(digest, self._client) else None
+
+
+def presented_key(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("X-Api-Key") or None
+
+
+def guard_middleware(config: ProxyConfig):
+    """Keys per route (ROUTE_ACCESS), JSON-only POSTs, and Host on a loopback bind."""
+    keys = Keys(config.api_keys, config.admin_keys)
+    check_host = is_loopback(config.host)
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        if check_host and not is_loopback(_hostname(request.host)):
+            raise ApiError(403, f"Host {request.host!r} is not this loopback proxy's; use 127.0.0.1 or localhost",
+                           "host_not_allowed")
+        if keys.enabled:
+            _authorize(request, keys)
+        if request.method == "POST" and request.content_type != "application/json":
+            raise ApiError(415, f"POST bodies must be JSON: send Content-Type: application/json, "
+                                f"not {request.content_type!r}", "unsupported_media_type")
+        return await handler(request)
+
+    return guard
+
+
+def _authorize(request: web.Request, keys: Keys) -> None:
+    route = request.match_info.route
+    # an unknown route needs some key, so that its 404 tells a stranger nothing
+    needed = request.app[ROUTE_ACCESS].get(route, Access.CLIENT)
+    if needed is Access.PUBLIC:
+        return
+    granted = keys.grant(presented_key(request))
+    if granted is None:
+        missing = presented_key(request) is None
+        raise ApiError(401, "missing API key: send Authorization: Bearer KEY" if missing else "invalid API key",
+                       "missing_api_key" if missing else "invalid_api_key")
+    if needed is Access.ADMIN and granted is not Access.ADMIN:
+        raise ApiError(403, f"{request.method} {request.path} needs an admin key", "admin_key_required")
+
+
+def _hostname(host: str | None) -> str:
+    """The name in a Host header, without its port ("[::1]:8400" -> "::1")."""
+    host = host or ""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _matches(digest: bytes, digests: list[bytes]) -> bool:
+    found = False
+    for candidate in digests:  # no early exit: the time taken does not say which key matched
+        found |= hmac.compare_digest(digest, candidate)
+    return found
