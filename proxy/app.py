@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import resource
 from typing import AsyncIterator
 
 import grpc
@@ -29,7 +30,7 @@ from flywheel.proxy.routes.completions import completion_handler, models_handler
 from flywheel.proxy.sampling import checked_defaults
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamPool
-from flywheel.store.db import Store
+from flywheel.store.db import Store, StoreLimits
 from flywheel.store.writer import BatchWriter
 
 log = logging.getLogger("flywheel.proxy")
@@ -82,7 +83,9 @@ def _routes():
 
 async def _writer(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    writer = BatchWriter(Store(config.db), config.queue_size, config.batch_max, config.batch_linger_ms / 1000)
+    limits = StoreLimits(memory_mb=config.sql_memory_mb, threads=config.sql_threads, temp_mb=config.sql_temp_mb)
+    writer = BatchWriter(Store(config.db, limits=limits), config.queue_max_bytes, config.batch_max,
+                         config.batch_linger_ms / 1000, config.sql_concurrency, config.serve_without_store)
     writer.start()
     app[WRITER] = writer
     yield
@@ -91,7 +94,9 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
-    app[UPSTREAM] = pool = UpstreamPool(upstream_base(app[CONFIG].upstream))
+    config = app[CONFIG]
+    app[UPSTREAM] = pool = UpstreamPool(upstream_base(config.upstream),
+                                        max_connections=config.upstream_max_connections)
     yield
     await pool.close()
 
@@ -156,10 +161,45 @@ async def _health(request: web.Request) -> web.Response:
 
 
 def run(config: ProxyConfig) -> None:
+    _raise_file_limit()
     app = build_app(config)
     app.on_startup.append(_tune_gc)  # after the resources open: their objects are long-lived too
-    web.run_app(app, host=config.host, port=config.port, print=None,
-                access_log=None, shutdown_timeout=30, loop=_fast_loop())
+    if config.memory_headroom_mb:
+        app.on_startup.append(lambda _: _cap_address_space(config.memory_headroom_mb))
+    # handler_cancellation: a client that hangs up cancels its handler, which records the call
+    # (499) and closes the upstream request, so vLLM stops generating for nobody
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
+                shutdown_timeout=30, handler_cancellation=True, loop=_fast_loop())
+
+
+def _raise_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one: each stream holds two sockets (client and upstream),
+    and the usual soft limit of 1024 would refuse connections from about 500 streams on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _cap_address_space(headroom_mb: int) -> None:
+    """RLIMIT_AS at the process's size now plus `headroom_mb`, once everything is open.
+
+    DuckDB counts buffer-managed memory against its memory_limit, but not the strings a
+    query builds while evaluating expressions: `md5(repeat(x, 2000000))` over a few thousand
+    rows grew the proxy to 22 GB in 20 s and the kernel killed it. Past this cap the
+    allocation fails, DuckDB raises OutOfMemory for that query, and the proxy serves on.
+    """
+    try:
+        with open("/proc/self/statm") as statm:  # total program size, in pages
+            size = int(statm.read().split()[0]) * resource.getpagesize()
+    except OSError:
+        log.warning("no /proc/self/statm: the address space is not capped (memory_headroom_mb)")
+        return
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = size + headroom_mb * 1024 * 1024
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    log.info("address space capped at %.1f GB (%.1f GB now + memory_headroom_mb)", limit / 2**30, size / 2**30)
 
 
 async def _tune_gc(app: web.Application) -> None:

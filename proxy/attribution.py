@@ -4,17 +4,22 @@ Three ways, any of which a client may use; the first that names a field wins:
 1. the path prefix `/agents/{agent}[/episodes/{episode}]/v1/...` (a base_url alone is enough),
 2. headers `X-Flywheel-Agent`, `X-Flywheel-Episode`, `X-Flywheel-Task`,
 3. the body's `metadata` object with keys `agent`, `episode`, `task` (removed before forwarding).
-A call without an episode gets a fresh one.
+A call without an episode gets a fresh one. Names are printable ASCII of at most 256
+characters (a 400 otherwise): they come back in response headers and name adapters.
 """
 
 from __future__ import annotations
 
-import random
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Mapping
 
+from flywheel.proxy.errors import ApiError
+
 _KEYS = ("agent", "episode", "task")
 HEADERS = {key: f"X-Flywheel-{key.capitalize()}" for key in _KEYS}
+_NAME = re.compile(r"[\x20-\x7e]{1,256}")
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,9 @@ class Attribution:
 
 
 def new_id(prefix: str) -> str:
-    """128 random bits; `random` is seeded from the OS once, where uuid4 costs a syscall per id."""
-    return f"{prefix}-{random.getrandbits(128):032x}"
+    """128 bits from the OS's CSPRNG: ids are unguessable, so knowing one episode's id says
+    nothing about another's."""
+    return f"{prefix}-{secrets.token_hex(16)}"
 
 
 def attribute(
@@ -46,7 +52,7 @@ def attribute(
     def pick(key: str) -> str | None:
         for source in (path_params.get(key), headers.get(HEADERS[key]), from_body.get(key)):
             if source not in (None, ""):
-                return str(source)
+                return checked_name(key, str(source))
         return None
 
     return Attribution(
@@ -54,3 +60,10 @@ def attribute(
         episode_id=pick("episode") or new_id("ep"),
         task_id=pick("task"),
     )
+
+
+def checked_name(key: str, value: str) -> str:
+    """`value` if it is a valid agent, episode or task name; a 400 ApiError otherwise."""
+    if not _NAME.fullmatch(value):
+        raise ApiError(400, f"{key} {value[:80]!r} must be 1 to 256 printable ASCII characters", "invalid_name")
+    return value

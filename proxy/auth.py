@@ -14,6 +14,7 @@ a loopback bind the Host header must name loopback (DNS rebinding).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import hmac
@@ -91,21 +92,38 @@ def presented_key(request: web.Request) -> str | None:
 
 
 def guard_middleware(config: ProxyConfig):
-    """Keys per route (ROUTE_ACCESS), JSON-only POSTs, and Host on a loopback bind."""
+    """Requests in flight capped, Host on a loopback bind, keys per route (ROUTE_ACCESS),
+    JSON-only POSTs, and the body read within `body_timeout_s`."""
     keys = Keys(config.api_keys, config.admin_keys)
     check_host = is_loopback(config.host)
+    in_flight = 0
 
     @web.middleware
     async def guard(request: web.Request, handler):
-        if check_host and not is_loopback(_hostname(request.host)):
-            raise ApiError(403, f"Host {request.host!r} is not this loopback proxy's; use 127.0.0.1 or localhost",
-                           "host_not_allowed")
-        if keys.enabled:
-            _authorize(request, keys)
-        if request.method == "POST" and request.content_type != "application/json":
-            raise ApiError(415, f"POST bodies must be JSON: send Content-Type: application/json, "
-                                f"not {request.content_type!r}", "unsupported_media_type")
-        return await handler(request)
+        nonlocal in_flight
+        if in_flight >= config.max_in_flight:
+            raise ApiError(503, f"the proxy is handling {in_flight} requests, its max_in_flight; retry shortly",
+                           "overloaded", headers={"Retry-After": "1"})
+        in_flight += 1
+        try:
+            if check_host and not is_loopback(_hostname(request.host)):
+                raise ApiError(403, f"Host {request.host!r} is not this loopback proxy's; use 127.0.0.1 or "
+                                    "localhost", "host_not_allowed")
+            if keys.enabled:
+                _authorize(request, keys)
+            if request.method == "POST":
+                if request.content_type != "application/json":
+                    raise ApiError(415, f"POST bodies must be JSON: send Content-Type: application/json, "
+                                        f"not {request.content_type!r}", "unsupported_media_type")
+                try:  # read here, under a deadline; handlers get the cached body
+                    async with asyncio.timeout(config.body_timeout_s):
+                        await request.read()
+                except TimeoutError:
+                    raise ApiError(408, f"request body not received within {config.body_timeout_s:g} s",
+                                   "body_timeout") from None
+            return await handler(request)
+        finally:
+            in_flight -= 1
 
     return guard
 

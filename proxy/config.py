@@ -33,8 +33,19 @@ class ProxyConfig:
     default_agent: str = "default"
     # largest request body accepted, in bytes (413 above it)
     max_body_bytes: int = 32 * 1024 * 1024
-    # records waiting for the writer; when full, handlers wait (back-pressure, never a drop)
-    queue_size: int = 10_000
+    # a request body not fully received within this many seconds gets a 408 (a slow sender holds no slot)
+    body_timeout_s: float = 30.0
+    # requests handled at once; more get a 503 with Retry-After (each holds a client socket and,
+    # for inference, an upstream one)
+    max_in_flight: int = 4096
+    # connections to the upstream at once; calls beyond it queue for a free one
+    upstream_max_connections: int = 1024
+    # bytes of records waiting for the writer (roughly: their text and token ids); when full,
+    # handlers wait for room (back-pressure, never a drop)
+    queue_max_bytes: int = 256 * 1024 * 1024
+    # keep serving LLM calls when the store cannot write (disk full): their records are dropped
+    # and counted (flywheel_records_dropped_total) instead of holding every agent up
+    serve_without_store: bool = False
     # most records the writer commits in one transaction
     batch_max: int = 512
     # how long the writer lets a batch fill before committing, ms. A DuckDB commit costs a few ms
@@ -53,8 +64,22 @@ class ProxyConfig:
     push_interval_s: float = 1.0
     # most rows POST /v1/sql returns (the reply says when it truncated)
     sql_max_rows: int = 10_000
+    # most bytes of rows POST /v1/sql returns, as encoded JSON (the reply says when it truncated)
+    sql_max_bytes: int = 32 * 1024 * 1024
     # a SQL query running longer than this is interrupted, seconds
     sql_timeout_s: float = 30.0
+    # SQL queries run at once, each on its own thread, apart from the store's own reads (feed,
+    # episodes), which they never hold up; more wait up to sql_timeout_s, then get a 429
+    sql_concurrency: int = 2
+    # DuckDB's memory_limit, threads and spill space (MB), shared by the writer and every query
+    sql_memory_mb: int = 2048
+    sql_threads: int = 2
+    sql_temp_mb: int = 4096
+    # how far the proxy's address space may grow past its size at start, MB (RLIMIT_AS; 0 = no cap).
+    # DuckDB does not count every allocation against memory_limit (a query building huge strings
+    # grows the process until the kernel kills it); under this cap the allocation fails instead,
+    # and the query gets an out-of-memory error while the proxy serves on
+    memory_headroom_mb: int = 6144
     # sampling values for fields a request leaves out, written into the forwarded body and recorded:
     # the model's generation config (`flywheel up` reads it and starts vLLM with --generation-config
     # vllm). With a vLLM you start yourself, start it with --generation-config vllm too, or set its

@@ -16,8 +16,10 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
@@ -29,11 +31,12 @@ _TYPES = {
 class ApiError(Exception):
     """Raised by handlers; rendered by `error_middleware`."""
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.headers = headers
 
 
 def error_body(status: int, message: str, code: str | None = None) -> dict:
@@ -55,7 +58,7 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except ApiError as err:
-        return error_response(err.status, err.message, err.code)
+        return error_response(err.status, err.message, err.code, headers=err.headers)
     except web.HTTPRequestEntityTooLarge as err:
         return error_response(413, f"request body too large: {err.text}", "body_too_large")
     except web.HTTPNotFound:
@@ -82,7 +85,7 @@ async def read_json_object(request: web.Request) -> dict:
     except orjson.JSONDecodeError as bad:
         try:  # the stdlib parser names NaN and Infinity, which Python's json.dumps writes
             json.loads(raw, parse_constant=_refuse_constant)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than orjson's limit (1024)
             pass
         raise ApiError(400, f"request body is not valid JSON: {bad}", "invalid_json") from None
     if not isinstance(body, dict):

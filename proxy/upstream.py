@@ -34,6 +34,7 @@ class UpstreamResponse:
         self._wakeup: asyncio.Future | None = None
         self._error: Exception | None = None
         self.complete = False
+        self.on_end = None  # called once when the response is complete, broken or abandoned (the pool's slot)
 
     @property
     def content_type(self) -> str:
@@ -78,6 +79,12 @@ class UpstreamResponse:
         if not self.complete and self._error is None:
             self._error = error
             self._wake()
+        self._end()
+
+    def _end(self) -> None:
+        if self.on_end is not None:
+            on_end, self.on_end = self.on_end, None
+            on_end()
 
 
 class _Connection(asyncio.Protocol):
@@ -130,6 +137,7 @@ class _Connection(asyncio.Protocol):
         response, self.response = self.response, None
         response.complete = True
         response._wake()
+        response._end()
         if self.parser.should_keep_alive() and not self.closed:
             self.pool.release(self)
         else:
@@ -145,14 +153,18 @@ class _Connection(asyncio.Protocol):
         response = self.response = UpstreamResponse(self)
         self.headers_done = asyncio.get_running_loop().create_future()
         self.transport.write(head + body)
-        await self.headers_done
+        try:
+            await self.headers_done
+        except asyncio.CancelledError:  # the caller gave up (its client left): the upstream must stop too
+            self.transport.close()
+            raise
         return response  # self.response is None again if the whole message is already in
 
 
 class UpstreamPool:
     """Keep-alive connections to one upstream base URL (http or https)."""
 
-    def __init__(self, base_url: str, connect_timeout_s: float = 10.0):
+    def __init__(self, base_url: str, connect_timeout_s: float = 10.0, max_connections: int = 1024):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"the upstream must be an http(s):// URL, not {base_url!r}")
@@ -163,10 +175,28 @@ class UpstreamPool:
         self.connect_timeout_s = connect_timeout_s
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
+        # responses in progress at once; each holds one connection, so this caps the sockets
+        # (and file descriptors) a burst can open upstream. A call beyond it waits for a slot
+        self._slots = asyncio.Semaphore(max_connections)
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
-        """Send; return once the status line and headers are in. An idle connection that the
-        upstream closed meanwhile is retried once on a fresh one (nothing was processed)."""
+        """Send once a connection slot is free; return once the status line and headers are in.
+        The slot is held until the response is complete, broken or aborted."""
+        await self._slots.acquire()
+        try:
+            response = await self._post(path, body, headers)
+        except BaseException:
+            self._slots.release()
+            raise
+        if response.complete or response._error is not None:
+            self._slots.release()
+        else:
+            response.on_end = self._slots.release
+        return response
+
+    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
+        """An idle connection that the upstream closed meanwhile is retried once on a fresh one
+        (nothing was processed)."""
         head = [f"POST {self.base_path}{path} HTTP/1.1\r\nHost: ".encode(), self.host_header,
                 f"\r\nContent-Length: {len(body)}\r\n".encode()]
         head += [f"{name}: {value}\r\n".encode("latin-1") for name, value in headers.items()]
@@ -206,6 +236,7 @@ class UpstreamPool:
         """Drop a response not read to its end (client gone, timeout): its connection cannot be reused."""
         if not response.complete:
             response._connection.transport.close()
+        response._end()
 
     async def close(self) -> None:
         for connection in list(self._all):

@@ -8,3 +8,12 @@
 
 Imports: flywheel.protos only.
 """
+
+import os
+
+# DuckDB allocates through its own jemalloc, which by default keeps freed address space
+# mapped for reuse. Under the proxy's address-space cap (memory_headroom_mb) a query that ran
+# out of memory would then leave the process unable to allocate anything else; with these
+# options freed memory goes back to the system within a second. Read once, when DuckDB's
+# library first allocates, so it is set before duckdb is imported anywhere in the package.
+os.environ.setdefault("DUCKDB_JE_MALLOC_CONF", "retain:false,dirty_decay_ms:1000,muzzy_decay_ms:0")

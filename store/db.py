@@ -27,14 +27,23 @@ from flywheel.store.records import (
     Feedback,
     FeedbackResult,
     StoreOp,
+    StoreUnavailable,
     TrainRun,
     UnknownCall,
     UnknownEpisode,
 )
-from flywheel.store.sandbox import read, read_only_query, read_raw
+from flywheel.store.sandbox import read, read_only_json, read_only_query, read_raw
 from flywheel.store.schema import ADAPTERS, CALLS, EPISODES, IS_EVAL_EPISODE, META, SCHEMA_VERSION, TABLES, TRAIN_RUNS, Table
 
 log = logging.getLogger("flywheel.store")
+
+# A write that failed for want of memory or disk space, not for what it holds.
+_RESOURCE_ERRORS = (MemoryError, OSError, duckdb.OutOfMemoryException, duckdb.IOException, pa.ArrowMemoryError)
+
+
+def _is_resource_error(error: Exception) -> bool:
+    text = str(error)
+    return "No space left" in text or "Out of Memory" in text or "bad allocation" in text
 
 _CALL_FIELDS = [f.name for f in fields(CallRecord) if f.name in CALLS.column_names]
 _EPISODE_CACHE = 100_000  # episodes whose next seq the writer remembers (LRU)
@@ -46,18 +55,30 @@ class _EpisodeState:
     has_task: bool
 
 
-def connect(path: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+@dataclass(frozen=True)
+class StoreLimits:
+    """DuckDB's caps for the whole database (writer and readers share them); DuckDB spills or
+    fails a query past them, but does not count every allocation (see `flywheel.proxy.app`)."""
+
+    memory_mb: int = 2048  # memory_limit
+    threads: int = 2  # worker threads per query
+    temp_mb: int = 4096  # max_temp_directory_size: what queries may spill to disk
+
+
+def connect(path: str, read_only: bool = False, limits: StoreLimits = StoreLimits()) -> duckdb.DuckDBPyConnection:
     return duckdb.connect(
         path,
         read_only=read_only,
-        config={"enable_external_access": False, "lock_configuration": True},
+        config={"enable_external_access": False, "memory_limit": f"{limits.memory_mb}MB",
+                "threads": limits.threads, "max_temp_directory_size": f"{limits.temp_mb}MB",
+                "lock_configuration": True},
     )
 
 
 class Store:
-    def __init__(self, path: str, read_only: bool = False):
+    def __init__(self, path: str, read_only: bool = False, limits: StoreLimits = StoreLimits()):
         self.path = path
-        self.con = connect(path, read_only=read_only)
+        self.con = connect(path, read_only=read_only, limits=limits)
         self._episodes: OrderedDict[str, _EpisodeState] = OrderedDict()  # writer thread only
         if not read_only:
             migrate(self.con)
@@ -70,22 +91,33 @@ class Store:
     def apply(self, ops: Sequence[StoreOp]) -> list[Any]:
         """Apply `ops` in one transaction; returns one result (or exception) per op.
 
-        If the batch as a whole fails, each op is retried in its own transaction so one
-        bad record cannot take the others down with it.
+        If the batch fails for what is in it, each op is retried in its own transaction so one
+        bad record cannot take the others down with it. If it fails for want of memory or disk,
+        nothing is committed and StoreUnavailable is raised: the caller retries the batch later.
         """
         try:
             self.con.begin()
             results = self._apply(ops)
             self.con.commit()
             return results
-        except duckdb.Error as batch_error:
-            self.con.rollback()
-            self._episodes.clear()  # it may hold seqs the rollback undid
+        except Exception as batch_error:
+            self._roll_back()
+            if isinstance(batch_error, _RESOURCE_ERRORS) or _is_resource_error(batch_error):
+                raise StoreUnavailable(f"{type(batch_error).__name__}: {batch_error}") from batch_error
+            if not isinstance(batch_error, duckdb.Error):
+                raise
             if len(ops) == 1:
                 log.error("store write failed: %s (%r)", batch_error, ops[0])
                 return [batch_error]
             log.warning("batch of %d failed (%s); retrying one by one", len(ops), batch_error)
             return [self.apply([op])[0] for op in ops]
+
+    def _roll_back(self) -> None:
+        self._episodes.clear()  # it may hold seqs the rollback undid
+        try:
+            self.con.rollback()
+        except duckdb.Error:  # no transaction open (begin itself failed), or the connection is gone
+            pass
 
     def _apply(self, ops: Sequence[StoreOp]) -> list[Any]:
         calls = [op for op in ops if isinstance(op, CallRecord)]
@@ -241,8 +273,12 @@ class Store:
         """One read-only statement (`sandbox.read_only_query`): {columns, types, rows, truncated}."""
         return read_only_query(self.con, sql, max_rows, timeout_s)
 
+    def query_json(self, sql: str, max_rows: int, max_bytes: int, timeout_s: float) -> bytes:
+        """The same, encoded as POST /v1/sql's JSON reply, capped at `max_bytes` of rows."""
+        return read_only_json(self.con, sql, max_rows, max_bytes, timeout_s)
+
     def _dicts(self, sql: str, params: list, timeout_s: float = 60) -> list[dict[str, Any]]:
-        columns, _, rows, _ = read_raw(self.con, lambda cur: cur.execute(sql, params), 10_000_000, timeout_s)
+        columns, rows = read_raw(self.con, lambda cur: cur.execute(sql, params), timeout_s)
         return [dict(zip(columns, row)) for row in rows]
 
     def episodes_to_push(self, limit: int, quiet_s: float) -> list[dict[str, Any]]:

@@ -146,4 +146,20 @@ class UnknownCall(LookupError):
     pass
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot write now (out of memory, disk full, file unwritable): nothing in the
+    batch was committed, and it is retried as it was."""
+
+
+def approx_bytes(op: object) -> int:
+    """What a queued record holds in memory, roughly: its text and its numbers (8 bytes each)."""
+    size = 200
+    for value in vars(op).values():
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, (list, tuple)):
+            size += 8 * len(value)
+    return size
+
+
 StoreOp = EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined | TrainRun

@@ -1,24 +1,36 @@
-"""Read-only SQL on the store: one statement, on its own cursor, in a transaction that is rolled
-back, interrupted after a time limit, with a row cap. Values come back JSON-ready.
+"""Read-only SQL on the store: one SELECT, in a READ ONLY transaction that is rolled back,
+interrupted after a time limit, its result capped in rows and in encoded bytes.
 
 These run on reader threads (never the event loop), each on a cursor of the store's one
-connection, which DuckDB allows beside the writer thread.
+connection, which DuckDB allows beside the writer thread. A query is refused before it
+runs unless it is one SELECT (or EXPLAIN of one) whose syntax tree calls none of the
+functions that act on the database (`checkpoint()`) or run SQL given as text (`query()`);
+the READ ONLY transaction then refuses any write a SELECT could still hide (`WITH d AS
+(DELETE ... RETURNING *)`), so no query can conflict with the writer. Memory is capped by
+the store's connection settings and the proxy's address-space limit (`flywheel.proxy.app`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import duckdb
+import orjson
 
 # Statement types a read-only query may have; everything else (INSERT, SET, COPY,
 # ATTACH, LOAD, PRAGMA, CALL, EXPORT, ...) is refused before it runs.
 _READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+# Functions refused anywhere in a query: they checkpoint the database, or run SQL from a string
+# (which the syntax-tree check could not see into).
+_REFUSED_FUNCTIONS = {"checkpoint", "force_checkpoint", "query", "query_table"}
+_EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
+_FETCH_ROWS = 1024  # rows fetched at a time, so a byte cap stops before everything is in memory
 
 Run = Callable[[duckdb.DuckDBPyConnection], duckdb.DuckDBPyConnection]  # cursor -> executed cursor
 
@@ -28,15 +40,11 @@ class ReadOnlyViolation(ValueError):
 
 
 class QueryError(ValueError):
-    """The query failed, or ran past its time limit."""
+    """The query failed, ran out of memory, or ran past its time limit."""
 
 
-def read_only_query(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, timeout_s: float) -> dict[str, Any]:
-    """Run one read-only statement; returns {columns, types, rows, truncated}.
-
-    Refuses anything but SELECT/EXPLAIN, and runs it in a transaction that is
-    rolled back, so even a function with side effects leaves nothing behind.
-    """
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise ReadOnlyViolation unless `sql` is one SELECT (or EXPLAIN of one) calling no refused function."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as bad:
@@ -45,33 +53,88 @@ def read_only_query(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, tim
         raise ReadOnlyViolation(f"expected exactly one statement, got {len(statements)}")
     if statements[0].type not in _READ_ONLY_TYPES:
         raise ReadOnlyViolation(f"only read-only queries (SELECT) are allowed, not {statements[0].type.name}")
+    select = _EXPLAIN.sub("", sql, count=1) if statements[0].type == duckdb.StatementType.EXPLAIN else sql
+    cur = con.cursor()
+    try:
+        tree = json.loads(cur.execute("SELECT json_serialize_sql(?)", [select]).fetchone()[0])
+    finally:
+        cur.close()
+    if tree.get("error"):
+        raise ReadOnlyViolation(f"only SELECT statements (or EXPLAIN of one) are allowed: {tree.get('error_message')}")
+    refused = sorted(_REFUSED_FUNCTIONS & set(_function_names(tree)))
+    if refused:
+        raise ReadOnlyViolation(f"{', '.join(refused)}() may not be called from a query")
+
+
+def read_only_query(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, timeout_s: float) -> dict[str, Any]:
+    """Run one read-only statement; returns {columns, types, rows, truncated}."""
+    check_read_only(con, sql)
     return read(con, lambda cur: cur.execute(sql), max_rows, timeout_s)
+
+
+def read_only_json(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, max_bytes: int,
+                   timeout_s: float) -> bytes:
+    """`read_only_query` encoded as the JSON reply of POST /v1/sql, on this (reader) thread.
+
+    Rows stop at `max_rows` or once their encoding passes `max_bytes`; either sets "truncated".
+    """
+    check_read_only(con, sql)
+    encoded: list[bytes] = []
+    size = 0
+
+    def keep(row: list[Any]) -> bool:
+        nonlocal size
+        if len(encoded) >= max_rows:
+            return False
+        line = orjson.dumps(row)
+        if size + len(line) + 1 > max_bytes:
+            return False
+        encoded.append(line)
+        size += len(line) + 1
+        return True
+
+    columns, types, truncated = _fetch(con, lambda cur: cur.execute(sql), keep, timeout_s, jsonable=True)
+    head = orjson.dumps({"columns": columns, "types": types, "truncated": truncated})
+    return head[:-1] + b',"rows":[' + b",".join(encoded) + b"]}"
 
 
 def read(con: duckdb.DuckDBPyConnection, run: Run, max_rows: int, timeout_s: float) -> dict[str, Any]:
     """Rows as JSON-ready values: {columns, types, rows, truncated}."""
-    columns, types, rows, truncated = read_raw(con, run, max_rows, timeout_s)
-    return {
-        "columns": columns,
-        "types": types,
-        "rows": [[_jsonable(v, t) for v, t in zip(row, types)] for row in rows],
-        "truncated": truncated,
-    }
+    rows: list[list[Any]] = []
+    columns, types, truncated = _fetch(con, run, lambda row: len(rows) < max_rows and (rows.append(row) or True),
+                                       timeout_s, jsonable=True)
+    return {"columns": columns, "types": types, "rows": rows, "truncated": truncated}
 
 
-def read_raw(con: duckdb.DuckDBPyConnection, run: Run, max_rows: int,
-             timeout_s: float) -> tuple[list[str], list[str], list[tuple], bool]:
-    """Run `run(cursor)` in a rolled-back transaction on its own cursor, interrupted after timeout_s."""
+def read_raw(con: duckdb.DuckDBPyConnection, run: Run, timeout_s: float) -> tuple[list[str], list[tuple]]:
+    """Columns and every row, values as DuckDB gives them (for the store's own reads)."""
+    rows: list[tuple] = []
+    columns, _, _ = _fetch(con, run, lambda row: rows.append(row) or True, timeout_s)
+    return columns, rows
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, run: Run, keep: Callable[[Any], bool], timeout_s: float,
+           jsonable: bool = False) -> tuple[list[str], list[str], bool]:
+    """Run `run(cursor)` in a rolled-back READ ONLY transaction on its own cursor, interrupted
+    after timeout_s, handing `keep` one row at a time until it refuses one (returns False).
+    Returns (columns, types, whether a row was refused)."""
     cur = con.cursor()
     timer = threading.Timer(timeout_s, cur.interrupt)
     timer.start()
     try:
-        cur.begin()
+        cur.execute("BEGIN TRANSACTION READ ONLY")
         result = run(cur)
-        rows = result.fetchmany(max_rows + 1)
         description = result.description or []
+        columns, types = [d[0] for d in description], [str(d[1]) for d in description]
+        for row in _rows(result):
+            if not keep([_jsonable(v, t) for v, t in zip(row, types)] if jsonable else row):
+                return columns, types, True
+        return columns, types, False
     except duckdb.InterruptException:
         raise QueryError(f"query exceeded the {timeout_s:g} s time limit") from None
+    except duckdb.OutOfMemoryException:
+        raise QueryError("query ran out of memory (the proxy's sql_memory_mb / memory_headroom_mb caps); "
+                         "select fewer or smaller values") from None
     except duckdb.Error as bad:
         raise QueryError(str(bad)) from None
     finally:
@@ -81,7 +144,27 @@ def read_raw(con: duckdb.DuckDBPyConnection, run: Run, max_rows: int,
         except duckdb.Error:
             pass
         cur.close()
-    return [d[0] for d in description], [str(d[1]) for d in description], rows[:max_rows], len(rows) > max_rows
+
+
+def _rows(result: duckdb.DuckDBPyConnection) -> Iterator[tuple]:
+    while True:
+        chunk = result.fetchmany(_FETCH_ROWS)
+        if not chunk:
+            return
+        yield from chunk
+
+
+def _function_names(node: Any) -> Iterator[str]:
+    """Every function name in a json_serialize_sql tree (scalar, aggregate and table functions)."""
+    if isinstance(node, dict):
+        name = node.get("function_name")
+        if isinstance(name, str):
+            yield name.lower()
+        for value in node.values():
+            yield from _function_names(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _function_names(value)
 
 
 def _jsonable(value: Any, sql_type: str) -> Any:

@@ -24,7 +24,7 @@ class Running:
 
     def __init__(self, app: web.Application, port: int = 0):
         self.app = app
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)  # as `proxy.app.run`
         self.requested_port = port  # 0 = any free port
 
     async def start(self) -> "Running":
@@ -188,3 +188,66 @@ async def wait_buffered(server: LearnerServer, count: int) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"learner buffered {len(server.learner.buffer.pending)} of {count} episodes")
+
+
+class ServeProcess:
+    """`flywheel serve` in a process of its own (for what only a real process shows: its memory
+    caps, a kill -9), started and stopped by the test."""
+
+    def __init__(self, tmp_path: Path, upstream_url: str, **settings):
+        import os
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = str(tmp_path / "serve.duckdb")
+        self.log = tmp_path / "serve.log"
+        env = {**os.environ, **{f"FLYWHEEL_PROXY_{k.upper()}": str(v) for k, v in settings.items()}}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flywheel", "serve", "--upstream", upstream_url, "--port", str(self.port),
+             "--db", self.db], stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+    async def ready(self, timeout_s: float = 60) -> "ServeProcess":
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            for _ in range(int(timeout_s / 0.1)):
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"flywheel serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                try:
+                    async with session.get(self.url + "/healthz") as response:
+                        if response.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"flywheel serve not ready after {timeout_s} s:\n{self.log.read_text()}")
+
+    def stop(self, timeout_s: float = 30) -> int:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+async def serve_process(upstream, tmp_path):
+    """Factory: `flywheel serve` processes in front of the fake upstream, all stopped after the test."""
+    started: list[ServeProcess] = []
+
+    async def start(**settings) -> ServeProcess:
+        directory = tmp_path / f"serve{len(started)}"
+        directory.mkdir()
+        started.append(ServeProcess(directory, upstream.url, **settings))
+        return await started[-1].ready()
+
+    yield start
+    for process in started:
+        process.stop()

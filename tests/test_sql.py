@@ -86,3 +86,60 @@ async def test_cli_through_a_running_proxy_and_on_a_file(start_proxy, db_path):
     assert table.returncode == 0 and "cli-task" in table.stdout and "(1 row)" in table.stdout
     csv_out = await asyncio.to_thread(_cli, "SELECT task_id FROM episodes", "--db", db_path, "--format", "csv")
     assert csv_out.stdout.splitlines() == ["task_id", "cli-task"]
+
+
+async def test_writes_hidden_in_a_select_are_refused_and_never_conflict_with_the_writer(proxy):
+    status, created = await api(proxy, "POST", "/v1/episodes", {"agent": "a"})
+    episode = created["episode_id"]
+    for query, code in (("WITH d AS (DELETE FROM episodes RETURNING *) SELECT count(*) FROM d", "query_error"),
+                        ("EXPLAIN ANALYZE UPDATE episodes SET reward = 0", "read_only"),
+                        ("SELECT * FROM checkpoint()", "read_only"),
+                        ("SELECT * FROM force_checkpoint()", "read_only"),
+                        ("SELECT * FROM query('DELETE FROM episodes')", "read_only"),
+                        ("EXPLAIN ANALYZE SELECT * FROM checkpoint()", "read_only")):
+        feedback = asyncio.create_task(api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 1}))
+        status, body = await api(proxy, "POST", "/v1/sql", {"query": query})
+        assert status == 400 and body["error"]["code"] == code, (query, body)
+        assert (await feedback)[0] == 200  # the writer's batch beside it commits
+    assert len(await proxy.rows("SELECT * FROM episodes")) == 1
+    assert len(await proxy.rows("SELECT * FROM feedback")) == 6
+    status, body = await api(proxy, "POST", "/v1/sql", {"query": "EXPLAIN SELECT count(*) FROM episodes"})
+    assert status == 200
+
+
+async def test_replies_are_capped_in_bytes_as_well_as_rows(start_proxy):
+    proxy = await start_proxy(sql_max_bytes=10_000)
+    status, body = await api(proxy, "POST", "/v1/sql", {"query": "SELECT repeat('x', 1000) AS s FROM range(100)"})
+    assert status == 200 and body["truncated"] is True and 5 <= len(body["rows"]) < 10
+    status, body = await api(proxy, "POST", "/v1/sql", {"query": "SELECT i FROM range(100) t(i)", "max_rows": 0})
+    assert status == 200 and body["rows"] == [] and body["truncated"] is True
+
+
+async def test_busy_sql_slots_refuse_with_429_and_never_hold_up_the_stores_own_reads(proxy):
+    import threading
+
+    writer = proxy.state.writer
+    release = threading.Event()
+    holders = [asyncio.create_task(writer.user_query(1, release.wait, 10)) for _ in range(2)]  # both slots
+    await asyncio.sleep(0.1)
+    from flywheel.store.writer import ReadersBusy
+
+    with pytest.raises(ReadersBusy):
+        await writer.user_query(0.2, release.wait, 10)
+    status, created = await api(proxy, "POST", "/v1/episodes", {"agent": "a"})
+    started = asyncio.get_running_loop().time()
+    status, _ = await api(proxy, "GET", f"/v1/episodes/{created['episode_id']}")  # the store's own reader threads
+    assert status == 200 and asyncio.get_running_loop().time() - started < 1
+    release.set()
+    await asyncio.gather(*holders)
+
+
+async def test_a_query_that_builds_huge_values_fails_alone_and_the_proxy_serves_on(serve_process):
+    served = await serve_process(memory_headroom_mb=1024, sql_memory_mb=256)
+    bomb = "SELECT count(md5(repeat('episode-' || i, 2000000))) FROM range(3000) t(i)"
+    status, body = await api(served, "POST", "/v1/sql", {"query": bomb})
+    assert status == 400 and "out of memory" in body["error"]["message"]
+    client = openai.AsyncOpenAI(base_url=f"{served.url}/agents/a/v1", api_key="x", max_retries=0)
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "still here?"}])
+    status, body = await api(served, "POST", "/v1/sql", {"query": "SELECT count(*) FROM calls"})
+    assert status == 200 and body["rows"] == [[1]] and served.proc.poll() is None

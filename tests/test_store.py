@@ -10,9 +10,10 @@ import pytest
 
 from flywheel.store import db as store_db
 from flywheel.store.db import Store
-from flywheel.store.records import CallRecord
+from flywheel.store.records import CallRecord, StoreUnavailable
 from flywheel.store.schema import CALLS, SCHEMA_VERSION, TABLES
 from tests.conftest import read_db
+from tests.test_feedback import api
 
 
 def test_created_database_matches_the_spec_exactly(db_path):
@@ -80,21 +81,22 @@ def _slow_apply(monkeypatch, seconds: float):
 
 async def test_full_queue_applies_back_pressure_and_drops_nothing(start_proxy, monkeypatch):
     batch_sizes = _slow_apply(monkeypatch, 0.05)
-    proxy = await start_proxy(queue_size=4, batch_max=4)
+    proxy = await start_proxy(queue_max_bytes=6000, batch_max=4)
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
-    highest = 0
+    highest = highest_bytes = 0
 
     async def watch():
-        nonlocal highest
+        nonlocal highest, highest_bytes
         while True:
             highest = max(highest, proxy.state.writer.pending)
+            highest_bytes = max(highest_bytes, proxy.state.writer.queued_bytes)
             await asyncio.sleep(0.002)
 
     watcher = asyncio.create_task(watch())
     await asyncio.gather(*(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
                            for _ in range(40)))
     watcher.cancel()
-    assert highest == 4  # the queue filled up and never went past its bound
+    assert highest >= 3 and 5000 < highest_bytes <= 6000  # the queue filled up and never went past its bound
     rows = await proxy.rows("SELECT count(*) AS n, count(DISTINCT call_id) AS ids FROM calls")
     assert rows == [{"n": 40, "ids": 40}]
     assert max(batch_sizes) > 1  # records were written in batches
@@ -139,3 +141,53 @@ async def test_a_restarted_proxy_continues_an_episode_and_a_late_task_is_kept(st
     rows = await proxy.rows("SELECT seq FROM calls ORDER BY created_at")
     assert [r["seq"] for r in rows] == [0, 1, 2, 3, 4, 5]
     assert await proxy.rows("SELECT task_id FROM episodes") == [{"task_id": "late-task"}]
+
+
+def _failing_apply(monkeypatch, failures: int):
+    """The store refuses the next `failures` batches as a full disk would, then writes again."""
+    original = store_db.Store.apply
+    left = [failures]
+
+    def apply(self, ops):
+        if left[0]:
+            left[0] -= 1
+            raise StoreUnavailable("IOException: No space left on device (test)")
+        return original(self, ops)
+
+    monkeypatch.setattr(store_db.Store, "apply", apply)
+
+
+async def test_a_store_that_cannot_write_keeps_every_record_and_retries(start_proxy, monkeypatch):
+    _failing_apply(monkeypatch, 4)
+    proxy = await start_proxy(batch_linger_ms=5)
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "x"}])
+    await asyncio.sleep(0.1)
+    assert "No space left" in proxy.state.writer.failing
+    episode = raw.headers["X-Flywheel-Episode"]
+    status, refused = await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 1})
+    assert status == 503 and refused["error"]["code"] == "store_unavailable"  # not accepted: the client retries
+    for _ in range(100):
+        if proxy.state.writer.failing is None:
+            break
+        await asyncio.sleep(0.05)
+    assert (await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 1}))[0] == 200
+    await asyncio.gather(*(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "y"}])
+                           for _ in range(5)))
+    assert await proxy.rows("SELECT count(*) AS n FROM calls") == [{"n": 6}]
+    assert await proxy.rows("SELECT reward FROM feedback") == [{"reward": 1.0}]
+
+
+async def test_serve_without_store_keeps_inference_up_and_counts_what_it_dropped(start_proxy, monkeypatch):
+    _failing_apply(monkeypatch, 10**9)
+    proxy = await start_proxy(batch_linger_ms=5, serve_without_store=True)
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "first"}])
+    await asyncio.sleep(0.1)
+    for _ in range(3):
+        reply = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        assert reply.choices[0].message.content
+    assert proxy.state.writer.failing and proxy.state.writer.dropped == 3
+    monkeypatch.undo()  # the disk has room again: what was kept is written, nothing else
+    await proxy.state.writer.flush()
+    assert await proxy.rows("SELECT count(*) AS n FROM calls") == [{"n": 1}]

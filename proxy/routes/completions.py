@@ -39,6 +39,7 @@ class _Call:
     sampling: Sampling
     ttft_ms: float | None = None
     capture_error: str | None = None  # an error event the upstream sent inside the stream
+    recorded: bool = False
 
     def ids(self) -> dict[str, str]:
         return {"X-Flywheel-Episode": self.who.episode_id, "X-Flywheel-Call": self.call_id}
@@ -48,6 +49,11 @@ class _Call:
             self.ttft_ms = (time.perf_counter() - self.started) * 1000
 
     async def record(self, status: int, error: str | None = None) -> None:
+        """Queue the call's record (once). Called before the client has the whole response, so
+        anything the client does next (feedback, a SQL read) finds the call already queued."""
+        if self.recorded:
+            return
+        self.recorded = True
         cap = self.capture
         await self.state.writer.put(CallRecord(
             call_id=self.call_id,
@@ -131,6 +137,11 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
         await call.record(status, message)
         return error_response(status, message, "upstream_timeout" if timed_out else "upstream_unreachable",
                               headers=call.ids())
+    except asyncio.CancelledError:
+        # the client went away (aiohttp cancels the handler): the call is recorded as such, and
+        # closing its upstream connection below makes vLLM abort the generation
+        await call.record(499, f"client disconnected before the {'stream' if call.stream else 'response'} ended")
+        raise
     finally:
         if upstream is not None:
             state.upstream.abort(upstream)  # not read to its end: the connection is not reused
@@ -139,12 +150,8 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
 async def _relay_error(request: web.Request, call: _Call, upstream: UpstreamResponse) -> web.Response:
     """Upstream said no: the client gets its status and body, the call is recorded with it."""
     raw = await upstream.read()
-    response = web.Response(status=upstream.status, body=raw, headers=call.ids(),
-                            content_type=upstream.content_type)
-    await response.prepare(request)
-    await response.write_eof()
     await call.record(upstream.status, raw.decode(errors="replace")[:_MAX_ERROR_CHARS])
-    return response
+    return web.Response(status=upstream.status, body=raw, headers=call.ids(), content_type=upstream.content_type)
 
 
 async def _relay_whole(request: web.Request, call: _Call, upstream: UpstreamResponse,
@@ -162,11 +169,8 @@ async def _relay_whole(request: web.Request, call: _Call, upstream: UpstreamResp
             raw = orjson.dumps(data)
     else:  # relayed as it came; nothing in it to capture
         content_type, error = upstream.content_type, "upstream answered 200 with a body that is not a JSON object"
-    response = web.Response(body=raw, content_type=content_type, headers=call.ids())
-    await response.prepare(request)
-    await response.write_eof()
     await call.record(200, error)
-    return response
+    return web.Response(body=raw, content_type=content_type, headers=call.ids())
 
 
 async def _relay_stream(request: web.Request, call: _Call, upstream: UpstreamResponse,
@@ -183,18 +187,31 @@ async def _relay_stream(request: web.Request, call: _Call, upstream: UpstreamRes
         async for block in upstream.iter_chunks():
             *lines, pending = (pending + block).split(b"\n")
             if lines:  # a block without a newline only extends the pending line
-                await response.write(b"\n".join(_relay_line(call, line, wants) for line in lines) + b"\n")
+                await _relay_lines(response, call, lines, wants)
         if pending:
-            await response.write(_relay_line(call, pending, wants) + b"\n")
+            await _relay_lines(response, call, [pending], wants)
     except (UpstreamError, TimeoutError) as broken:
         error, status = f"upstream stream broke: {broken!r}", 502
         await _ignoring_hangup(response.write(b"data: " + orjson.dumps(error_body(502, error, "upstream_stream_broken"))
                                               + b"\n\n"))
     except ConnectionResetError:
         error, status = "client disconnected before the stream ended", 499
+    await call.record(status, error or call.capture_error)  # a stream that ended without [DONE]
     await _ignoring_hangup(response.write_eof())
-    await call.record(status, error or call.capture_error)
     return response
+
+
+async def _relay_lines(response: web.StreamResponse, call: _Call, lines: list[bytes], wants: Wants) -> None:
+    """Relay complete SSE lines; the call is recorded just before `data: [DONE]` goes out, since
+    a client stops reading there and may post its feedback at once."""
+    out = [_relay_line(call, line, wants) for line in lines]
+    done = next((i for i, line in enumerate(out) if line.strip() == b"data: [DONE]"), None)
+    if done is not None:
+        if done:
+            await response.write(b"\n".join(out[:done]) + b"\n")
+        await call.record(200, call.capture_error)
+        out = out[done:]
+    await response.write(b"\n".join(out) + b"\n")
 
 
 async def _ignoring_hangup(write) -> None:

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from flywheel.proxy.attribution import new_id
+from flywheel.proxy.attribution import checked_name, new_id
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.state import STATE
 from flywheel.store.records import EpisodeClose, EpisodeOpen, Feedback, UnknownCall, UnknownEpisode
@@ -23,6 +23,20 @@ def _optional_str(body: dict, key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ApiError(400, f"'{key}' must be a string", "invalid_field")
     return value
+
+
+def _optional_name(body: dict, key: str) -> str | None:
+    value = _optional_str(body, key)
+    return None if value is None else checked_name(key, value)
+
+
+async def _commit(request: web.Request, op):
+    """Submit `op` and wait for its commit; a 503 at once while the store cannot write, so a
+    client retries later instead of waiting on a full disk (its Idempotency-Key makes that safe)."""
+    writer = request.app[STATE].writer
+    if writer.failing is not None:
+        raise ApiError(503, f"the store cannot write now ({writer.failing}); retry later", "store_unavailable")
+    return await writer.submit(op)
 
 
 def _finite_number(value, name: str) -> float:
@@ -41,11 +55,11 @@ async def create_episode(request: web.Request) -> web.Response:
     op = EpisodeOpen(
         episode_id=new_id("ep"),
         created_at=_now(),
-        task_id=_optional_str(body, "task"),
-        agent=_optional_str(body, "agent"),
+        task_id=_optional_name(body, "task"),
+        agent=_optional_name(body, "agent"),
         metadata=json.dumps(metadata) if metadata is not None else None,
     )
-    await request.app[STATE].writer.submit(op)
+    await _commit(request, op)
     return web.json_response({"episode_id": op.episode_id, "task_id": op.task_id}, status=201)
 
 
@@ -70,7 +84,7 @@ async def post_feedback(request: web.Request) -> web.Response:
         idempotency_key=_optional_str(body, "idempotency_key") or request.headers.get("Idempotency-Key"),
     )
     try:
-        result = await request.app[STATE].writer.submit(op)
+        result = await _commit(request, op)
     except (UnknownEpisode, UnknownCall) as missing:
         raise ApiError(404, str(missing), "not_found") from None
     return web.json_response({
@@ -84,7 +98,7 @@ async def post_feedback(request: web.Request) -> web.Response:
 async def close_episode(request: web.Request) -> web.Response:
     episode_id = request.match_info["episode"]
     try:
-        await request.app[STATE].writer.submit(EpisodeClose(episode_id, _now()))
+        await _commit(request, EpisodeClose(episode_id, _now()))
     except UnknownEpisode as missing:
         raise ApiError(404, str(missing), "not_found") from None
     return web.json_response({"episode_id": episode_id, "status": "closed"})

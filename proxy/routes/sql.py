@@ -1,4 +1,8 @@
-"""`POST /v1/sql`: one read-only query on the live store (the only way other processes read it)."""
+"""`POST /v1/sql`: one read-only query on the live store (the only way other processes read it).
+
+The query runs and its reply is encoded on a SQL thread of its own (`BatchWriter.user_query`),
+capped in rows and bytes; the event loop only sends the bytes.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,28 @@ from aiohttp import web
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.state import STATE
 from flywheel.store.sandbox import QueryError, ReadOnlyViolation
+from flywheel.store.writer import ReadersBusy
 
 
 async def run_sql(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    config = state.config
     body = await read_json_object(request)
     query = body.get("query")
     if not isinstance(query, str) or not query.strip():
         raise ApiError(400, "'query' must be a non-empty SQL string", "invalid_query")
-    max_rows = body.get("max_rows", state.config.sql_max_rows)
+    max_rows = body.get("max_rows", config.sql_max_rows)
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
         raise ApiError(400, "'max_rows' must be a non-negative integer", "invalid_field")
     await state.writer.flush()
     try:
-        result = await state.writer.read(
-            state.writer.store.query, query, min(max_rows, state.config.sql_max_rows),
-            state.config.sql_timeout_s,
-        )
+        reply = await state.writer.user_query(config.sql_timeout_s, state.writer.store.query_json, query,
+                                              min(max_rows, config.sql_max_rows), config.sql_max_bytes,
+                                              config.sql_timeout_s)
     except ReadOnlyViolation as refused:
         raise ApiError(400, f"refused: {refused}", "read_only") from None
     except QueryError as bad:
         raise ApiError(400, f"query failed: {bad}", "query_error") from None
-    return web.json_response(result)
+    except ReadersBusy as busy:
+        raise ApiError(429, f"too many SQL queries running: {busy}; retry later", "sql_busy") from None
+    return web.Response(body=reply, content_type="application/json")
