@@ -51,8 +51,7 @@ def _up(args: argparse.Namespace) -> int:
 
     from flywheel.proxy.config import ProxyConfig
 
-    proxy = load_config(ProxyConfig, "proxy", args.config, {})  # its keys: the learner publishes with one
-    return up(load_config(UpConfig, "up", args.config, vars(args)), proxy.admin_keys)
+    return up(load_config(UpConfig, "up", args.config, vars(args)), load_config(ProxyConfig, "proxy", args.config, {}))
 
 
 def _learner(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from flywheel.proxy.config import ProxyConfig
 from flywheel.supervisor import ChildDied, Child, Supervisor
 from flywheel.vllm_server import VllmError, VllmSettings, child as vllm_child, sampling_defaults
 
@@ -81,8 +82,8 @@ def warm_up(url: str, model: str, api_key: str) -> None:
         pass  # a warm-up only: serving works without it
 
 
-def up(config: UpConfig, admin_keys: tuple[str, ...] = ()) -> int:
-    """The stack; `admin_keys`: the proxy's, one of which the learner publishes adapters with."""
+def up(config: UpConfig, proxy_settings: ProxyConfig = ProxyConfig()) -> int:
+    """The stack; `proxy_settings`: the proxy's own (its keys: the learner publishes with an admin key)."""
     supervisor = Supervisor(adopt_orphans=True)
     supervisor.handle_signals()
     # secrets only these processes share, handed over in their environment (never in argv):
@@ -107,6 +108,8 @@ def up(config: UpConfig, admin_keys: tuple[str, ...] = ()) -> int:
                                                 str(config.port), "--db", config.db, *insecure, *settings_file),
                       ready_url=f"{proxy_url}/healthz")
         proxy.env.update(FLYWHEEL_PROXY_BASE_MODEL=served or "", FLYWHEEL_PROXY_MAX_LORA_RANK=str(config.max_lora_rank))
+        if not proxy_settings.adapter_roots:  # the learner's adapters may be registered
+            proxy.env["FLYWHEEL_PROXY_ADAPTER_ROOTS"] = str(Path(config.learner_state).resolve())
         if not config.upstream:
             proxy.env["FLYWHEEL_PROXY_UPSTREAM_API_KEY"] = vllm_key
         if not config.upstream:  # we started vLLM without its generation-config defaults: the proxy applies them
@@ -122,8 +125,8 @@ def up(config: UpConfig, admin_keys: tuple[str, ...] = ()) -> int:
                                                         "--proxy", proxy_url, "--state-dir", config.learner_state,
                                                         *settings_file), ready_url=f"tcp://{learner_address}")
             learner.env["FLYWHEEL_LEARNER_TOKEN"] = learner_token
-            if admin_keys:
-                learner.env.setdefault("FLYWHEEL_LEARNER_PROXY_KEY", admin_keys[0])
+            if proxy_settings.admin_keys:
+                learner.env.setdefault("FLYWHEEL_LEARNER_PROXY_KEY", proxy_settings.admin_keys[0])
             supervisor.wait_ready(supervisor.start(learner), 120, "the learner")
         supervisor.say(f"Flywheel is up: point agents at http://{config.host}:{config.port}/v1 "
                        f"(model {served or 'as upstream'}), upstream {upstream}. Ctrl-C stops everything.")

@@ -22,8 +22,10 @@ from flywheel.proxy.admin import UpstreamAdmin, upstream_base
 from flywheel.proxy.auth import ROUTE_ACCESS, Access, check_bind, guard_middleware, is_loopback
 from flywheel.proxy.capture import CHAT, COMPLETIONS
 from flywheel.proxy.config import ProxyConfig
-from flywheel.proxy.errors import error_middleware
+from flywheel.proxy.errors import ApiError, error_middleware
 from flywheel.proxy.feed import Feed, channel_options
+from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
+from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.routes import adapters, episodes, learner, sql
 from flywheel.proxy.routes.completions import completion_handler, models_handler
@@ -51,9 +53,11 @@ def build_app(config: ProxyConfig) -> web.Application:
     (InsecureConfig for keys or a bind address that would expose the store)."""
     check_bind(config)
     config = dataclasses.replace(config, sampling_defaults=checked_defaults(config.sampling_defaults))
-    app = web.Application(middlewares=[error_middleware, guard_middleware(config)],
+    metrics = Metrics()
+    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware, guard_middleware(config)],
                           client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[METRICS] = metrics
     access: dict = {}
     for method, path, handler, needs in _routes():
         access[app.router.add_route(method, path, handler)] = needs
@@ -78,7 +82,10 @@ def _routes():
     yield "POST", "/v1/adapters/{agent}/rollback", adapters.rollback_adapter, Access.ADMIN
     yield "POST", "/v1/learner/train", learner.train, Access.ADMIN
     yield "GET", "/v1/learner/status", learner.status, Access.ADMIN
+    yield "GET", "/metrics", metrics_handler, Access.ADMIN
     yield "GET", "/healthz", _health, Access.PUBLIC
+    yield "GET", "/readyz", _ready, Access.PUBLIC
+    yield "GET", "/openapi.json", openapi_handler, Access.PUBLIC
 
 
 async def _writer(app: web.Application) -> AsyncIterator[None]:
@@ -109,13 +116,20 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _registry(app: web.Application) -> AsyncIterator[None]:
-    """The adapter registry, restored from the store and reloaded into vLLM in the background."""
+    """The adapter registry, restored from the store and reloaded into vLLM in the background,
+    then kept loaded there (a restarted vLLM gets its adapters back)."""
     config, writer = app[CONFIG], app[WRITER]
-    registry = Registry(writer, app[ADMIN], config.base_model or None, config.max_lora_rank)
+    registry = Registry(writer, app[ADMIN], config.base_model or None, config.max_lora_rank, config.adapter_roots)
     app[REGISTRY] = registry
-    restoring = asyncio.get_running_loop().create_task(registry.restore(await writer.read(writer.store.adapter_rows)))
+    rows = await writer.read(writer.store.adapter_rows)
+
+    async def restore_then_watch() -> None:
+        await registry.restore(rows)
+        await registry.watch_upstream(config.adapter_check_s)
+
+    keeping = asyncio.get_running_loop().create_task(restore_then_watch())
     yield
-    await _cancel(restoring)
+    await _cancel(keeping)
 
 
 async def _feed(app: web.Application) -> AsyncIterator[None]:
@@ -136,8 +150,9 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
 
 async def _state(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    app[METRICS].watch(app[WRITER], app.get(FEED))
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM], admin=app[ADMIN],
-                            registry=app[REGISTRY], feed=app.get(FEED))
+                            registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS])
     log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
     if not (config.api_keys or config.admin_keys):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,
@@ -152,12 +167,31 @@ async def _cancel(task: asyncio.Task) -> None:
 
 
 async def _health(request: web.Request) -> web.Response:
-    """Alive, with the writer's queue and, when a learner is configured, the feed's health."""
+    """Alive: the process answers. What it can do is /readyz's."""
     state = request.app[STATE]
     body = {"status": "ok", "queued_records": state.writer.pending}
     if state.feed is not None:
         body["feed"] = state.feed.health()
     return web.json_response(body)
+
+
+async def _ready(request: web.Request) -> web.Response:
+    """Ready to serve agents: the upstream answers, the store writes, adapters are restored and,
+    when a learner is configured, the feed reaches it. 503 with the failing checks otherwise."""
+    state = request.app[STATE]
+    checks: dict[str, dict] = {}
+    try:
+        status, _, _ = await asyncio.wait_for(state.admin.get("models"), 5)
+        checks["upstream"] = {"ok": status == 200, "detail": f"GET /v1/models: {status}"}
+    except (ApiError, TimeoutError) as down:
+        checks["upstream"] = {"ok": False, "detail": getattr(down, "message", "no answer within 5 s")}
+    checks["store"] = {"ok": state.writer.failing is None, "detail": state.writer.failing or "writes",
+                       "queued_records": state.writer.pending, "lag_s": round(state.writer.lag_s, 3)}
+    checks["adapters"] = {"ok": state.registry.restored, "detail": state.registry.restore_detail()}
+    if state.feed is not None:
+        checks["feed"] = {"ok": state.feed.last_error is None, "detail": state.feed.last_error or "reaches the learner"}
+    ready = all(check["ok"] for check in checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
 def run(config: ProxyConfig) -> None:

@@ -29,6 +29,11 @@ class ProxyConfig:
     base_model: str = ""
     # vLLM's --max-lora-rank: adapters of higher rank are refused at registration
     max_lora_rank: int = 16
+    # directories adapters may be registered from (a path elsewhere gets a 403); none = registration
+    # off. `flywheel up` sets the learner's state directory
+    adapter_roots: tuple[str, ...] = ()
+    # seconds between checks that vLLM still has the loaded adapters (it lost them if it restarted)
+    adapter_check_s: float = 5.0
     # agent name for calls that name none
     default_agent: str = "default"
     # largest request body accepted, in bytes (413 above it)

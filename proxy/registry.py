@@ -6,6 +6,12 @@ agent's calls to it by rewriting `model`. Each agent keeps two versions loaded: 
 and `standby` (the rollback target). Older versions are `retired` and unloaded once no
 call is in flight on them, so calls finish on the version they started on. The registry
 lives in the store's `adapters` table; a restarted proxy reloads it into vLLM.
+
+Recovery: a version vLLM refuses to load at restore is marked `failed` and its agent falls
+back to its newest loadable version (or the base model); a restarted vLLM (the proxy polls
+its model list) gets every loaded version back; loads and unloads of one name never overlap;
+a version goes live only once it is persisted. Adapters are taken only from `adapter_roots`
+and only as safetensors (a pickled `.bin` runs code when loaded).
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ from flywheel.store.writer import BatchWriter
 
 log = logging.getLogger("flywheel.adapters")
 
-ACTIVE, STANDBY, RETIRED, ROLLED_BACK = "active", "standby", "retired", "rolled_back"
+ACTIVE, STANDBY, RETIRED, ROLLED_BACK, FAILED = "active", "standby", "retired", "rolled_back", "failed"
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -42,9 +48,15 @@ class Version:
         return self.row.served_name
 
 
-def validate_adapter_dir(path: str, max_rank: int) -> Path:
-    """A loadable PEFT LoRA directory within vLLM's rank limit, or a 400 saying what is wrong."""
-    directory = Path(path).expanduser().resolve()
+def validate_adapter_dir(path: str, max_rank: int, roots: tuple[str, ...]) -> Path:
+    """A loadable PEFT LoRA directory inside one of `roots`, within vLLM's rank limit, or a
+    400/403 saying what is wrong."""
+    directory = Path(path).expanduser().resolve()  # symlinks resolved: a link out of a root is outside it
+    if not roots:
+        raise ApiError(403, "adapter registration is off: set [proxy] adapter_roots (FLYWHEEL_PROXY_ADAPTER_ROOTS) "
+                            "to the directories adapters may come from", "adapter_roots_unset")
+    if not any(directory.is_relative_to(Path(root).expanduser().resolve()) for root in roots):
+        raise ApiError(403, f"{directory} is outside adapter_roots ({', '.join(roots)})", "outside_adapter_roots")
     config_file = directory / "adapter_config.json"
     if not config_file.is_file():
         raise ApiError(400, f"{directory} has no adapter_config.json: not a PEFT adapter directory", "invalid_adapter")
@@ -59,20 +71,27 @@ def validate_adapter_dir(path: str, max_rank: int) -> Path:
         raise ApiError(400, f"{config_file}: 'r' must be a positive integer", "invalid_adapter")
     if rank > max_rank:
         raise ApiError(400, f"adapter rank {rank} exceeds the server's --max-lora-rank {max_rank}", "invalid_adapter")
-    if not any((directory / name).is_file() for name in _WEIGHT_FILES):
-        raise ApiError(400, f"{directory} has no {' or '.join(_WEIGHT_FILES)}", "invalid_adapter")
+    if not (directory / _WEIGHTS).is_file():
+        pickled = " (adapter_model.bin is a pickle, which runs code when loaded: save with safe_serialization)" \
+            if (directory / "adapter_model.bin").exists() else ""
+        raise ApiError(400, f"{directory} has no {_WEIGHTS}{pickled}", "invalid_adapter")
     return directory
 
 
 class Registry:
-    def __init__(self, writer: BatchWriter, vllm: UpstreamAdmin, default_base_model: str | None, max_lora_rank: int):
+    def __init__(self, writer: BatchWriter, vllm: UpstreamAdmin, default_base_model: str | None, max_lora_rank: int,
+                 adapter_roots: tuple[str, ...] = ()):
         self._writer = writer
         self._vllm = vllm
         self.default_base_model = default_base_model
         self.max_lora_rank = max_lora_rank
+        self.adapter_roots = adapter_roots
         self.versions: dict[str, list[Version]] = {}  # agent -> versions, oldest first
         self.active: dict[str, Version] = {}
         self._lock = asyncio.Lock()  # one registry change at a time
+        self._name_locks: dict[str, asyncio.Lock] = {}  # one load or unload of a name at a time
+        self.restored = False  # every active and standby version was loaded (or marked failed) at start
+        self.reloads = 0  # versions loaded again after vLLM lost them (a restart)
 
     # ---- the hot path -------------------------------------------------------
 
@@ -97,9 +116,9 @@ class Registry:
     async def register(self, agent: str, path: str, base_model: str | None) -> Version:
         if not _AGENT_NAME.match(agent):
             raise ApiError(400, f"agent name {agent!r} must match {_AGENT_NAME.pattern}", "invalid_agent")
-        directory = await asyncio.to_thread(validate_adapter_dir, path, self.max_lora_rank)
+        directory = await asyncio.to_thread(validate_adapter_dir, path, self.max_lora_rank, self.adapter_roots)
         async with self._lock:
-            history = self.versions.setdefault(agent, [])
+            history = self.versions.get(agent, [])
             number = max((v.row.version for v in history), default=0) + 1
             new = Version(AdapterRow(
                 served_name=f"{agent}-v{number}", agent=agent, version=number, path=str(directory),
@@ -107,8 +126,14 @@ class Registry:
                 status=ACTIVE,
             ))
             await self._load(new)
+            try:  # live only once persisted: a version the store does not have must never serve
+                await self._persist(new)
+            except Exception as failure:
+                await self._unload(new, force=True)
+                raise ApiError(503, f"{new.served_name} loaded but could not be recorded ({failure}); not put live",
+                               "store_unavailable") from None
             history.append(new)
-            await self._persist(new)
+            self.versions[agent] = history
             for older in reversed(history[:-1]):
                 if older.row.status == ACTIVE:
                     await self._set_status(older, STANDBY)
@@ -142,25 +167,87 @@ class Registry:
             return target
 
     async def restore(self, rows: list[AdapterRow]) -> None:
-        """Rebuild from the store, then load every active and standby version into vLLM."""
+        """Rebuild from the store, then load every active and standby version into vLLM.
+
+        Unreachable vLLM: retried with a back-off. A version vLLM refuses: marked failed, and
+        an agent whose active version failed falls back to its newest loadable one, or the base.
+        """
         for row in rows:
             version = Version(row)
             self.versions.setdefault(row.agent, []).append(version)
             if row.status == ACTIVE:
                 self.active[row.agent] = version
-        pending = [v for vs in self.versions.values() for v in vs if v.row.status in (ACTIVE, STANDBY)]
-        delay = 0.5
-        while pending:
-            try:
-                for version in list(pending):
-                    await self._load(version)
-                    pending.remove(version)
-            except ApiError as failure:
-                log.warning("restoring adapters: %s; retrying in %.0f s", failure.message, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
+        for agent in list(self.versions):
+            async with self._lock:
+                await self._restore_agent(agent)
+        self.restored = True
         if rows:
             log.info("restored adapters: %s", {a: v.served_name for a, v in self.active.items()})
+
+    async def _restore_agent(self, agent: str) -> None:
+        for version in [v for v in self.versions[agent] if v.row.status in (ACTIVE, STANDBY)]:
+            if await self._load_or_fail(version) or self.active.get(agent) is not version:
+                continue
+            fallback = None
+            for older in reversed(self.versions[agent]):
+                if older.row.status in (STANDBY, RETIRED, ROLLED_BACK) and older.row.version < version.row.version \
+                        and await self._load_or_fail(older):
+                    fallback = older
+                    break
+            if fallback is None:
+                del self.active[agent]
+                log.error("agent %s falls back to the base model: %s failed to load", agent, version.served_name)
+            else:
+                await self._set_status(fallback, ACTIVE)
+                self.active[agent] = fallback
+                log.error("agent %s falls back to %s: %s failed to load", agent, fallback.served_name,
+                          version.served_name)
+
+    async def _load_or_fail(self, version: Version) -> bool:
+        """Load, retrying while vLLM is unreachable; a refusal marks the version failed (False)."""
+        delay = 0.5
+        while True:
+            try:
+                await self._load(version)
+                return True
+            except ApiError as failure:
+                if failure.status == 502:  # unreachable or failing: vLLM may still be starting
+                    log.warning("restoring %s: %s; retrying in %.0f s", version.served_name, failure.message, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10)
+                    continue
+                log.error("%s cannot be loaded, marked failed: %s", version.served_name, failure.message)
+                await self._set_status(version, FAILED)
+                return False
+
+    async def watch_upstream(self, interval_s: float) -> None:
+        """Forever: load again whatever vLLM lost (it restarted) of the loaded versions."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reload_lost()
+            except ApiError as failure:  # vLLM down: the next round tries again
+                log.debug("adapter check: %s", failure.message)
+
+    async def reload_lost(self) -> list[str]:
+        """Versions marked loaded that vLLM does not list, loaded again; their names."""
+        status, body, _ = await self._vllm.get("models")
+        if status != 200:
+            return []
+        listed = {model.get("id") for model in json.loads(body).get("data", [])}
+        lost = [v for vs in self.versions.values() for v in vs
+                if v.loaded and v.row.status in (ACTIVE, STANDBY) and v.served_name not in listed]
+        for version in lost:
+            log.warning("vLLM lost %s (restarted?): loading it again", version.served_name)
+            version.loaded = False
+            await self._load(version)
+            self.reloads += 1
+        return [v.served_name for v in lost]
+
+    def restore_detail(self) -> str:
+        failed = [v.served_name for vs in self.versions.values() for v in vs if v.row.status == FAILED]
+        state = "restored" if self.restored else "restoring"
+        return f"{state}; failed: {', '.join(failed)}" if failed else state
 
     # ---- helpers ------------------------------------------------------------
 
@@ -185,25 +272,44 @@ class Registry:
             if version.loaded and version.in_flight == 0 and version.row.status in (RETIRED, ROLLED_BACK):
                 asyncio.get_running_loop().create_task(self._unload(version))
 
-    async def _load(self, version: Version) -> None:
-        status, text = await self._vllm.post("load_lora_adapter",
-                                             {"lora_name": version.served_name, "lora_path": version.row.path})
-        if status != 200 and "has already been loaded" not in text:
-            raise ApiError(502 if status >= 500 else 400,
-                           f"vLLM refused to load {version.served_name} from {version.row.path}: {text}",
-                           "adapter_load_failed")
-        version.loaded = True
+    def _name_lock(self, version: Version) -> asyncio.Lock:
+        return self._name_locks.setdefault(version.served_name, asyncio.Lock())
 
-    async def _unload(self, version: Version) -> None:
-        if not version.loaded or version.in_flight:
-            return
-        version.loaded = False
-        try:
-            status, text = await self._vllm.post("unload_lora_adapter", {"lora_name": version.served_name})
+    async def _load(self, version: Version) -> None:
+        async with self._name_lock(version):
+            if version.loaded:
+                return
+            status, text = await self._post_load(version)
+            if status != 200 and "has already been loaded" in text:
+                # a name this registry never loaded, or loaded before a restart: whoever loaded it,
+                # its weights are not known to be ours, so they are replaced
+                log.warning("%s was already in vLLM: replacing it with %s", version.served_name, version.row.path)
+                await self._vllm.post("unload_lora_adapter", {"lora_name": version.served_name})
+                status, text = await self._post_load(version)
             if status != 200:
-                log.warning("vLLM did not unload %s: %s", version.served_name, text)
-        except ApiError as failure:
-            log.warning("unloading %s: %s", version.served_name, failure.message)
+                raise ApiError(502 if status >= 500 else 400,
+                               f"vLLM refused to load {version.served_name} from {version.row.path}: {text}",
+                               "adapter_load_failed")
+            version.loaded = True
+
+    async def _post_load(self, version: Version) -> tuple[int, str]:
+        return await self._vllm.post("load_lora_adapter",
+                                     {"lora_name": version.served_name, "lora_path": version.row.path})
+
+    async def _unload(self, version: Version, force: bool = False) -> None:
+        """Unload a version no call uses and nothing needs (re-checked under the name's lock, so an
+        unload queued before a rollback revived the version does nothing); `force`: regardless."""
+        async with self._name_lock(version):
+            needed = version.in_flight or version.row.status not in (RETIRED, ROLLED_BACK, FAILED)
+            if not version.loaded or (needed and not force):
+                return
+            version.loaded = False
+            try:
+                status, text = await self._vllm.post("unload_lora_adapter", {"lora_name": version.served_name})
+                if status != 200:
+                    log.warning("vLLM did not unload %s: %s", version.served_name, text)
+            except ApiError as failure:
+                log.warning("unloading %s: %s", version.served_name, failure.message)
 
 
 def row_json(row: AdapterRow) -> dict:

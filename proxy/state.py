@@ -14,6 +14,7 @@ from aiohttp import web
 from flywheel.proxy.admin import UpstreamAdmin
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.feed import Feed
+from flywheel.proxy.metrics import Metrics
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.upstream import UpstreamPool
 from flywheel.store.writer import BatchWriter
@@ -27,6 +28,7 @@ class ProxyState:
     admin: UpstreamAdmin  # everything else sent upstream: adapter loading, /v1/models
     registry: Registry  # which adapter version serves each agent
     feed: Feed | None  # episodes to the learner; None when no learner is configured
+    metrics: Metrics  # what /metrics reports
 
 
 STATE = web.AppKey("flywheel_state", ProxyState)

@@ -151,7 +151,7 @@ ADAPTERS = Table(
         Column("path", "VARCHAR", "PEFT adapter directory vLLM loads it from"),
         Column("base_model", "VARCHAR", "served name of the base model it applies to"),
         Column("created_at", "TIMESTAMPTZ", "when it was registered"),
-        Column("status", "VARCHAR", "active | standby (rollback target) | retired | rolled_back"),
+        Column("status", "VARCHAR", "active | standby (rollback target) | retired | rolled_back | failed (would not load)"),
     ),
 )
 

@@ -75,7 +75,8 @@ async def start_proxy(upstream, db_path):
     started: list[Proxy] = []
 
     async def start(**overrides) -> Proxy:
-        config = dataclasses.replace(ProxyConfig(upstream=upstream.url, db=db_path, port=0), **overrides)
+        config = dataclasses.replace(ProxyConfig(upstream=upstream.url, db=db_path, port=0,
+                                                 adapter_roots=(str(Path(db_path).parent),)), **overrides)
         proxy = await Proxy(config).start()
         started.append(proxy)
         return proxy

@@ -15,6 +15,7 @@ import asyncio
 import json
 import re
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -23,6 +24,7 @@ AUTHORIZATIONS = web.AppKey("authorizations", list)  # the Authorization header 
 LORAS = web.AppKey("loras", dict)  # served name -> path, as loaded through /v1/load_lora_adapter
 LORA_CALLS = web.AppKey("lora_calls", list)  # ("load" | "unload", name) in arrival order
 DELAY_S = web.AppKey("delay_s", float)
+UNLOAD_DELAY_S = web.AppKey("unload_delay_s", list)  # [seconds] each unload takes (a list: settable in a test)
 TOOL_ARGS = ('{"city": ', '"Paris"}')
 
 
@@ -165,6 +167,8 @@ async def _load_lora(request: web.Request) -> web.Response:
     if name in request.app[LORAS]:
         return web.json_response({"error": {"message": f"The lora adapter '{name}' has already been loaded."}},
                                  status=400)
+    if not Path(body["lora_path"], "adapter_config.json").is_file():
+        return web.json_response({"error": {"message": f"No adapter found for {body['lora_path']}"}}, status=400)
     request.app[LORAS][name] = body["lora_path"]
     return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -172,14 +176,17 @@ async def _load_lora(request: web.Request) -> web.Response:
 async def _unload_lora(request: web.Request) -> web.Response:
     name = (await request.json())["lora_name"]
     request.app[LORA_CALLS].append(("unload", name))
+    await asyncio.sleep(request.app[UNLOAD_DELAY_S][0])
     if request.app[LORAS].pop(name, None) is None:
         return web.json_response({"error": {"message": f"The lora adapter '{name}' cannot be found."}}, status=404)
     return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 async def _models(request: web.Request) -> web.Response:
+    # as vLLM: the base model, then every loaded LoRA adapter
     return web.json_response({"object": "list", "data": [
-        {"id": "fake-model", "object": "model", "created": int(time.time()), "owned_by": "fake"}]})
+        {"id": name, "object": "model", "created": int(time.time()), "owned_by": "fake"}
+        for name in ["fake-model", *request.app[LORAS]]]})
 
 
 def make_app(delay_s: float = 0.0) -> web.Application:
@@ -189,6 +196,7 @@ def make_app(delay_s: float = 0.0) -> web.Application:
     app[DELAY_S] = delay_s
     app[LORAS] = {}
     app[LORA_CALLS] = []
+    app[UNLOAD_DELAY_S] = [0.0]
     app.router.add_post("/v1/load_lora_adapter", _load_lora)
     app.router.add_post("/v1/unload_lora_adapter", _unload_lora)
     app.router.add_post("/v1/chat/completions", _handler(chat=True))

@@ -5,7 +5,8 @@ import json
 
 import openai
 
-from tests.fake_upstream import LORA_CALLS, LORAS
+from flywheel.store.records import StoreUnavailable
+from tests.fake_upstream import LORA_CALLS, LORAS, UNLOAD_DELAY_S
 from tests.test_feedback import api
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -113,3 +114,93 @@ async def test_calls_for_another_model_are_not_rerouted(proxy, upstream, tmp_pat
     assert upstream.received[-1]["model"] == "other-model"
     await client.chat.completions.create(model="base", messages=MESSAGES)
     assert upstream.received[-1]["model"] == "s-v1"
+
+
+async def _wait_for(predicate, timeout_s: float = 5) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def test_restore_goes_past_a_broken_version_and_its_agent_falls_back(start_proxy, upstream, tmp_path):
+    proxy = await start_proxy()
+    paths = [adapter_dir(tmp_path, f"s{n}") for n in (1, 2)]
+    for path in paths:
+        await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": path})
+    await api(proxy, "POST", "/v1/adapters", {"agent": "t", "path": adapter_dir(tmp_path, "t1")})
+    await proxy.stop()
+    upstream.app[LORAS].clear()  # vLLM restarted ...
+    (tmp_path / "s2" / "adapter_config.json").unlink()  # ... and s-v2's files are gone
+    proxy = await start_proxy()
+    await _wait_for(lambda: proxy.state.registry.restored)
+    assert sorted(upstream.app[LORAS]) == ["s-v1", "t-v1"]
+    assert (await chat(proxy, "s")).model == "s-v1" and (await chat(proxy, "t")).model == "t-v1"
+    history = {v["served_name"]: v["status"] for v in (await api(proxy, "GET", "/v1/adapters"))[1]["agents"]["s"]["history"]}
+    assert history == {"s-v1": "active", "s-v2": "failed"}
+    status, ready = await api(proxy, "GET", "/readyz")
+    assert status == 200 and "failed: s-v2" in ready["checks"]["adapters"]["detail"]
+
+
+async def test_a_restarted_vllm_gets_its_adapters_back(start_proxy, upstream, tmp_path):
+    proxy = await start_proxy(adapter_check_s=0.05)
+    await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, "s1")})
+    await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, "s2")})
+    upstream.app[LORAS].clear()
+    await _wait_for(lambda: sorted(upstream.app[LORAS]) == ["s-v1", "s-v2"])
+    assert (await chat(proxy, "s")).model == "s-v2" and proxy.state.registry.reloads == 2
+
+
+async def test_an_unload_in_flight_never_removes_a_version_a_rollback_revives(proxy, upstream, tmp_path):
+    upstream.app[UNLOAD_DELAY_S][0] = 0.3
+    for n in (1, 2, 3):  # v1 retires: its unload starts, slowly
+        await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, f"s{n}")})
+    for _ in range(2):  # v3 -> v2 -> v1 while v1's unload is still in vLLM
+        assert (await api(proxy, "POST", "/v1/adapters/s/rollback", {}))[0] == 200
+    await asyncio.sleep(0.8)
+    assert "s-v1" in upstream.app[LORAS] and (await chat(proxy, "s")).model == "s-v1"
+
+
+async def test_a_version_the_store_cannot_record_never_goes_live(proxy, upstream, tmp_path, monkeypatch):
+    writer = proxy.state.writer
+    original = writer.submit
+
+    async def submit(op):
+        if type(op).__name__ == "AdapterRow":
+            raise StoreUnavailable("disk full (test)")
+        return await original(op)
+
+    monkeypatch.setattr(writer, "submit", submit)
+    status, body = await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path)})
+    assert status == 503 and body["error"]["code"] == "store_unavailable"
+    assert "s-v1" not in upstream.app[LORAS] and (await chat(proxy, "s")).model != "s-v1"
+    assert (await api(proxy, "GET", "/v1/adapters"))[1] == {"agents": {}}
+
+
+async def test_a_name_someone_else_loaded_is_replaced_with_ours(proxy, upstream, tmp_path):
+    upstream.app[LORAS]["s-v1"] = "/somewhere/else"
+    path = adapter_dir(tmp_path)
+    assert (await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": path}))[0] == 201
+    assert upstream.app[LORAS]["s-v1"] == path
+    assert upstream.app[LORA_CALLS][-3:] == [("load", "s-v1"), ("unload", "s-v1"), ("load", "s-v1")]
+
+
+async def test_adapters_only_from_the_configured_roots_and_only_as_safetensors(start_proxy, tmp_path):
+    inside, outside = tmp_path / "roots", tmp_path / "elsewhere"
+    inside.mkdir(), outside.mkdir()
+    proxy = await start_proxy(adapter_roots=(str(inside),))
+    (inside / "link").symlink_to(adapter_dir(outside, "real"))
+    for path, status, code in ((adapter_dir(outside, "a"), 403, "outside_adapter_roots"),
+                               (str(inside / "link"), 403, "outside_adapter_roots"),
+                               (str(inside / ".." / "elsewhere" / "a"), 403, "outside_adapter_roots")):
+        reply = await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": path})
+        assert (reply[0], reply[1]["error"]["code"]) == (status, code), path
+    pickled = adapter_dir(inside, "pickled")
+    (inside / "pickled" / "adapter_model.safetensors").rename(inside / "pickled" / "adapter_model.bin")
+    status, body = await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": pickled})
+    assert status == 400 and "pickle" in body["error"]["message"]
+    assert (await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(inside, "ok")}))[0] == 201
+    closed = await start_proxy(adapter_roots=(), db=str(tmp_path / "other.duckdb"))
+    status, body = await api(closed, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(inside, "ok2")})
+    assert status == 403 and body["error"]["code"] == "adapter_roots_unset"

@@ -30,6 +30,7 @@ async def register_adapter(request: web.Request) -> web.Response:
         raise ApiError(400, "'train_run' must be an object of update metrics", "invalid_field")
     state = request.app[STATE]
     version = await state.registry.register(agent, path, base_model)
+    state.metrics.adapter_swaps.labels(agent, "register").inc()
     if train_run is not None:
         await state.writer.submit(train_run_record(train_run, version.row, new_id("run"), datetime.now(timezone.utc)))
     return web.json_response(row_json(version.row), status=201)
@@ -37,5 +38,7 @@ async def register_adapter(request: web.Request) -> web.Response:
 
 async def rollback_adapter(request: web.Request) -> web.Response:
     agent = request.match_info["agent"]
-    target = await request.app[STATE].registry.rollback(agent)
+    state = request.app[STATE]
+    target = await state.registry.rollback(agent)
+    state.metrics.adapter_swaps.labels(agent, "rollback").inc()
     return web.json_response({"agent": agent, "current": target.served_name if target else None})

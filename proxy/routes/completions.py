@@ -55,6 +55,7 @@ class _Call:
             return
         self.recorded = True
         cap = self.capture
+        self._count(status)
         await self.state.writer.put(CallRecord(
             call_id=self.call_id,
             episode_id=self.who.episode_id,
@@ -79,6 +80,16 @@ class _Call:
             task_id=self.who.task_id,
             **asdict(self.sampling),
         ))
+
+
+    def _count(self, status: int) -> None:
+        metrics, agent, cap = self.state.metrics, self.who.agent, self.capture
+        metrics.calls.labels(agent, str(status)).inc()
+        if self.ttft_ms is not None:
+            metrics.ttft.labels(agent).observe(self.ttft_ms / 1000)
+        for kind, count in (("prompt", cap.prompt_tokens()), ("completion", cap.completion_tokens())):
+            if count:
+                metrics.tokens.labels(agent, kind).inc(count)
 
 
 def completion_handler(endpoint: str):

@@ -31,7 +31,7 @@ def _as_dict(message) -> dict:
 async def train(request: web.Request) -> web.StreamResponse:
     """Start an update now; streams its events as JSON lines (all of them with {"wait": true})."""
     feed = _feed(request)
-    body = await read_json_object(request) if request.can_read_body else {}
+    body = await read_json_object(request) if await request.read() else {}  # an empty body: defaults
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     try:
         await feed.push_ready()  # everything ready goes into this update

@@ -30,9 +30,12 @@ async def run_sql(request: web.Request) -> web.Response:
                                               min(max_rows, config.sql_max_rows), config.sql_max_bytes,
                                               config.sql_timeout_s)
     except ReadOnlyViolation as refused:
+        state.metrics.sql_refused.labels("read_only").inc()
         raise ApiError(400, f"refused: {refused}", "read_only") from None
     except QueryError as bad:
+        state.metrics.sql_refused.labels("query_error").inc()
         raise ApiError(400, f"query failed: {bad}", "query_error") from None
     except ReadersBusy as busy:
+        state.metrics.sql_refused.labels("busy").inc()
         raise ApiError(429, f"too many SQL queries running: {busy}; retry later", "sql_busy") from None
     return web.Response(body=reply, content_type="application/json")

@@ -1,0 +1,102 @@
+"""The proxy's Prometheus metrics (`GET /metrics`, admin key), on a registry of its own.
+
+Counted as they happen: requests by route template and status with their latency; LLM calls
+by agent and status with time to first token and tokens; adapter swaps; SQL refusals. Read
+when scraped: the writer's queue (records, bytes, lag), whether the store writes, records
+dropped, the learner feed's lag and counts.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from flywheel.proxy.feed import Feed
+from flywheel.store.writer import BatchWriter
+
+_LATENCY_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("flywheel_requests", "HTTP requests by route template and status",
+                                ["route", "status"], registry=r)
+        self.latency = Histogram("flywheel_request_seconds", "HTTP request latency by route template",
+                                 ["route"], buckets=_LATENCY_S, registry=r)
+        self.calls = Counter("flywheel_llm_calls", "LLM calls by agent and status", ["agent", "status"], registry=r)
+        self.ttft = Histogram("flywheel_ttft_seconds", "time to the first generated token, by agent", ["agent"],
+                              buckets=_LATENCY_S, registry=r)
+        self.tokens = Counter("flywheel_tokens", "tokens by agent and kind (prompt, completion)",
+                              ["agent", "kind"], registry=r)
+        self.adapter_swaps = Counter("flywheel_adapter_swaps", "adapter versions put live (register, rollback)",
+                                     ["agent", "reason"], registry=r)
+        self.sql_refused = Counter("flywheel_sql_refused", "SQL queries refused or failed, by reason",
+                                   ["reason"], registry=r)
+
+    def watch(self, writer: BatchWriter, feed: Feed | None) -> None:
+        """Report the writer's and the feed's state at each scrape."""
+        self.registry.register(_StateCollector(writer, feed))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    def __init__(self, writer: BatchWriter, feed: Feed | None):
+        self.writer, self.feed = writer, feed
+
+    def collect(self):
+        w = self.writer
+        yield GaugeMetricFamily("flywheel_writer_queue_records", "records waiting for the store", value=w.pending)
+        yield GaugeMetricFamily("flywheel_writer_queue_bytes", "bytes of records waiting for the store",
+                                value=w.queued_bytes)
+        yield GaugeMetricFamily("flywheel_writer_lag_seconds", "how long the oldest waiting record has waited",
+                                value=w.lag_s)
+        yield GaugeMetricFamily("flywheel_store_writable", "1 while the store commits, 0 while it cannot",
+                                value=0 if w.failing else 1)
+        yield CounterMetricFamily("flywheel_records_dropped", "records not kept (serve_without_store)",
+                                  value=w.dropped)
+        yield CounterMetricFamily("flywheel_records_committed", "records committed to the store", value=w.committed)
+        if self.feed is not None:
+            f = self.feed
+            yield GaugeMetricFamily("flywheel_feed_lag_seconds", "seconds since the feed last reached the learner",
+                                    value=time.time() - f.last_success if f.last_success else float("nan"))
+            yield CounterMetricFamily("flywheel_feed_pushed_episodes", "episodes the learner acknowledged",
+                                      value=f.pushed)
+            yield CounterMetricFamily("flywheel_feed_quarantined_episodes", "episodes the feed could not send",
+                                      value=f.quarantined)
+
+
+METRICS = web.AppKey("flywheel_metrics", Metrics)
+
+
+def metrics_middleware(metrics: Metrics):
+    """Every request counted by its route template (never the raw path: ids would explode the labels)."""
+
+    @web.middleware
+    async def measure(request: web.Request, handler):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as err:
+            status = err.status
+            raise
+        finally:
+            info = request.match_info.route.resource
+            route = info.canonical if info is not None else "unmatched"
+            metrics.requests.labels(route, str(status)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    return measure
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,96 @@
+"""`GET /openapi.json`: OpenAPI 3.0 for Flywheel's own routes (episodes, feedback, SQL,
+adapters, learner, health, metrics). The OpenAI routes it forwards are listed with the fields
+Flywheel itself reads; their full schema is OpenAI's."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "code": {"type": "string", "nullable": True}, "param": {"nullable": True}}}}}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 256}
+_NUMBER = {"type": "number"}
+_OBJECT = {"type": "object"}
+
+
+def _json(schema: dict) -> dict:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _operation(summary: str, ok: int, reply: dict, body: dict | None = None, params: tuple[str, ...] = (),
+               admin: bool = False, public: bool = False) -> dict:
+    op: dict = {"summary": summary, "responses": {str(ok): {"description": "success", **_json(reply)}}}
+    for status, what in (("400", "invalid request"), ("401", "missing or invalid key"),
+                         ("403", "key not allowed here"), ("404", "not found"), ("415", "not JSON"),
+                         ("503", "overloaded or the store cannot write")):
+        op["responses"][status] = {"description": what, **_json(_ERROR)}
+    if body is not None:
+        op["requestBody"] = {"required": True, **_json(body)}
+    if params:
+        op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": _NAME} for p in params]
+    op["security"] = [] if public else [{"admin": []}] if admin else [{"bearer": []}, {"apiKey": []}]
+    return op
+
+
+def _inference(summary: str, required: list[str]) -> dict:
+    body = {"type": "object", "required": required, "properties": {
+        "model": {"type": "string"}, "stream": {"type": "boolean"}, "n": {"type": "integer", "minimum": 1},
+        "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
+        "top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
+        "metadata": _OBJECT}}
+    return {"post": _operation(summary, 200, _OBJECT, body)}
+
+
+SPEC = {
+    "openapi": "3.0.3",
+    "info": {"title": "Flywheel proxy", "version": "1",
+             "description": "OpenAI-compatible logging proxy with episodes, outcomes and online LoRA learning."},
+    "components": {"securitySchemes": {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
+        "admin": {"type": "http", "scheme": "bearer", "description": "an admin key"}}},
+    "paths": {
+        "/v1/chat/completions": _inference("chat completion, forwarded and recorded", ["model", "messages"]),
+        "/v1/completions": _inference("completion, forwarded and recorded", ["model", "prompt"]),
+        "/v1/models": {"get": _operation("the upstream's models", 200, _OBJECT)},
+        "/v1/episodes": {"post": _operation("open an episode", 201, _OBJECT, {
+            "type": "object", "properties": {"agent": _NAME, "task": _NAME, "metadata": _OBJECT}})},
+        "/v1/episodes/{episode}": {"get": _operation("an episode with its calls and feedback", 200, _OBJECT,
+                                                     params=("episode",))},
+        "/v1/episodes/{episode}/feedback": {"post": _operation("post an outcome", 200, _OBJECT, {
+            "type": "object", "required": ["reward"], "properties": {
+                "reward": _NUMBER, "dims": {"type": "object", "additionalProperties": _NUMBER},
+                "call_id": {"type": "string"}, "source": {"type": "string"}, "idempotency_key": {"type": "string"}}},
+            params=("episode",))},
+        "/v1/episodes/{episode}/close": {"post": _operation("close an episode", 200, _OBJECT, _OBJECT,
+                                                            params=("episode",))},
+        "/v1/sql": {"post": _operation("one read-only SQL query on the store", 200, {
+            "type": "object", "properties": {"columns": {"type": "array"}, "types": {"type": "array"},
+                                             "rows": {"type": "array"}, "truncated": {"type": "boolean"}}}, {
+            "type": "object", "required": ["query"], "properties": {
+                "query": {"type": "string"}, "max_rows": {"type": "integer", "minimum": 0}}}, admin=True)},
+        "/v1/adapters": {
+            "get": _operation("adapter versions per agent", 200, _OBJECT, admin=True),
+            "post": _operation("register (hot-swap in) an adapter version", 201, _OBJECT, {
+                "type": "object", "required": ["agent", "path"], "properties": {
+                    "agent": _NAME, "path": {"type": "string"}, "base_model": {"type": "string"},
+                    "train_run": _OBJECT}}, admin=True)},
+        "/v1/adapters/{agent}/rollback": {"post": _operation("roll an agent back one version", 200, _OBJECT,
+                                                             _OBJECT, params=("agent",), admin=True)},
+        "/v1/learner/train": {"post": _operation("an update now (NDJSON events)", 200, _OBJECT, {
+            "type": "object", "properties": {"wait": {"type": "boolean"}}}, admin=True)},
+        "/v1/learner/status": {"get": _operation("the learner's buffer and the feed", 200, _OBJECT, admin=True)},
+        "/healthz": {"get": _operation("alive", 200, _OBJECT, public=True)},
+        "/readyz": {"get": _operation("ready: upstream, store, adapters, feed", 200, _OBJECT, public=True)},
+        "/openapi.json": {"get": _operation("this description", 200, _OBJECT, public=True)},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "security": [{"admin": []}],
+                             "responses": {"200": {"description": "text exposition format",
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    },
+}
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return web.json_response(SPEC)
