@@ -51,7 +51,10 @@ class Version:
 def validate_adapter_dir(path: str, max_rank: int, roots: tuple[str, ...]) -> Path:
     """A loadable PEFT LoRA directory inside one of `roots`, within vLLM's rank limit, or a
     400/403 saying what is wrong."""
-    directory = Path(path).expanduser().resolve()  # symlinks resolved: a link out of a root is outside it
+    try:
+        directory = Path(path).expanduser().resolve()  # symlinks resolved: a link out of a root is outside it
+    except (ValueError, OSError, RuntimeError) as bad:  # a NUL byte, a symlink loop
+        raise ApiError(400, f"'path' is not a usable directory path: {bad}", "invalid_adapter") from None
     if not roots:
         raise ApiError(403, "adapter registration is off: set [proxy] adapter_roots (FLYWHEEL_PROXY_ADAPTER_ROOTS) "
                             "to the directories adapters may come from", "adapter_roots_unset")

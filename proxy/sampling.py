@@ -30,6 +30,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "repetition_penalty": (0.0, math.inf, False),
 }
 _INTEGERS = {"n": 1, "max_tokens": 1, "max_completion_tokens": 1, "top_k": -1}  # field -> smallest allowed
+_LARGEST = 2**31 - 1  # the store's INTEGER columns; no model samples more tokens or choices than this
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ def resolve(body: dict[str, Any], defaults: Mapping[str, float]) -> Sampling:
 
 def _checked(name: str, value: Any) -> float | int:
     if name in _INTEGERS:
-        if isinstance(value, bool) or not isinstance(value, int) or value < _INTEGERS[name]:
-            raise ApiError(400, f"'{name}' must be an integer >= {_INTEGERS[name]}, got {value!r}", "invalid_field")
+        if isinstance(value, bool) or not isinstance(value, int) or not _INTEGERS[name] <= value <= _LARGEST:
+            raise ApiError(400, f"'{name}' must be an integer in [{_INTEGERS[name]}, {_LARGEST}], got {value!r}",
+                           "invalid_field")
         return value
     low, high, low_allowed = _RANGES[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -91,8 +91,8 @@ class Store:
     def apply(self, ops: Sequence[StoreOp]) -> list[Any]:
         """Apply `ops` in one transaction; returns one result (or exception) per op.
 
-        If the batch fails for what is in it, each op is retried in its own transaction so one
-        bad record cannot take the others down with it. If it fails for want of memory or disk,
+        If the batch fails for what is in it (a constraint, a value Arrow or DuckDB cannot hold),
+        each op is retried in its own transaction so one bad record cannot take the others down. If it fails for want of memory or disk,
         nothing is committed and StoreUnavailable is raised: the caller retries the batch later.
         """
         try:
@@ -104,8 +104,6 @@ class Store:
             self._roll_back()
             if isinstance(batch_error, _RESOURCE_ERRORS) or _is_resource_error(batch_error):
                 raise StoreUnavailable(f"{type(batch_error).__name__}: {batch_error}") from batch_error
-            if not isinstance(batch_error, duckdb.Error):
-                raise
             if len(ops) == 1:
                 log.error("store write failed: %s (%r)", batch_error, ops[0])
                 return [batch_error]

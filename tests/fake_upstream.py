@@ -36,8 +36,20 @@ def _prompt_ids(body: dict) -> list[int]:
     return list(range(1, len(text.split()) + 2))
 
 
+def _invalid(body: dict, chat: bool) -> str | None:
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return "'messages' must be a list of objects"
+    elif not isinstance(body.get("prompt"), (str, list)):
+        return "'prompt' must be a string or a list"
+    if not isinstance(body.get("model", ""), str):
+        return "'model' must be a string"
+    return None
+
+
 def _tokens(body: dict) -> list[tuple[int, str, float]]:
-    n = body.get("max_tokens") or body.get("max_completion_tokens") or 4
+    n = min(body.get("max_tokens") or body.get("max_completion_tokens") or 4, 64)  # a model's length limit
     return [(1000 + i, f" w{i}", -0.125 * (i + 1)) for i in range(n)]
 
 
@@ -134,6 +146,10 @@ def _handler(chat: bool):
         body = await request.json()
         request.app[RECEIVED].append(body)
         request.app[AUTHORIZATIONS].append(request.headers.get("Authorization"))
+        problem = _invalid(body, chat)
+        if problem:  # as vLLM: a 400 for a body it cannot serve
+            return web.json_response({"error": {"message": problem, "type": "BadRequestError", "code": 400}},
+                                     status=400)
         delay_s = float(body.get("fake_delay_ms", 0)) / 1000 or request.app[DELAY_S]
         if delay_s:
             await asyncio.sleep(delay_s)

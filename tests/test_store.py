@@ -113,6 +113,15 @@ async def test_shutdown_writes_everything_queued(start_proxy, db_path, monkeypat
     assert read_db(db_path, "SELECT count(*) AS n FROM calls") == [{"n": 20}]
 
 
+def _call(episode_id: str) -> CallRecord:
+    from datetime import datetime, timezone
+
+    return CallRecord(call_id=f"call-{episode_id}", episode_id=episode_id, agent="a", created_at=datetime.now(timezone.utc),
+                      endpoint="chat.completions", stream=False, model="m", adapter=None, request="{}", response=None,
+                      prompt_token_ids=[1], completion_token_ids=[2], completion_logprobs=[-0.5], finish_reason="stop",
+                      prompt_tokens=1, completion_tokens=1, latency_ms=1.0, ttft_ms=None, status=200, error=None)
+
+
 def test_one_bad_record_does_not_take_its_batch_down(db_path):
     from datetime import datetime, timezone
 
@@ -124,8 +133,13 @@ def test_one_bad_record_does_not_take_its_batch_down(db_path):
     bad = EpisodeOpen("ep-bad", now, metadata="{not json")
     results = store.apply([good, bad])
     assert results[0] is None and isinstance(results[1], duckdb.Error)
+    # a value Arrow cannot hold fails before DuckDB sees it: the batch is split all the same
+    call = dataclasses.replace(_call("ep-good"), choices=2**40)
+    results = store.apply([EpisodeOpen("ep-also-good", now), call])
+    assert results[0] is None and isinstance(results[1], Exception)
     store.close()
-    assert [r["episode_id"] for r in read_db(db_path, "SELECT episode_id FROM episodes")] == ["ep-good"]
+    rows = read_db(db_path, "SELECT episode_id FROM episodes ORDER BY episode_id")
+    assert [r["episode_id"] for r in rows] == ["ep-also-good", "ep-good"]
 
 
 async def test_a_restarted_proxy_continues_an_episode_and_a_late_task_is_kept(start_proxy):
