@@ -38,13 +38,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(args: list[str], port: int) -> subprocess.Popen:
+def spawn(args: list[str], port: int, probe: str = "/v1/models") -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "FLYWHEEL_LOG_LEVEL": "WARNING"})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=1)
             return proc
         except OSError:
             if proc.poll() is not None:
