@@ -195,7 +195,7 @@ class ServeProcess:
     """`flywheel serve` in a process of its own (for what only a real process shows: its memory
     caps, a kill -9), started and stopped by the test."""
 
-    def __init__(self, tmp_path: Path, upstream_url: str, **settings):
+    def __init__(self, tmp_path: Path, upstream_url: str, log_dir: Path | None = None, **settings):
         import os
         import subprocess
         import sys
@@ -203,7 +203,7 @@ class ServeProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = str(tmp_path / "serve.duckdb")
-        self.log = tmp_path / "serve.log"
+        self.log = (log_dir or tmp_path) / "serve.log"
         env = {**os.environ, **{f"FLYWHEEL_PROXY_{k.upper()}": str(v) for k, v in settings.items()}}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flywheel", "serve", "--upstream", upstream_url, "--port", str(self.port),

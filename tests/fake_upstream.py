@@ -167,8 +167,11 @@ def _handler(chat: bool):
             return web.json_response(_whole(body, chat))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        chunk_delay_s = float(body.get("fake_chunk_delay_ms", 0)) / 1000  # a slow generation, token by token
         for chunk in _chunks(body, chat):
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if chunk_delay_s:
+                await asyncio.sleep(chunk_delay_s)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
