@@ -20,14 +20,29 @@ class ProxyUnreachable(ProxyError):
     """No proxy answered at the URL."""
 
 
-def proxy_request(url: str, path: str, body: dict | None = None, timeout_s: float = 120, hint: str = "") -> IO[bytes]:
-    """An open response from the proxy (POST with `body`, else GET); raises ProxyError with the
-    proxy's message for an error reply, ProxyUnreachable when nothing answers."""
+def _request(url: str, path: str, body: dict | None) -> urllib.request.Request:
     headers = {"Content-Type": "application/json"}
     if os.environ.get(KEY_VARIABLE):
         headers["Authorization"] = f"Bearer {os.environ[KEY_VARIABLE]}"
-    request = urllib.request.Request(url.rstrip("/") + path, headers=headers,
-                                     data=json.dumps(body).encode() if body is not None else None)
+    return urllib.request.Request(url.rstrip("/") + path, headers=headers,
+                                  data=json.dumps(body).encode() if body is not None else None)
+
+
+def readiness(url: str) -> dict:
+    """GET /readyz, whether ready (200) or not (503): {"ready", "checks"}."""
+    try:
+        with urllib.request.urlopen(_request(url, "/readyz", None), timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as not_ready:
+        return json.load(not_ready)
+    except urllib.error.URLError as down:
+        raise ProxyUnreachable(f"no proxy at {url} ({down.reason})") from None
+
+
+def proxy_request(url: str, path: str, body: dict | None = None, timeout_s: float = 120, hint: str = "") -> IO[bytes]:
+    """An open response from the proxy (POST with `body`, else GET); raises ProxyError with the
+    proxy's message for an error reply, ProxyUnreachable when nothing answers."""
+    request = _request(url, path, body)
     try:
         return urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as refused:

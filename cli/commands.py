@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from flywheel.client import DEFAULT_URL, ProxyError, proxy_request
+from flywheel.client import DEFAULT_URL, ProxyError, proxy_request, readiness
 from flywheel.proxy.auth import InsecureConfig
 from flywheel.settings import ConfigError, load_config
 from flywheel.sql import StoreBusy
@@ -88,9 +88,16 @@ def _describe(event: dict) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    with proxy_request(args.url, "/v1/learner/status") as response:
-        print(json.dumps(json.load(response), indent=1))
-    return 0
+    """The proxy's readiness (upstream, store writes, adapters, feed), then the learner's state;
+    exits 1 when something is not ready."""
+    ready = readiness(args.url)
+    try:
+        with proxy_request(args.url, "/v1/learner/status") as response:
+            learner = json.load(response)
+    except ProxyError as no_learner:
+        learner = {"error": str(no_learner)}
+    print(json.dumps({"proxy": ready, "learner": learner}, indent=1))
+    return 0 if ready["ready"] else 1
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--url", default=DEFAULT_URL, help="the proxy")
     train.set_defaults(run=_train)
 
-    status = sub.add_parser("status", help="the learner's buffer, last update and adapter versions")
+    status = sub.add_parser("status", help="readiness (upstream, store, adapters, feed) and the learner's buffer")
     status.add_argument("--url", default=DEFAULT_URL, help="the proxy")
     status.set_defaults(run=_status)
 

@@ -62,6 +62,7 @@ class Child:
     argv: list[str]
     ready_url: str  # http://... answers 200, or tcp://host:port accepts, once the child serves
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    stop_grace_s: float = 30.0  # from SIGTERM to SIGKILL
     proc: subprocess.Popen | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
 
@@ -145,15 +146,15 @@ class Supervisor:
                 if child.exited() is not None:
                     raise ChildDied(child.death_message())
 
-    def stop_all(self, grace_s: float = 30.0) -> None:
+    def stop_all(self) -> None:
         for child in reversed(self.children):  # last started first: the proxy before vLLM
             if child.exited() is None:
                 self.say(f"stopping {child.name}")
                 _signal_group(child, signal.SIGTERM)
                 try:
-                    child.proc.wait(grace_s)
+                    child.proc.wait(child.stop_grace_s)
                 except subprocess.TimeoutExpired:
-                    self.say(f"{child.name} did not stop in {grace_s:.0f} s; killing it")
+                    self.say(f"{child.name} did not stop in {child.stop_grace_s:.0f} s; killing it")
                     _signal_group(child, signal.SIGKILL)
                     child.proc.wait(10)
             _signal_group(child, signal.SIGKILL)  # anything its process group left behind

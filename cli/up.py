@@ -106,7 +106,9 @@ def up(config: UpConfig, proxy_settings: ProxyConfig = ProxyConfig()) -> int:
         insecure = ["--insecure"] if config.insecure else []
         proxy = Child("proxy", flywheel_command("serve", "--upstream", upstream, "--host", config.host, "--port",
                                                 str(config.port), "--db", config.db, *insecure, *settings_file),
-                      ready_url=f"{proxy_url}/healthz")
+                      ready_url=f"{proxy_url}/healthz",
+                      # streams get shutdown_timeout_s to end, then the queue is written: never cut short
+                      stop_grace_s=proxy_settings.shutdown_timeout_s + 60)
         proxy.env.update(FLYWHEEL_PROXY_BASE_MODEL=served or "", FLYWHEEL_PROXY_MAX_LORA_RANK=str(config.max_lora_rank))
         if not proxy_settings.adapter_roots:  # the learner's adapters may be registered
             proxy.env["FLYWHEEL_PROXY_ADAPTER_ROOTS"] = str(Path(config.learner_state).resolve())

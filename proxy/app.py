@@ -203,7 +203,7 @@ def run(config: ProxyConfig) -> None:
     # handler_cancellation: a client that hangs up cancels its handler, which records the call
     # (499) and closes the upstream request, so vLLM stops generating for nobody
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
-                shutdown_timeout=30, handler_cancellation=True, loop=_fast_loop())
+                shutdown_timeout=config.shutdown_timeout_s, handler_cancellation=True, loop=_fast_loop())
 
 
 def _raise_file_limit() -> None:

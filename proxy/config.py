@@ -57,6 +57,9 @@ class ProxyConfig:
     # of CPU whatever its size, so longer batches are cheaper per call; nothing a client sees
     # waits for it (feedback commits at once, SQL reads flush first); a hard kill loses at most this
     batch_linger_ms: float = 1000.0
+    # at shutdown, how long requests in progress (long streams) get to finish, seconds; then what
+    # is queued is written. `flywheel up` waits this plus a minute before it kills the proxy
+    shutdown_timeout_s: float = 30.0
     # total time allowed for one upstream call, seconds (504 beyond it)
     upstream_timeout_s: float = 600.0
     # the learner's gRPC address, e.g. 127.0.0.1:8401 ("" = no learner: nothing is pushed)

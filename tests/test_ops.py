@@ -1,6 +1,7 @@
 """The ops surface: /readyz beside /healthz, Prometheus /metrics, /openapi.json for Flywheel's routes."""
 
 import asyncio
+import json
 
 import aiohttp
 import openai
@@ -69,3 +70,20 @@ async def test_openapi_describes_every_route_of_flywheels_own(proxy):
               if not route.resource.canonical.startswith("/agents/")}
     documented = {(method, path) for path, ops in spec["paths"].items() for method in ops}
     assert routes == documented
+
+
+async def test_flywheel_status_shows_a_store_that_cannot_write(start_proxy, monkeypatch, capsys):
+    from flywheel.commands import main
+
+    proxy = await start_proxy(batch_linger_ms=5)
+    assert await asyncio.to_thread(main, ["status", "--url", proxy.url]) == 0
+    healthy = json.loads(capsys.readouterr().out)
+    assert healthy["proxy"]["ready"] and "no learner" in healthy["learner"]["error"]
+    _failing_apply(monkeypatch, 10**9)
+    await openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x").chat.completions.create(model="m",
+                                                                                               messages=MESSAGES)
+    await asyncio.sleep(0.2)
+    assert await asyncio.to_thread(main, ["status", "--url", proxy.url]) == 1
+    store = json.loads(capsys.readouterr().out)["proxy"]["checks"]["store"]
+    assert not store["ok"] and "No space left" in store["detail"] and store["queued_records"] == 1
+    monkeypatch.undo()
