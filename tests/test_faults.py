@@ -121,9 +121,14 @@ async def test_proxy_killed_with_9_loses_no_acknowledged_feedback_and_the_learne
             assert status == 200
             acknowledged.append(episode)
 
-    served = await ServeProcess(tmp_path / "proxy", fake_upstream_process.url, **settings).ready()
+    served = await ServeProcess(tmp_path / "proxy", fake_upstream_process.url, batch_linger_ms=200,
+                                **settings).ready()
     await episodes(served, 0, 12)
-    os.kill(served.proc.pid, signal.SIGKILL)  # right after the last acknowledgement, pushes still in flight
+    # a call older than batch_linger_ms is committed by the time of a kill: the loss window is that long
+    client = openai.AsyncOpenAI(base_url=f"{served.url}/agents/solver/v1", api_key="x", max_retries=0)
+    await client.chat.completions.create(model="m", messages=MESSAGES, extra_headers={"X-Flywheel-Episode": "late"})
+    await asyncio.sleep(0.6)
+    os.kill(served.proc.pid, signal.SIGKILL)  # pushes still in flight
     served.proc.wait(10)
     served = await ServeProcess(tmp_path / "proxy", fake_upstream_process.url, **settings).ready()
     try:
@@ -133,6 +138,8 @@ async def test_proxy_killed_with_9_loses_no_acknowledged_feedback_and_the_learne
         status, body = await api(served, "POST", "/v1/sql", {
             "query": "SELECT count(*) FROM episodes e WHERE reward IS NOT NULL AND pushed_at IS NOT NULL"})
         assert body["rows"] == [[18]]
+        status, body = await api(served, "POST", "/v1/sql", {"query": "SELECT count(*) FROM calls"})
+        assert body["rows"] == [[19]]  # the 18 episodes' calls and the late one
     finally:
         served.stop()
 
