@@ -94,3 +94,13 @@ async def test_a_rebound_host_name_is_refused_on_loopback(proxy):
         for host in (f"localhost:{proxy.port}", f"127.0.0.1:{proxy.port}", f"[::1]:{proxy.port}"):
             async with session.get(f"{proxy.url}/healthz", headers={"Host": host}) as response:
                 assert response.status == 200, host
+
+
+def test_the_command_refuses_an_open_proxy_on_a_public_address(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "flywheel", "serve", "--host", "0.0.0.0", "--db",
+                           str(tmp_path / "x.duckdb")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "refusing to serve 0.0.0.0 without keys" in done.stderr
+    assert not (tmp_path / "x.duckdb").exists()  # refused before anything opened
