@@ -3,6 +3,7 @@
     app.py          the application: routes, one cleanup context per resource, `run`
     state.py        ProxyState: what handlers share, complete when the app serves
     config.py       [proxy] settings, each field documented
+    auth.py         keys per route, JSON-only POSTs, Host on loopback, request limits
     routes/         one module per group of routes: completions, episodes, sql, adapters, learner
     attribution.py  which agent, episode and task a call belongs to
     capture.py      what is asked of the upstream, recorded, and handed back (pure)
@@ -11,6 +12,8 @@
     registry.py     which adapter version serves each agent; hot-swapping in vLLM
     feed.py         finished episodes to the learner over gRPC
     errors.py       OpenAI-shaped errors
+    metrics.py      Prometheus metrics (/metrics)
+    openapi.py      the OpenAPI description of Flywheel's own routes (/openapi.json)
 
 Imports: flywheel.store and flywheel.protos only (never the learner, never the command line).
 """
