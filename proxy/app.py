@@ -176,8 +176,10 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _ready(request: web.Request) -> web.Response:
-    """Ready to serve agents: the upstream answers, the store writes, adapters are restored and,
-    when a learner is configured, the feed reaches it. 503 with the failing checks otherwise."""
+    """Ready to serve agents: the upstream answers, adapters are restored and the store writes
+    (unless serve_without_store). 503 with the failing checks otherwise. A learner the feed
+    cannot reach, or a store that cannot write under serve_without_store, is reported as
+    `degraded` and does not make the proxy unready: agents are served all the same."""
     state = request.app[STATE]
     checks: dict[str, dict] = {}
     try:
@@ -186,12 +188,15 @@ async def _ready(request: web.Request) -> web.Response:
     except (ApiError, TimeoutError) as down:
         checks["upstream"] = {"ok": False, "detail": getattr(down, "message", "no answer within 5 s")}
     checks["store"] = {"ok": state.writer.failing is None, "detail": state.writer.failing or "writes",
-                       "queued_records": state.writer.pending, "lag_s": round(state.writer.lag_s, 3)}
+                       "queued_records": state.writer.pending, "lag_s": round(state.writer.lag_s, 3),
+                       "dropped_records": state.writer.dropped}
     checks["adapters"] = {"ok": state.registry.restored, "detail": state.registry.restore_detail()}
+    optional = {"feed"} | ({"store"} if state.config.serve_without_store else set())
     if state.feed is not None:
         checks["feed"] = {"ok": state.feed.last_error is None, "detail": state.feed.last_error or "reaches the learner"}
-    ready = all(check["ok"] for check in checks.values())
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    ready = all(check["ok"] for name, check in checks.items() if name not in optional)
+    degraded = sorted(name for name, check in checks.items() if name in optional and not check["ok"])
+    return web.json_response({"ready": ready, "degraded": degraded, "checks": checks}, status=200 if ready else 503)
 
 
 def run(config: ProxyConfig) -> None:

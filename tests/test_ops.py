@@ -87,3 +87,18 @@ async def test_flywheel_status_shows_a_store_that_cannot_write(start_proxy, monk
     store = json.loads(capsys.readouterr().out)["proxy"]["checks"]["store"]
     assert not store["ok"] and "No space left" in store["detail"] and store["queued_records"] == 1
     monkeypatch.undo()
+
+
+async def test_a_learner_that_is_down_degrades_the_proxy_but_leaves_it_ready(start_proxy):
+    proxy = await start_proxy(learner=f"127.0.0.1:{free_port()}", push_after_s=0, push_interval_s=0.05)
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+    await api(proxy, "POST", f"/v1/episodes/{raw.headers['X-Flywheel-Episode']}/feedback", {"reward": 1})
+    for _ in range(100):
+        status, body = await api(proxy, "GET", "/readyz")
+        if body["degraded"]:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 200 and body["ready"] and body["degraded"] == ["feed"]
+    assert "UNAVAILABLE" in body["checks"]["feed"]["detail"]
+    assert (await client.chat.completions.create(model="m", messages=MESSAGES)).choices  # agents served all the same
