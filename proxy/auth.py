@@ -101,7 +101,8 @@ def guard_middleware(config: ProxyConfig):
     @web.middleware
     async def guard(request: web.Request, handler):
         nonlocal in_flight
-        if in_flight >= config.max_in_flight:
+        public = request.app[ROUTE_ACCESS].get(request.match_info.route) is Access.PUBLIC
+        if in_flight >= config.max_in_flight and not public:  # probes always answer: a busy proxy is alive
             raise ApiError(503, f"the proxy is handling {in_flight} requests, its max_in_flight; retry shortly",
                            "overloaded", headers={"Retry-After": "1"})
         in_flight += 1

@@ -125,7 +125,7 @@ class Feed:
 
     async def push_ready(self) -> None:
         """Everything accepted so far becomes visible, and everything ready is pushed now."""
-        await self.writer.flush()
+        await self.writer.flush(timeout_s=30)
         while await self.push_once() == self.batch:
             pass
 

@@ -156,12 +156,14 @@ class Registry:
             target = next((v for v in reversed(history) if v.row.status == STANDBY), None)
             if target is not None and not target.loaded:
                 await self._load(target)
-            await self._set_status(current, ROLLED_BACK)
+            # route first: from here on no new call reaches `current`, which can then go
             if target is None:
                 del self.active[agent]
             else:
-                await self._set_status(target, ACTIVE)
                 self.active[agent] = target
+            await self._set_status(current, ROLLED_BACK)
+            if target is not None:
+                await self._set_status(target, ACTIVE)
                 below = next((v for v in reversed(history)
                               if v.row.status == RETIRED and v.row.version < target.row.version), None)
                 if below is not None:  # the next rollback target; loaded when needed
@@ -224,28 +226,37 @@ class Registry:
                 return False
 
     async def watch_upstream(self, interval_s: float) -> None:
-        """Forever: load again whatever vLLM lost (it restarted) of the loaded versions."""
+        """Forever: load again whatever vLLM lost (it restarted) of the versions it should hold."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.reload_lost()
             except ApiError as failure:  # vLLM down: the next round tries again
                 log.debug("adapter check: %s", failure.message)
+            except Exception:  # a bad answer must not end the watch
+                log.exception("adapter check failed")
 
     async def reload_lost(self) -> list[str]:
-        """Versions marked loaded that vLLM does not list, loaded again; their names."""
+        """Active versions, and standby ones that were loaded, that vLLM does not list: loaded
+        again. A version whose reload fails is tried again at the next check."""
         status, body, _ = await self._vllm.get("models")
         if status != 200:
             return []
         listed = {model.get("id") for model in json.loads(body).get("data", [])}
-        lost = [v for vs in self.versions.values() for v in vs
-                if v.loaded and v.row.status in (ACTIVE, STANDBY) and v.served_name not in listed]
+        lost = [v for vs in self.versions.values() for v in vs if v.served_name not in listed
+                and (v.row.status == ACTIVE or (v.row.status == STANDBY and v.loaded))]
+        reloaded = []
         for version in lost:
             log.warning("vLLM lost %s (restarted?): loading it again", version.served_name)
             version.loaded = False
-            await self._load(version)
+            try:
+                await self._load(version)
+            except ApiError as failure:
+                log.warning("reloading %s: %s", version.served_name, failure.message)
+                continue
             self.reloads += 1
-        return [v.served_name for v in lost]
+            reloaded.append(version.served_name)
+        return reloaded
 
     def restore_detail(self) -> str:
         failed = [v.served_name for vs in self.versions.values() for v in vs if v.row.status == FAILED]
@@ -303,7 +314,8 @@ class Registry:
         """Unload a version no call uses and nothing needs (re-checked under the name's lock, so an
         unload queued before a rollback revived the version does nothing); `force`: regardless."""
         async with self._name_lock(version):
-            needed = version.in_flight or version.row.status not in (RETIRED, ROLLED_BACK, FAILED)
+            needed = (version.in_flight or version.row.status not in (RETIRED, ROLLED_BACK, FAILED)
+                      or self.active.get(version.row.agent) is version)
             if not version.loaded or (needed and not force):
                 return
             version.loaded = False

@@ -92,8 +92,9 @@ class Store:
         """Apply `ops` in one transaction; returns one result (or exception) per op.
 
         If the batch fails for what is in it (a constraint, a value Arrow or DuckDB cannot hold),
-        each op is retried in its own transaction so one bad record cannot take the others down. If it fails for want of memory or disk,
-        nothing is committed and StoreUnavailable is raised: the caller retries the batch later.
+        each op is retried in its own transaction so one bad record cannot take the others down.
+        If it fails for want of memory or disk, StoreUnavailable is raised, carrying the results
+        of the ops committed before it (in the one-by-one pass): the caller retries the rest later.
         """
         try:
             self.con.begin()
@@ -108,7 +109,13 @@ class Store:
                 log.error("store write failed: %s (%r)", batch_error, ops[0])
                 return [batch_error]
             log.warning("batch of %d failed (%s); retrying one by one", len(ops), batch_error)
-            return [self.apply([op])[0] for op in ops]
+            results: list[Any] = []
+            for op in ops:
+                try:
+                    results.append(self.apply([op])[0])
+                except StoreUnavailable as unavailable:  # what is committed stays committed, once
+                    raise StoreUnavailable(str(unavailable), results) from unavailable
+            return results
 
     def _roll_back(self) -> None:
         self._episodes.clear()  # it may hold seqs the rollback undid

@@ -147,8 +147,13 @@ class UnknownCall(LookupError):
 
 
 class StoreUnavailable(RuntimeError):
-    """The store cannot write now (out of memory, disk full, file unwritable): nothing in the
-    batch was committed, and it is retried as it was."""
+    """The store cannot write now (out of memory, disk full, file unwritable). The first
+    `len(committed)` ops of the batch were committed (their results); the rest were not, and
+    are retried."""
+
+    def __init__(self, message: str, committed: list | None = None):
+        super().__init__(message)
+        self.committed = committed or []
 
 
 def approx_bytes(op: object) -> int:

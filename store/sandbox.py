@@ -28,7 +28,7 @@ import orjson
 _READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 # Functions refused anywhere in a query: they checkpoint the database, or run SQL from a string
 # (which the syntax-tree check could not see into).
-_REFUSED_FUNCTIONS = {"checkpoint", "force_checkpoint", "query", "query_table"}
+_REFUSED_FUNCTIONS = {"checkpoint", "force_checkpoint", "query", "query_table", "json_execute_serialized_sql"}
 _EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
 _FETCH_ROWS = 1024  # rows fetched at a time, so a byte cap stops before everything is in memory
 
@@ -86,7 +86,10 @@ def read_only_json(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, max_
         nonlocal size
         if len(encoded) >= max_rows:
             return False
-        line = orjson.dumps(row)
+        try:
+            line = orjson.dumps(row)
+        except orjson.JSONEncodeError as unencodable:
+            raise QueryError(f"a value cannot be sent as JSON: {unencodable}") from None
         if size + len(line) + 1 > max_bytes:
             return False
         encoded.append(line)
@@ -182,8 +185,10 @@ def _jsonable(value: Any, sql_type: str) -> Any:
         return value.hex()
     if isinstance(value, (list, tuple)):
         return [_jsonable(v, "") for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v, "") for k, v in value.items()}
+    if isinstance(value, dict):  # MAP keys may be of any type; JSON's are strings
+        return {k if isinstance(k, str) else str(k): _jsonable(v, "") for k, v in value.items()}
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
+        return str(value)  # HUGEINT beyond what JSON readers hold exactly
     if isinstance(value, (str, int, float, bool)):
         return value
     return str(value)

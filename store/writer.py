@@ -46,7 +46,7 @@ class BatchWriter:
         self.linger_s = linger_s
         self.max_queue_bytes = max_queue_bytes
         self.serve_without_store = serve_without_store
-        self._queue: collections.deque[tuple[Any, asyncio.Future | None, int]] = collections.deque()
+        self._queue: collections.deque[tuple[Any, asyncio.Future | None, int, float]] = collections.deque()  # op, done, bytes, queued at
         self.queued_bytes = 0
         self._changed = asyncio.Condition()  # something was queued, or room was made
         self._someone_waits = asyncio.Event()
@@ -59,7 +59,6 @@ class BatchWriter:
         self.failing: str | None = None  # why the store cannot write now; None while it can
         self.dropped = 0  # records not kept while failing, with serve_without_store
         self.committed = 0  # ops committed since start
-        self.oldest_queued_at: float | None = None  # monotonic time of the oldest op waiting
 
     def start(self) -> None:
         self._drainer = asyncio.get_running_loop().create_task(self._drain(), name="store-writer")
@@ -82,19 +81,23 @@ class BatchWriter:
             raise result
         return result
 
-    async def flush(self) -> None:
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything queued before now is committed; False if that took longer than
+        `timeout_s` (the store cannot write: what is queued stays queued)."""
         done = asyncio.get_running_loop().create_future()
         await self._enqueue(_FLUSH, done, 0)
         self._someone_waits.set()
-        await done
+        try:
+            await asyncio.wait_for(done, timeout_s)
+            return True
+        except TimeoutError:
+            return False
 
     async def _enqueue(self, op: Any, done: asyncio.Future | None, size: int) -> None:
         async with self._changed:
             # one op larger than the bound still goes in once the queue is empty
             await self._changed.wait_for(lambda: not self._queue or self.queued_bytes + size <= self.max_queue_bytes)
-            if not self._queue:
-                self.oldest_queued_at = time.monotonic()
-            self._queue.append((op, done, size))
+            self._queue.append((op, done, size, time.monotonic()))
             self.queued_bytes += size
             self._changed.notify_all()
 
@@ -109,10 +112,10 @@ class BatchWriter:
             await asyncio.wait_for(self._sql_slots.acquire(), wait_s)
         except TimeoutError:
             raise ReadersBusy(f"every SQL slot stayed busy for {wait_s:g} s") from None
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._sql_threads, fn, *args)
-        finally:
-            self._sql_slots.release()
+        running = asyncio.get_running_loop().run_in_executor(self._sql_threads, fn, *args)
+        # the slot is the thread's: it frees when the query ends, even if the caller gave up first
+        running.add_done_callback(lambda _: self._sql_slots.release())
+        return await asyncio.shield(running)
 
     @property
     def pending(self) -> int:
@@ -121,12 +124,15 @@ class BatchWriter:
     @property
     def lag_s(self) -> float:
         """How long the oldest queued op has waited for its commit."""
-        return 0.0 if self.oldest_queued_at is None else time.monotonic() - self.oldest_queued_at
+        return time.monotonic() - self._queue[0][3] if self._queue else 0.0
 
-    async def close(self) -> None:
-        """Write everything queued, then stop the threads and close the store."""
+    async def close(self, timeout_s: float = 60.0) -> None:
+        """Write everything queued (for up to `timeout_s` while the store cannot write), then stop
+        the threads and close the store."""
         if self._drainer is not None:
-            await self.flush()
+            if not await self.flush(timeout_s):
+                log.error("store still cannot write (%s): %d queued records lost at shutdown", self.failing,
+                          self.pending)
             self._drainer.cancel()
             try:
                 await self._drainer
@@ -148,36 +154,38 @@ class BatchWriter:
                     pass
             self._someone_waits.clear()
             batch = [self._queue[i] for i in range(min(self.batch_max, len(self._queue)))]
-            results = await self._commit([op for op, _, _ in batch if op is not _FLUSH])
+            results = await self._commit([op for op, _, _, _ in batch if op is not _FLUSH])
             async with self._changed:
                 for _ in batch:
                     self._queue.popleft()
-                self.queued_bytes -= sum(size for _, _, size in batch)
-                self.oldest_queued_at = time.monotonic() if self._queue else None
+                self.queued_bytes -= sum(size for _, _, size, _ in batch)
                 self._changed.notify_all()
             op_results = iter(results)
-            for op, done, _ in batch:
+            for op, done, _, _ in batch:
                 result = None if op is _FLUSH else next(op_results)
                 if done is not None and not done.done():
                     done.set_result(result)
 
     async def _commit(self, ops: list[StoreOp]) -> list[Any]:
-        """Apply `ops`, retrying the whole batch while the store is unavailable; per-op results."""
+        """Apply `ops`, retrying what the store could not write until it can; per-op results.
+        Ops it committed before failing are not applied again."""
         loop = asyncio.get_running_loop()
         delay = _RETRY_S[0]
+        results: list[Any] = []
         while True:
             try:
-                results = await loop.run_in_executor(self._write_thread, self.store.apply, ops)
+                results += await loop.run_in_executor(self._write_thread, self.store.apply, ops[len(results):])
             except StoreUnavailable as unavailable:
+                results += unavailable.committed
                 if self.failing is None:
-                    log.error("store cannot write (%s); %d ops kept and retried", unavailable, len(ops))
+                    log.error("store cannot write (%s); %d ops kept and retried", unavailable, len(ops) - len(results))
                 self.failing = str(unavailable)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_S[1])
                 continue
             except Exception as failure:  # a bug in apply: report it per op rather than stop writing
                 log.exception("store writer failed")
-                results = [failure] * len(ops)
+                results += [failure] * (len(ops) - len(results))
             if self.failing is not None:
                 log.warning("store writes again (after: %s)", self.failing)
                 self.failing = None

@@ -143,3 +143,30 @@ async def test_a_query_that_builds_huge_values_fails_alone_and_the_proxy_serves_
     await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "still here?"}])
     status, body = await api(served, "POST", "/v1/sql", {"query": "SELECT count(*) FROM calls"})
     assert status == 200 and body["rows"] == [[1]] and served.proc.poll() is None
+
+
+async def test_values_json_cannot_hold_are_sent_as_text_and_sql_inside_strings_is_refused(proxy):
+    status, body = await api(proxy, "POST", "/v1/sql", {"query": "SELECT (1::HUGEINT << 100) AS big, MAP {1: 2} AS m"})
+    assert status == 200 and body["rows"] == [[str(1 << 100), {"1": 2}]]
+    hidden = "SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT * FROM force_checkpoint()'))"
+    status, body = await api(proxy, "POST", "/v1/sql", {"query": hidden})
+    assert status == 400 and body["error"]["code"] == "read_only"
+
+
+async def test_a_query_whose_client_left_keeps_its_slot_until_it_ends(start_proxy):
+    import threading
+
+    proxy = await start_proxy(sql_concurrency=1)
+    writer = proxy.state.writer
+    release = threading.Event()
+    waiting = asyncio.create_task(writer.user_query(1, release.wait, 10))
+    await asyncio.sleep(0.1)
+    waiting.cancel()  # the client gave up; its query still runs on the thread
+    await asyncio.sleep(0.05)
+    from flywheel.store.writer import ReadersBusy
+
+    with pytest.raises(ReadersBusy):
+        await writer.user_query(0.2, release.wait, 10)
+    release.set()
+    await asyncio.sleep(0.1)
+    assert await writer.user_query(1, lambda: 42) == 42

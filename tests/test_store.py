@@ -205,3 +205,44 @@ async def test_serve_without_store_keeps_inference_up_and_counts_what_it_dropped
     monkeypatch.undo()  # the disk has room again: what was kept is written, nothing else
     await proxy.state.writer.flush()
     assert await proxy.rows("SELECT count(*) AS n FROM calls") == [{"n": 1}]
+
+
+def test_a_store_that_fails_part_way_through_a_split_batch_commits_nothing_twice(db_path, monkeypatch):
+    from datetime import datetime, timezone
+
+    from flywheel.store.records import EpisodeOpen
+
+    store = Store(db_path)
+    now = datetime.now(timezone.utc)
+    original = store_db.Store._apply
+    calls = []
+
+    def apply(self, ops):  # the batch fails for a bad record; alone, the third op then finds the disk full
+        calls.append([op.episode_id for op in ops])
+        if len(calls) == 4:
+            raise duckdb.IOException("No space left on device (test)")
+        return original(self, ops)
+
+    monkeypatch.setattr(store_db.Store, "_apply", apply)
+    ops = [EpisodeOpen("ep-1", now), EpisodeOpen("ep-bad", now, metadata="{not json"), EpisodeOpen("ep-3", now)]
+    with pytest.raises(StoreUnavailable) as unavailable:
+        store.apply(ops)
+    assert unavailable.value.committed[0] is None and isinstance(unavailable.value.committed[1], duckdb.Error)
+    assert len(unavailable.value.committed) == 2  # ep-1 committed, ep-bad refused: only ep-3 is retried
+    monkeypatch.undo()
+    assert store.apply(ops[len(unavailable.value.committed):]) == [None]
+    store.close()
+    rows = read_db(db_path, "SELECT episode_id FROM episodes ORDER BY episode_id")
+    assert [r["episode_id"] for r in rows] == ["ep-1", "ep-3"]
+
+
+async def test_reads_do_not_wait_out_a_store_that_cannot_write(start_proxy, monkeypatch):
+    _failing_apply(monkeypatch, 10**9)
+    proxy = await start_proxy(batch_linger_ms=5)
+    await openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}])
+    started = time.monotonic()
+    status, body = await api(proxy, "POST", "/v1/sql", {"query": "SELECT count(*) FROM calls"})
+    assert status == 200 and body["rows"] == [[0]] and time.monotonic() - started < 10
+    assert proxy.state.writer.lag_s > 0
+    monkeypatch.undo()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timezone
 
 from aiohttp import web
@@ -29,7 +30,10 @@ async def register_adapter(request: web.Request) -> web.Response:
     if train_run is not None and not isinstance(train_run, dict):
         raise ApiError(400, "'train_run' must be an object of update metrics", "invalid_field")
     state = request.app[STATE]
-    version = await state.registry.register(agent, path, base_model)
+    if state.writer.failing is not None:  # the version could not be recorded, so it would never go live
+        raise ApiError(503, f"the store cannot write now ({state.writer.failing}); retry later", "store_unavailable")
+    # shielded: a client that hangs up mid-registration leaves the registry whole, not half-changed
+    version = await asyncio.shield(state.registry.register(agent, path, base_model))
     state.metrics.adapter_swaps.labels(agent, "register").inc()
     if train_run is not None:
         await state.writer.submit(train_run_record(train_run, version.row, new_id("run"), datetime.now(timezone.utc)))
@@ -39,6 +43,6 @@ async def register_adapter(request: web.Request) -> web.Response:
 async def rollback_adapter(request: web.Request) -> web.Response:
     agent = request.match_info["agent"]
     state = request.app[STATE]
-    target = await state.registry.rollback(agent)
+    target = await asyncio.shield(state.registry.rollback(agent))
     state.metrics.adapter_swaps.labels(agent, "rollback").inc()
     return web.json_response({"agent": agent, "current": target.served_name if target else None})

@@ -40,6 +40,7 @@ class _Call:
     ttft_ms: float | None = None
     capture_error: str | None = None  # an error event the upstream sent inside the stream
     recorded: bool = False
+    stream_response: web.StreamResponse | None = None  # once an SSE response to the client has begun
 
     def ids(self) -> dict[str, str]:
         return {"X-Flywheel-Episode": self.who.episode_id, "X-Flywheel-Call": self.call_id}
@@ -53,10 +54,8 @@ class _Call:
         anything the client does next (feedback, a SQL read) finds the call already queued."""
         if self.recorded:
             return
-        self.recorded = True
         cap = self.capture
-        self._count(status)
-        await self.state.writer.put(CallRecord(
+        record = CallRecord(
             call_id=self.call_id,
             episode_id=self.who.episode_id,
             agent=self.who.agent,
@@ -79,7 +78,10 @@ class _Call:
             error=error,
             task_id=self.who.task_id,
             **asdict(self.sampling),
-        ))
+        )
+        await self.state.writer.put(record)  # if this wait is cancelled (the client left), the 499 is recorded
+        self.recorded = True
+        self._count(status)
 
 
     def _count(self, status: int) -> None:
@@ -145,9 +147,14 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
             f"upstream {state.config.upstream} did not answer within {state.config.upstream_timeout_s:g} s"
             if timed_out else f"upstream {state.config.upstream} unreachable: {failure}"
         )
+        code = "upstream_timeout" if timed_out else "upstream_unreachable"
         await call.record(status, message)
-        return error_response(status, message, "upstream_timeout" if timed_out else "upstream_unreachable",
-                              headers=call.ids())
+        if call.stream_response is not None:  # the stream to the client is under way: end it with an error event
+            await _ignoring_hangup(call.stream_response.write(b"data: " + orjson.dumps(error_body(status, message, code))
+                                                              + b"\n\n"))
+            await _ignoring_hangup(call.stream_response.write_eof())
+            return call.stream_response
+        return error_response(status, message, code, headers=call.ids())
     except asyncio.CancelledError:
         # the client went away (aiohttp cancels the handler): the call is recorded as such, and
         # closing its upstream connection below makes vLLM abort the generation
@@ -191,6 +198,7 @@ async def _relay_stream(request: web.Request, call: _Call, upstream: UpstreamRes
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **call.ids(),
     })
     await response.prepare(request)
+    call.stream_response = response
     error: str | None = None
     status = 200
     pending = b""

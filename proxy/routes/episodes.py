@@ -106,7 +106,7 @@ async def close_episode(request: web.Request) -> web.Response:
 
 async def get_episode(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    await state.writer.flush()  # read your own writes: calls still queued become visible
+    await state.writer.flush(timeout_s=5)  # read your own writes: calls still queued become visible
     try:
         episode = await state.writer.read(state.writer.store.episode, request.match_info["episode"])
     except UnknownEpisode as missing:

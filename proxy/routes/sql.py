@@ -24,7 +24,7 @@ async def run_sql(request: web.Request) -> web.Response:
     max_rows = body.get("max_rows", config.sql_max_rows)
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
         raise ApiError(400, "'max_rows' must be a non-negative integer", "invalid_field")
-    await state.writer.flush()
+    await state.writer.flush(timeout_s=5)  # what is queued becomes visible; a failing store is not waited out
     try:
         reply = await state.writer.user_query(config.sql_timeout_s, state.writer.store.query_json, query,
                                               min(max_rows, config.sql_max_rows), config.sql_max_bytes,
