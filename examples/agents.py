@@ -64,7 +64,7 @@ class AgentClients:
         feedback = await self.http.post(f"/v1/episodes/{episode_id}/feedback", json={
             "reward": reward, "dims": dims, "source": "grader", "idempotency_key": f"{episode_id}-grade"})
         feedback.raise_for_status()
-        (await self.http.post(f"/v1/episodes/{episode_id}/close")).raise_for_status()
+        (await self.http.post(f"/v1/episodes/{episode_id}/close", json={})).raise_for_status()
 
     async def close(self) -> None:
         await self.http.aclose()
