@@ -95,6 +95,7 @@ class Registry:
         self._name_locks: dict[str, asyncio.Lock] = {}  # one load or unload of a name at a time
         self.restored = False  # every active and standby version was loaded (or marked failed) at start
         self.reloads = 0  # versions loaded again after vLLM lost them (a restart)
+        self._lost: set[str] = set()  # names vLLM lost whose reload has not succeeded yet
 
     # ---- the hot path -------------------------------------------------------
 
@@ -243,17 +244,19 @@ class Registry:
         if status != 200:
             return []
         listed = {model.get("id") for model in json.loads(body).get("data", [])}
-        lost = [v for vs in self.versions.values() for v in vs if v.served_name not in listed
-                and (v.row.status == ACTIVE or (v.row.status == STANDBY and v.loaded))]
+        lost = [v for vs in self.versions.values() for v in vs if v.served_name not in listed and (
+            v.row.status == ACTIVE or (v.row.status == STANDBY and (v.loaded or v.served_name in self._lost)))]
         reloaded = []
         for version in lost:
             log.warning("vLLM lost %s (restarted?): loading it again", version.served_name)
             version.loaded = False
+            self._lost.add(version.served_name)  # until it loads: a failed try is tried again next time
             try:
                 await self._load(version)
             except ApiError as failure:
                 log.warning("reloading %s: %s", version.served_name, failure.message)
                 continue
+            self._lost.discard(version.served_name)
             self.reloads += 1
             reloaded.append(version.served_name)
         return reloaded

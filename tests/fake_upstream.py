@@ -24,6 +24,7 @@ AUTHORIZATIONS = web.AppKey("authorizations", list)  # the Authorization header 
 LORAS = web.AppKey("loras", dict)  # served name -> path, as loaded through /v1/load_lora_adapter
 LORA_CALLS = web.AppKey("lora_calls", list)  # ("load" | "unload", name) in arrival order
 DELAY_S = web.AppKey("delay_s", float)
+LOAD_FAILURES = web.AppKey("load_failures", list)  # [n]: the next n loads answer 500, as a vLLM still starting
 UNLOAD_DELAY_S = web.AppKey("unload_delay_s", list)  # [seconds] each unload takes (a list: settable in a test)
 TOOL_ARGS = ('{"city": ', '"Paris"}')
 
@@ -183,6 +184,9 @@ async def _load_lora(request: web.Request) -> web.Response:
     body = await request.json()
     name = body["lora_name"]
     request.app[LORA_CALLS].append(("load", name))
+    if request.app[LOAD_FAILURES][0]:
+        request.app[LOAD_FAILURES][0] -= 1
+        return web.json_response({"error": {"message": "engine not ready"}}, status=500)
     if name in request.app[LORAS]:
         return web.json_response({"error": {"message": f"The lora adapter '{name}' has already been loaded."}},
                                  status=400)
@@ -216,6 +220,7 @@ def make_app(delay_s: float = 0.0) -> web.Application:
     app[LORAS] = {}
     app[LORA_CALLS] = []
     app[UNLOAD_DELAY_S] = [0.0]
+    app[LOAD_FAILURES] = [0]
     app.router.add_post("/v1/load_lora_adapter", _load_lora)
     app.router.add_post("/v1/unload_lora_adapter", _unload_lora)
     app.router.add_post("/v1/chat/completions", _handler(chat=True))

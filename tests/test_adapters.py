@@ -6,7 +6,7 @@ import json
 import openai
 
 from flywheel.store.records import StoreUnavailable
-from tests.fake_upstream import LORA_CALLS, LORAS, UNLOAD_DELAY_S
+from tests.fake_upstream import LOAD_FAILURES, LORA_CALLS, LORAS, UNLOAD_DELAY_S
 from tests.test_feedback import api
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -148,6 +148,7 @@ async def test_a_restarted_vllm_gets_its_adapters_back(start_proxy, upstream, tm
     await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, "s1")})
     await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, "s2")})
     upstream.app[LORAS].clear()
+    upstream.app[LOAD_FAILURES][0] = 3  # the restarted vLLM refuses the first reloads: they are tried again
     await _wait_for(lambda: sorted(upstream.app[LORAS]) == ["s-v1", "s-v2"])
     assert (await chat(proxy, "s")).model == "s-v2" and proxy.state.registry.reloads == 2
 
