@@ -96,6 +96,7 @@ class Supervisor:
         self.stopping = threading.Event()
         self._print_lock = threading.Lock()
         self._forwarders: list[threading.Thread] = []
+        self.adopt_orphans = adopt_orphans
         if adopt_orphans:
             _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
@@ -159,7 +160,9 @@ class Supervisor:
                     child.proc.wait(10)
             _signal_group(child, signal.SIGKILL)  # anything its process group left behind
         ours = {c.proc.pid for c in self.children}
-        for pid in _orphans():
+        # only a subreaper's orphans are its own: in a process that also runs other children
+        # (another Supervisor's, a test's), a child we did not start is not ours to kill
+        for pid in _orphans() if self.adopt_orphans else ():
             if pid not in ours:
                 self.say(f"stopping orphaned process {pid}")
                 _kill_and_reap(pid, grace_s=10)

@@ -298,8 +298,10 @@ class Registry:
                 return
             status, text = await self._post_load(version)
             if status != 200 and "has already been loaded" in text:
-                # a name this registry never loaded, or loaded before a restart: whoever loaded it,
-                # its weights are not known to be ours, so they are replaced
+                if await self._loaded_path(version) == version.row.path:  # ours, from before a proxy restart
+                    version.loaded = True
+                    return
+                # loaded by someone else, or from another directory: its weights are not ours
                 log.warning("%s was already in vLLM: replacing it with %s", version.served_name, version.row.path)
                 await self._vllm.post("unload_lora_adapter", {"lora_name": version.served_name})
                 status, text = await self._post_load(version)
@@ -308,6 +310,14 @@ class Registry:
                                f"vLLM refused to load {version.served_name} from {version.row.path}: {text}",
                                "adapter_load_failed")
             version.loaded = True
+
+    async def _loaded_path(self, version: Version) -> str | None:
+        """The directory vLLM loaded `version`'s name from (its model card's `root`), if it lists it."""
+        status, body, _ = await self._vllm.get("models")
+        if status != 200:
+            return None
+        cards = json.loads(body).get("data", [])
+        return next((card.get("root") for card in cards if card.get("id") == version.served_name), None)
 
     async def _post_load(self, version: Version) -> tuple[int, str]:
         return await self._vllm.post("load_lora_adapter",

@@ -206,10 +206,10 @@ async def _unload_lora(request: web.Request) -> web.Response:
 
 
 async def _models(request: web.Request) -> web.Response:
-    # as vLLM: the base model, then every loaded LoRA adapter
+    # as vLLM: the base model, then every loaded LoRA adapter with the directory it came from
     return web.json_response({"object": "list", "data": [
-        {"id": name, "object": "model", "created": int(time.time()), "owned_by": "fake"}
-        for name in ["fake-model", *request.app[LORAS]]]})
+        {"id": name, "object": "model", "created": int(time.time()), "owned_by": "fake", "root": root}
+        for name, root in [("fake-model", "fake-model"), *request.app[LORAS].items()]]})
 
 
 def make_app(delay_s: float = 0.0) -> web.Application:

@@ -205,3 +205,14 @@ async def test_adapters_only_from_the_configured_roots_and_only_as_safetensors(s
     closed = await start_proxy(adapter_roots=(), db=str(tmp_path / "other.duckdb"))
     status, body = await api(closed, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(inside, "ok2")})
     assert status == 403 and body["error"]["code"] == "adapter_roots_unset"
+
+
+async def test_a_restarted_proxy_adopts_what_it_loaded_into_a_running_vllm(start_proxy, upstream, tmp_path):
+    proxy = await start_proxy()
+    await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path)})
+    await proxy.stop()
+    upstream.app[LORA_CALLS].clear()
+    proxy = await start_proxy()  # vLLM kept s-v1, loaded from this very directory
+    await _wait_for(lambda: proxy.state.registry.restored)
+    assert upstream.app[LORA_CALLS] == [("load", "s-v1")]  # answered "already loaded": adopted, never unloaded
+    assert (await chat(proxy, "s")).model == "s-v1"

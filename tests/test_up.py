@@ -100,8 +100,9 @@ async def test_real_stack_serves_then_ctrl_c_leaves_no_child(tmp_path, smollm2):
     up = Up(tmp_path, "--model", smollm2, "--served-name", "smollm2", "--vllm-port", str(vllm_port))
     await up.wait_for("Flywheel is up", 600)
     assert isinstance(await call(up.port, "smollm2"), str)
+    vllm = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{vllm_port}/v1", api_key="a-guess", max_retries=0)
     with pytest.raises(openai.AuthenticationError):  # vLLM itself answers only the proxy, which holds its key
-        await call(vllm_port, "smollm2")
+        await vllm.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert len(up.descendants) >= 3  # vLLM, its engine core, the proxy
     up.proc.send_signal(signal.SIGINT)
     assert await up.exit_code(120) == 0
@@ -116,3 +117,15 @@ async def test_vllm_crash_is_reported_and_everything_stops(tmp_path, smollm2):
     assert await up.exit_code(120) == 1
     assert "vllm exited unexpectedly with code -9" in up.output
     assert up.leftovers() == []
+
+
+def test_a_supervisor_that_is_no_subreaper_leaves_other_children_alone(tmp_path):
+    from flywheel.supervisor import Supervisor
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # not the supervisor's
+    try:
+        Supervisor(open(tmp_path / "out.log", "w")).stop_all()
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

@@ -44,8 +44,8 @@ async def test_vllm_killed_mid_stream_then_restarted(start_proxy, smollm2, tmp_p
             with pytest.raises(openai.APIError, match="upstream stream broke"):
                 async for _ in chunks:
                     pass
-            [row] = await proxy.rows("SELECT status, error, completion_token_ids FROM calls")
-            assert row["status"] == 502 and row["completion_token_ids"]  # recorded, with the tokens it had
+            [row] = await proxy.rows("SELECT status, error FROM calls")
+            assert row["status"] == 502 and "upstream stream broke" in row["error"]  # recorded, with what happened
             supervisor.stop_all()  # and whatever the API server left running
 
             supervisor = Supervisor(log)
