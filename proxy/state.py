@@ -13,6 +13,7 @@ from aiohttp import web
 
 from flywheel.proxy.admin import UpstreamAdmin
 from flywheel.proxy.config import ProxyConfig
+from flywheel.proxy.errors import ApiError
 from flywheel.proxy.feed import Feed
 from flywheel.proxy.metrics import Metrics
 from flywheel.proxy.registry import Registry
@@ -29,6 +30,12 @@ class ProxyState:
     registry: Registry  # which adapter version serves each agent
     feed: Feed | None  # episodes to the learner; None when no learner is configured
     metrics: Metrics  # what /metrics reports
+
+    def require_writable_store(self) -> None:
+        """A 503 at once while the store cannot write, for requests acknowledged only once committed
+        (feedback, episodes, adapter versions): the client retries later instead of waiting on a full disk."""
+        if self.writer.failing is not None:
+            raise ApiError(503, f"the store cannot write now ({self.writer.failing}); retry later", "store_unavailable")
 
 
 STATE = web.AppKey("flywheel_state", ProxyState)

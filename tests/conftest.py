@@ -182,6 +182,20 @@ async def start_learner():
         await server.stop()
 
 
+async def eventually(check, timeout_s: float, what: str, every_s: float = 0.02) -> None:
+    """Poll `check()` (a plain or an async function) until it is true; bounded by `timeout_s`."""
+    import inspect
+
+    for _ in range(int(timeout_s / every_s)):
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(every_s)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
 async def wait_buffered(server: LearnerServer, count: int) -> None:
     """Up to 45 s: longer than the feed's longest back-off (30 s) after the learner was down."""
     for _ in range(900):

@@ -7,6 +7,7 @@ import openai
 
 from flywheel.store.records import StoreUnavailable
 from tests.fake_upstream import LOAD_FAILURES, LORA_CALLS, LORAS, UNLOAD_DELAY_S
+from tests.conftest import eventually
 from tests.test_feedback import api
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -116,14 +117,6 @@ async def test_calls_for_another_model_are_not_rerouted(proxy, upstream, tmp_pat
     assert upstream.received[-1]["model"] == "s-v1"
 
 
-async def _wait_for(predicate, timeout_s: float = 5) -> None:
-    for _ in range(int(timeout_s / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 async def test_restore_goes_past_a_broken_version_and_its_agent_falls_back(start_proxy, upstream, tmp_path):
     proxy = await start_proxy()
     paths = [adapter_dir(tmp_path, f"s{n}") for n in (1, 2)]
@@ -134,7 +127,7 @@ async def test_restore_goes_past_a_broken_version_and_its_agent_falls_back(start
     upstream.app[LORAS].clear()  # vLLM restarted ...
     (tmp_path / "s2" / "adapter_config.json").unlink()  # ... and s-v2's files are gone
     proxy = await start_proxy()
-    await _wait_for(lambda: proxy.state.registry.restored)
+    await eventually(lambda: proxy.state.registry.restored, 5, "adapters restored")
     assert sorted(upstream.app[LORAS]) == ["s-v1", "t-v1"]
     assert (await chat(proxy, "s")).model == "s-v1" and (await chat(proxy, "t")).model == "t-v1"
     history = {v["served_name"]: v["status"] for v in (await api(proxy, "GET", "/v1/adapters"))[1]["agents"]["s"]["history"]}
@@ -149,7 +142,7 @@ async def test_a_restarted_vllm_gets_its_adapters_back(start_proxy, upstream, tm
     await api(proxy, "POST", "/v1/adapters", {"agent": "s", "path": adapter_dir(tmp_path, "s2")})
     upstream.app[LORAS].clear()
     upstream.app[LOAD_FAILURES][0] = 3  # the restarted vLLM refuses the first reloads: they are tried again
-    await _wait_for(lambda: sorted(upstream.app[LORAS]) == ["s-v1", "s-v2"])
+    await eventually(lambda: sorted(upstream.app[LORAS]) == ["s-v1", "s-v2"], 5, "adapters reloaded")
     assert (await chat(proxy, "s")).model == "s-v2" and proxy.state.registry.reloads == 2
 
 
@@ -213,6 +206,6 @@ async def test_a_restarted_proxy_adopts_what_it_loaded_into_a_running_vllm(start
     await proxy.stop()
     upstream.app[LORA_CALLS].clear()
     proxy = await start_proxy()  # vLLM kept s-v1, loaded from this very directory
-    await _wait_for(lambda: proxy.state.registry.restored)
+    await eventually(lambda: proxy.state.registry.restored, 5, "adapters restored")
     assert upstream.app[LORA_CALLS] == [("load", "s-v1")]  # answered "already loaded": adopted, never unloaded
     assert (await chat(proxy, "s")).model == "s-v1"

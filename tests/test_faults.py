@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from flywheel.learner.config import LearnerConfig
-from tests.conftest import ServeProcess, free_port, wait_buffered
+from tests.conftest import ServeProcess, eventually, free_port, wait_buffered
 from tests.test_adapters import adapter_dir
 from tests.test_feedback import api
 from tests.test_learner_service import TINY_TRAINER, tiny_model  # noqa: F401 (a fixture)
@@ -58,15 +58,6 @@ async def fake_upstream_process(tmp_path):
         process.kill()
 
 
-async def _until(predicate, timeout_s: float, what: str):
-    for _ in range(int(timeout_s / 0.1)):
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout_s} s")
-
-
 async def test_upstream_killed_mid_stream_then_restarted(fake_upstream_process, tmp_path):
     upstream = fake_upstream_process
     roots = tmp_path / "adapters"
@@ -94,7 +85,7 @@ async def test_upstream_killed_mid_stream_then_restarted(fake_upstream_process, 
         assert (await api(served, "GET", "/readyz"))[0] == 503
 
         await upstream.start()  # a fresh vLLM on the same port: no adapters loaded
-        await _until(lambda: asyncio.to_thread(lambda: "s-v1" in upstream.models()), 10, "adapter reloaded")
+        await eventually(lambda: asyncio.to_thread(lambda: "s-v1" in upstream.models()), 10, "adapter reloaded", 0.1)
         reply = await client.chat.completions.create(model="m", messages=MESSAGES)
         assert reply.model == "s-v1" and (await api(served, "GET", "/readyz"))[0] == 200
     finally:
@@ -183,7 +174,7 @@ async def test_a_full_disk_keeps_inference_serving_and_corrupts_nothing(fake_ups
         async def writable() -> bool:
             return (await api(served, "GET", "/readyz"))[1]["degraded"] == []
 
-        await _until(writable, 15, "store writable again")
+        await eventually(writable, 15, "store writable again", 0.1)
         assert (await api(served, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 0.5}))[0] == 200
     finally:
         assert served.stop() == 0

@@ -30,8 +30,7 @@ async def register_adapter(request: web.Request) -> web.Response:
     if train_run is not None and not isinstance(train_run, dict):
         raise ApiError(400, "'train_run' must be an object of update metrics", "invalid_field")
     state = request.app[STATE]
-    if state.writer.failing is not None:  # the version could not be recorded, so it would never go live
-        raise ApiError(503, f"the store cannot write now ({state.writer.failing}); retry later", "store_unavailable")
+    state.require_writable_store()  # a version that cannot be recorded never goes live
     # shielded: a client that hangs up mid-registration leaves the registry whole, not half-changed
     version = await asyncio.shield(state.registry.register(agent, path, base_model))
     state.metrics.adapter_swaps.labels(agent, "register").inc()

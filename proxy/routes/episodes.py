@@ -31,12 +31,10 @@ def _optional_name(body: dict, key: str) -> str | None:
 
 
 async def _commit(request: web.Request, op):
-    """Submit `op` and wait for its commit; a 503 at once while the store cannot write, so a
-    client retries later instead of waiting on a full disk (its Idempotency-Key makes that safe)."""
-    writer = request.app[STATE].writer
-    if writer.failing is not None:
-        raise ApiError(503, f"the store cannot write now ({writer.failing}); retry later", "store_unavailable")
-    return await writer.submit(op)
+    """Submit `op` and wait for its commit (its Idempotency-Key makes a retry after a 503 safe)."""
+    state = request.app[STATE]
+    state.require_writable_store()
+    return await state.writer.submit(op)
 
 
 def _finite_number(value, name: str) -> float:
