@@ -1,10 +1,13 @@
-"""Advantages: GRPO groups, DAPO dynamic sampling, and a bounded baseline for production singletons.
+"""Advantages: GRPO groups, rolling groups, DAPO dynamic sampling, a bounded baseline for singletons.
 
 A group is the episodes of one task id, seen from one agent: each member episode brings
-that agent's calls in it. An episode without a task id (one-off production traffic), or
-the only episode of its task in the batch, is a singleton: it is scored against its
-agent's running reward baseline. Pure functions; the only state is the per-agent
-`Baseline`, passed in and updated in place (the caller decides whether to keep it).
+that agent's calls in it. With `TaskReturns`, a group also holds the task's latest returns
+already trained on (a rolling group: attempts that arrive over several updates are each
+trained once, on-policy, against the task's recent attempts). An episode without a task
+id (one-off production traffic), or the only attempt of its task, is a singleton: it is
+scored against its agent's running reward baseline. Pure functions; the only state is the
+per-agent `Baseline` and the `TaskReturns`, passed in and updated in place (the caller
+decides whether to keep them).
 """
 
 from __future__ import annotations
@@ -57,6 +60,39 @@ class Baseline:
         self.seen += 1
 
 
+@dataclass
+class TaskReturns:
+    """The latest group values (episode returns, or call rewards at level="call") of each
+    (agent, task) already trained on, oldest first: the rest of a rolling group."""
+
+    window: int = 8  # a rolling group's size: new values plus the latest window - len(new) of these
+    limit: int = 100_000  # (agent, task) pairs remembered; the least recently trained are forgotten first
+    values: dict[str, list[float]] = field(default_factory=dict)  # "agent\ttask" -> values, oldest first
+
+    @staticmethod
+    def key(agent: str, task: str) -> str:
+        return f"{agent}\t{task}"
+
+    def prior(self, agent: str, task: str, new: int) -> list[float]:
+        """The remembered values that join `new` new ones in a rolling group."""
+        keep = self.window - new
+        return self.values.get(self.key(agent, task), [])[-keep:] if keep > 0 else []
+
+    def attempts(self) -> dict[str, int]:
+        """task -> the most values remembered for it by any agent."""
+        counts: dict[str, int] = {}
+        for key, values in self.values.items():
+            task = key.split("\t", 1)[1]
+            counts[task] = max(counts.get(task, 0), len(values))
+        return counts
+
+    def add(self, agent: str, task: str, values: Sequence[float]) -> None:
+        key = self.key(agent, task)
+        self.values[key] = (self.values.pop(key, []) + list(values))[-self.window:]  # re-inserted: most recent
+        while len(self.values) > self.limit:
+            del self.values[next(iter(self.values))]
+
+
 @dataclass(frozen=True)
 class Scored:
     transition: Transition
@@ -79,31 +115,29 @@ def std(values_G: Sequence[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values_G) / (len(values_G) - 1))
 
 
-def group_advantages(rewards_G: Sequence[float], scale: str, eps: float) -> list[float]:
-    """A_i = (r_i - mean(r)) / (std(r) + eps) with scale="group"; r_i - mean(r) otherwise."""
-    mean = sum(rewards_G) / len(rewards_G)
-    centred_G = [r - mean for r in rewards_G]
-    if scale == "group":
-        spread = std(rewards_G)
-        return [a / (spread + eps) for a in centred_G]
-    return centred_G
+def group_values(members: Sequence[Sequence[Transition]], level: str) -> list[float]:
+    """What a group's statistics are over: each call's credit (level="call") or each
+    episode's return (level="episode")."""
+    if level == "call":
+        return [t.reward for episode in members for t in episode]
+    return [episode_return(episode) for episode in members]
 
 
-def centred_on_group(members: Sequence[Sequence[Transition]], config: AdvantageConfig) -> list[float]:
-    """Advantages of every transition of a group whose members are episodes (lists of transitions).
+def centred_on_group(members: Sequence[Sequence[Transition]], config: AdvantageConfig,
+                     prior_V: Sequence[float] = ()) -> list[float]:
+    """Advantages of every transition of a group whose members are episodes (lists of transitions),
+    with the statistics over V = prior_V + the members' values (`group_values`):
 
-    level="call":    statistics over all calls:      A_t = (r_t - mean_t r) / (std_t r + eps)
-    level="episode": statistics over episodes, R_e = mean of the episode's call credits:
-                     A_t = (r_t - mean_e R) / (std_e R + eps)
-    (without the division unless scale="group").
+        A_t = (r_t - mean(V)) / (std(V) + eps)    (without the division unless scale="group")
+
+    level="call": V holds call credits; level="episode": episode returns R_e (the mean of the
+    episode's call credits), so an episode with five calls counts once. prior_V: the task's
+    values already trained on (a rolling group), empty for a group trained whole.
     """
-    flat = [t.reward for episode in members for t in episode]
-    if config.level == "call":
-        return group_advantages(flat, config.scale, config.eps)
-    returns_E = [episode_return(episode) for episode in members]
-    mean = sum(returns_E) / len(returns_E)
-    spread = std(returns_E) + config.eps if config.scale == "group" else 1.0
-    return [(r - mean) / spread for r in flat]
+    values_V = list(prior_V) + group_values(members, config.level)
+    mean = sum(values_V) / len(values_V)
+    spread = std(values_V) + config.eps if config.scale == "group" else 1.0
+    return [(t.reward - mean) / spread for episode in members for t in episode]
 
 
 def episode_return(transitions: Sequence[Transition]) -> float:
@@ -120,15 +154,18 @@ def singleton_advantage(reward: float, baseline: Baseline, config: AdvantageConf
 
 
 def compute_advantages(transitions: Sequence[Transition], config: AdvantageConfig,
-                       baselines: dict[str, Baseline]) -> tuple[list[Scored], AdvantageStats]:
+                       baselines: dict[str, Baseline],
+                       task_returns: TaskReturns | None = None) -> tuple[list[Scored], AdvantageStats]:
     """Advantages for every transition that carries a learning signal.
 
-    Groups of two or more episodes (same agent, same task id): GRPO (`centred_on_group`).
-    Groups whose rewards are all equal teach nothing and are dropped (DAPO dynamic
-    sampling). Singletons are scored against their agent's baseline as it was before
-    their episode (`singleton_advantage`), once the baseline has seen `baseline_warmup`
-    episodes. Every episode then updates its agent's baseline once, with its return, in
-    the order the transitions came (arrival order), grouped or not.
+    Groups of two or more episodes (same agent, same task id), counting with `task_returns`
+    the task's values already trained on: GRPO (`centred_on_group`, whose prior values are
+    the remembered ones). Groups whose rewards and prior values are all equal teach nothing
+    and are dropped (DAPO dynamic sampling); with `task_returns` their values are still
+    remembered, so the task's later attempts are scored against them. Singletons are scored
+    against their agent's baseline as it was before their episode (`singleton_advantage`),
+    once the baseline has seen `baseline_warmup` episodes. Every episode then updates its
+    agent's baseline once, with its return, in arrival order, grouped or not.
     """
     episodes: dict[tuple[str, str], list[Transition]] = defaultdict(list)  # (agent, episode) -> its calls
     for t in transitions:
@@ -136,19 +173,25 @@ def compute_advantages(transitions: Sequence[Transition], config: AdvantageConfi
     groups: dict[tuple[str, str], list[list[Transition]]] = defaultdict(list)
     for (agent, episode_id), calls in episodes.items():
         groups[(agent, calls[0].task_id or f"\0episode-{episode_id}")].append(calls)
-    grouped = {id(calls) for members in groups.values() if len(members) >= 2 for calls in members}
+    priors_V = {(agent, task): task_returns.prior(agent, task, len(members))
+                if task_returns is not None and members[0][0].task_id
+                else [] for (agent, task), members in groups.items()}
+    grouped = {id(calls) for key, members in groups.items() if len(members) + len(priors_V[key]) >= 2
+               for calls in members}
     stats = AdvantageStats()
     scored: list[Scored] = []
-    for members in groups.values():
-        if len(members) < 2:
+    for (agent, task), members in groups.items():
+        if task_returns is not None and members[0][0].task_id:
+            task_returns.add(agent, task, group_values(members, config.level))
+        if id(members[0]) not in grouped:
             continue
-        rewards = [t.reward for calls in members for t in calls]
+        rewards = [t.reward for calls in members for t in calls] + priors_V[(agent, task)]
         if max(rewards) == min(rewards):
-            stats.skipped["zero_variance_group"] += len(rewards)
+            stats.skipped["zero_variance_group"] += sum(len(calls) for calls in members)
             continue
         stats.groups += 1
         flat = [t for calls in members for t in calls]
-        scored += [Scored(t, a) for t, a in zip(flat, centred_on_group(members, config))]
+        scored += [Scored(t, a) for t, a in zip(flat, centred_on_group(members, config, priors_V[(agent, task)]))]
     for (agent, _), calls in episodes.items():  # arrival order
         baseline = baselines.setdefault(agent, Baseline())
         if id(calls) not in grouped:

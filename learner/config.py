@@ -14,6 +14,7 @@ Environment variables follow the path: FLYWHEEL_LEARNER_TRAINER_LR=3e-4.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from flywheel.learner.advantages import AdvantageConfig
 from flywheel.learner.credit import CreditConfig
@@ -45,9 +46,17 @@ class LearnerConfig:
     min_episodes: int = 64
     # ...or this many seconds after the last update, if anything is trainable (0 = never by time)
     interval_s: float = 0.0
-    # a task's group (episodes sharing a task id) is trained once it has this many attempts...
+    # how a task's attempts (episodes sharing a task id) are grouped. "rolling": each attempt is
+    # trained once, in the first update after its task has two attempts (counting those already
+    # trained), against the task's latest `group_size` returns, so attempts spread over time are
+    # learnt from on-policy (trickle traffic: see the README's tables). "complete": a group waits
+    # until `group_size` attempts are buffered and is trained whole, as in TRL and verl; its
+    # early members are by then one or more versions stale. Either way, a lone attempt is
+    # trained as a one-off once no attempt of its task has come for `group_wait_s`.
+    group_policy: Literal["rolling", "complete"] = "rolling"
+    # attempts per task in a complete group, and the size of a rolling group
     group_size: int = 8
-    # ...or no attempt of it has arrived for this long; until then its members stay buffered
+    # a task with no attempt for this long stops waiting: what is buffered is trained as it is
     group_wait_s: float = 300.0
     # drop calls served by adapter versions this many or more behind the current one
     max_staleness: int = 4

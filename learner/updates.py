@@ -1,8 +1,8 @@
 """What the learner trains on and when: plans, scheduled and on-demand updates, all-or-nothing.
 
 An update takes the buffered episodes that are ready (`ready_episodes`: one-off episodes,
-and task groups that are complete or have gone quiet), assigns credit, filters stale
-calls, computes advantages (the `Plan`), then runs one GRPO update per trained adapter on
+and the attempts of tasks whose groups are ready under `group_policy`, or have gone
+quiet), assigns credit, filters stale calls, computes advantages (the `Plan`), then runs one GRPO update per trained adapter on
 a worker thread, so the gRPC server keeps answering. It is transactional:
 
 - everything that can refuse an adapter's update (the learner/vLLM logprob gap) is checked
@@ -11,8 +11,9 @@ a worker thread, so the gRPC server keeps answering. It is transactional:
 - each stepped adapter is saved, and the saved directories are recorded in `pending.json`
   before publishing; a failed publish is retried from that record (never by training
   again), also after a restart;
-- the episodes are consumed, and the agents' baselines (`baselines.json`) advance, only
-  once every version of the update is published.
+- the episodes are consumed, and the agents' baselines (`baselines.json`) and the tasks'
+  latest returns (`task_returns.json`, the rolling groups) advance, only once every
+  version of the update is published.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from google.protobuf.json_format import MessageToDict, ParseDict
 
-from flywheel.learner.advantages import AdvantageStats, Baseline, Scored, compute_advantages
+from flywheel.learner.advantages import AdvantageStats, Baseline, Scored, TaskReturns, compute_advantages
 from flywheel.learner.buffer import EpisodeBuffer
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.credit import Transition, agent_filter, assign
@@ -62,18 +63,20 @@ def update_due(ready_episodes: int, since_last_s: float, min_episodes: int, inte
     return None
 
 
-def ready_episodes(episodes: Sequence[pb.Episode], arrived: dict[str, float], now: float, group_size: int,
-                   group_wait_s: float) -> list[pb.Episode]:
+def ready_episodes(episodes: Sequence[pb.Episode], arrived: dict[str, float], now: float, min_attempts: int,
+                   group_wait_s: float, trained: dict[str, int] | None = None) -> list[pb.Episode]:
     """The episodes an update may take now, in arrival order: every episode without a task id,
-    and the members of each task whose group is complete: `group_size` attempts buffered, or
-    none arrived for `group_wait_s`. The members of a group still filling stay buffered."""
+    and the buffered attempts of each task that has `min_attempts`, counting the `trained`
+    ones (task -> attempts already trained on, for rolling groups), or whose latest attempt
+    arrived `group_wait_s` ago. The attempts of a task still short of that stay buffered."""
+    trained = trained or {}
     by_task: dict[str, list[pb.Episode]] = defaultdict(list)
     for episode in episodes:
         by_task[episode.task_id].append(episode)
-    complete = {task for task, members in by_task.items()
-                if not task or len(members) >= group_size
-                or now - max(arrived.get(m.episode_id, 0.0) for m in members) >= group_wait_s}
-    return [e for e in episodes if e.task_id in complete]
+    ready = {task for task, members in by_task.items()
+             if not task or len(members) + trained.get(task, 0) >= min_attempts
+             or now - max(arrived.get(m.episode_id, 0.0) for m in members) >= group_wait_s}
+    return [e for e in episodes if e.task_id in ready]
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class Plan:
     batches: dict[str, AdapterBatch]  # adapter -> its batch; adapters with nothing trainable are absent
     skipped: Counter  # transitions not trained on, by reason
     baselines: dict[str, Baseline]  # the agents' baselines once these episodes are learnt from
+    task_returns: TaskReturns | None  # the tasks' latest returns once these are learnt from (rolling groups)
 
     @property
     def groups(self) -> int:
@@ -110,6 +114,7 @@ class PendingUpdate:
     episode_ids: list[str]
     baselines: dict[str, dict]  # agent -> Baseline fields
     publishes: list[dict] = field(default_factory=list)  # {"agent", "directory", "metrics"}, in order
+    task_returns: dict[str, list[float]] = field(default_factory=dict)  # TaskReturns.values
 
 
 class Learner:
@@ -122,6 +127,9 @@ class Learner:
         self.trains = agent_filter(config.train_agents)
         self.baselines_file = self.state_dir / "baselines.json"
         self.baselines = _read_baselines(self.baselines_file)
+        self.task_returns_file = self.state_dir / "task_returns.json"
+        self.task_returns = TaskReturns(window=config.group_size, values=json.loads(
+            self.task_returns_file.read_text()) if self.task_returns_file.exists() else {})
         self.pending_file = self.state_dir / "pending.json"
         self.pending = PendingUpdate(**json.loads(self.pending_file.read_text())) if self.pending_file.exists() else None
         self.trainer = None  # loaded on the first update: start-up stays fast
@@ -151,17 +159,20 @@ class Learner:
     def plan(self, now: float | None = None) -> Plan:
         """What an update would train on now; the learner's own baselines are left as they are."""
         pending = list(self.buffer.pending.values())
+        rolling = self.config.group_policy == "rolling"
         episodes = ready_episodes(pending, self.buffer.arrived, time.time() if now is None else now,
-                                  self.config.group_size, self.config.group_wait_s)
+                                  2 if rolling else self.config.group_size, self.config.group_wait_s,
+                                  self.task_returns.attempts() if rolling else None)
         by_adapter, skipped = self._transitions(episodes)
         batches = {}
         baselines = {agent: Baseline(**asdict(b)) for agent, b in self.baselines.items()}
+        task_returns = replace(self.task_returns, values=dict(self.task_returns.values)) if rolling else None
         for adapter, transitions in by_adapter.items():
-            scored, stats = compute_advantages(transitions, self.config.advantages, baselines)
+            scored, stats = compute_advantages(transitions, self.config.advantages, baselines, task_returns)
             skipped.update(stats.skipped)
             if scored:
                 batches[adapter] = AdapterBatch(scored, stats)
-        return Plan(episodes, len(pending) - len(episodes), batches, skipped, baselines)
+        return Plan(episodes, len(pending) - len(episodes), batches, skipped, baselines, task_returns)
 
     # ---- updates ------------------------------------------------------------
 
@@ -187,17 +198,19 @@ class Learner:
                                         f"in groups still filling (skipped: {dict(plan.skipped)})"))
             # ready episodes without a learning signal now never get one (their groups are complete,
             # their rewards equal): they leave the buffer, and what they taught the baselines stays
-            self._consume([e.episode_id for e in plan.episodes], {a: asdict(b) for a, b in plan.baselines.items()})
+            self._consume(self._pending_update(plan, []))
             return []
         emit(pb.TrainEvent(progress=f"update ({reason}): {plan.groups} groups, {plan.trainable_episodes} "
                                     f"trainable episodes of {len(plan.episodes)} ready"))
         if self.trainer is None:
             emit(pb.TrainEvent(progress="loading the model"))
             self.trainer = await asyncio.to_thread(self._load_trainer)
-        publishes = await self._train_all(plan, emit)
-        self._set_pending(PendingUpdate([e.episode_id for e in plan.episodes],
-                                        {a: asdict(b) for a, b in plan.baselines.items()}, publishes))
+        self._set_pending(self._pending_update(plan, await self._train_all(plan, emit)))
         return await self._publish_pending(emit)
+
+    def _pending_update(self, plan: Plan, publishes: list[dict]) -> PendingUpdate:
+        return PendingUpdate([e.episode_id for e in plan.episodes], {a: asdict(b) for a, b in plan.baselines.items()},
+                             publishes, plan.task_returns.values if plan.task_returns else self.task_returns.values)
 
     async def _train_all(self, plan: Plan, emit: Emit) -> list[dict]:
         """One update per adapter; if one fails, every adapter already stepped is restored."""
@@ -239,18 +252,21 @@ class Learner:
                 emit(pb.TrainEvent(published=event))
             self.pending.publishes.pop(0)
             self._set_pending(self.pending)
-        self._consume(self.pending.episode_ids, self.pending.baselines)
+        self._consume(self.pending)
         self._set_pending(None)
         self.updates += 1
         self.last_update = time.time()
         self.last_error = ""
         return published
 
-    def _consume(self, episode_ids: list[str], baselines: dict[str, dict]) -> None:
-        """The episodes are used: they leave the buffer, and the baselines they moved are kept."""
-        write_json(self.baselines_file, baselines)
-        self.baselines = {agent: Baseline(**b) for agent, b in baselines.items()}
-        self.buffer.consume(episode_ids)
+    def _consume(self, update: PendingUpdate) -> None:
+        """The update's episodes are used: they leave the buffer, and the baselines and task
+        returns they moved are kept."""
+        write_json(self.baselines_file, update.baselines)
+        write_json(self.task_returns_file, update.task_returns)
+        self.baselines = {agent: Baseline(**b) for agent, b in update.baselines.items()}
+        self.task_returns = replace(self.task_returns, values=dict(update.task_returns))
+        self.buffer.consume(update.episode_ids)
 
     def _set_pending(self, pending: PendingUpdate | None) -> None:
         self.pending = pending

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from flywheel.learner.advantages import AdvantageConfig, Baseline, compute_advantages, group_advantages, std
+from flywheel.learner.advantages import (AdvantageConfig, Baseline, TaskReturns, centred_on_group,
+                                         compute_advantages, std)
 from flywheel.learner.credit import CreditConfig, agent_filter, assign, call_credits, scalar_reward
 from flywheel.protos import flywheel_pb2 as pb
 
@@ -60,13 +61,50 @@ def test_untrainable_calls_are_skipped_with_a_reason():
     assert [t.seq for t in kept] == [0]
 
 
+def _members(rewards):
+    """One single-call episode per reward, as a group's members."""
+    return [[t] for t in _episodes([(f"e{i}", "t", r, 1) for i, r in enumerate(rewards)])]
+
+
 def test_group_advantage_formula():
     # rewards 1, 0, 0, 1: mean 0.5, sample std sqrt(1/3)
-    got = group_advantages([1.0, 0.0, 0.0, 1.0], "group", 1e-4)
+    got = centred_on_group(_members([1.0, 0.0, 0.0, 1.0]), AdvantageConfig())
     expected = 0.5 / (math.sqrt(1 / 3) + 1e-4)
     assert got == pytest.approx([expected, -expected, -expected, expected])
-    assert group_advantages([3.0, 1.0], "none", 1e-4) == [1.0, -1.0]
+    assert centred_on_group(_members([3.0, 1.0]), AdvantageConfig(scale="none")) == [1.0, -1.0]
     assert std([1.0]) == 0.0
+
+
+def test_a_rolling_group_includes_the_tasks_values_already_trained_on():
+    # new rewards 1, 0 with prior 0, 0: V = [0, 0, 1, 0], mean 0.25, std 0.5
+    got = centred_on_group(_members([1.0, 0.0]), AdvantageConfig(), prior_V=[0.0, 0.0])
+    assert got == pytest.approx([0.75 / 0.5001, -0.25 / 0.5001])
+
+
+def test_rolling_groups_train_each_attempt_once_against_the_tasks_latest_returns():
+    """Trickle traffic: two attempts of task t per update. Each update trains its new attempts,
+    scored among the task's latest `window` returns, and remembers them."""
+    returns = TaskReturns(window=4)
+    first, stats = compute_advantages(_transitions({"t": [1, 1]}), AdvantageConfig(scale="none"), {}, returns)
+    assert first == [] and stats.skipped == {"zero_variance_group": 2}  # equal rewards: nothing to learn yet...
+    assert returns.values == {"x\tt": [1.0, 1.0]}  # ...but remembered
+    second, stats = compute_advantages(_transitions({"t": [0, 0]}), AdvantageConfig(scale="none"), {}, returns)
+    # V = [1, 1, 0, 0]: mean 0.5; equal among themselves, the new attempts still learn from the old
+    assert [s.advantage for s in second] == [-0.5, -0.5] and stats.groups == 1
+    third, _ = compute_advantages(_transitions({"t": [1, 0, 1]}), AdvantageConfig(scale="none"), {}, returns)
+    # three new values keep one prior (the latest 0): V = [0, 1, 0, 1], mean 0.5
+    assert [s.advantage for s in third] == [0.5, -0.5, 0.5]
+    assert returns.values == {"x\tt": [0.0, 1.0, 0.0, 1.0]} and returns.attempts() == {"t": 4}
+
+
+def test_one_attempt_joins_its_tasks_rolling_group_and_the_memory_is_bounded():
+    returns = TaskReturns(window=8, limit=2, values={"x\tt": [0.0, 1.0]})
+    scored, stats = compute_advantages(_transitions({"t": [1]}), AdvantageConfig(scale="none"), {}, returns)
+    assert [round(s.advantage, 6) for s in scored] == [round(1 - 2 / 3, 6)] and stats.groups == 1
+    lone, stats = compute_advantages(_transitions({"u": [1]}), AdvantageConfig(), {}, returns)
+    assert lone == [] and stats.skipped == {"no_baseline_yet": 1}  # first attempt of u: a singleton
+    compute_advantages(_transitions({"v": [0]}), AdvantageConfig(), {}, returns)
+    assert list(returns.values) == ["x\tu", "x\tv"]  # t, least recently trained, is forgotten
 
 
 def _transitions(rewards_by_task, agent="x"):

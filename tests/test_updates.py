@@ -6,11 +6,11 @@ import openai
 import pytest
 import torch
 
-from flywheel.learner.advantages import Baseline
+from flywheel.learner.advantages import AdvantageConfig, Baseline
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.credit import CreditConfig
 from flywheel.learner.publish import PublishError
-from flywheel.learner.updates import Learner, ready_episodes, update_due
+from flywheel.learner.updates import Learner, PendingUpdate, ready_episodes, update_due
 from flywheel.protos import flywheel_pb2 as pb
 from tests.conftest import free_port, wait_buffered
 from tests.test_feedback import api
@@ -28,11 +28,13 @@ def test_a_group_is_ready_when_complete_or_quiet_and_one_offs_always_are():
     episodes = [_episode("s1"), _episode("a1", "a"), _episode("b1", "b"), _episode("a2", "a"), _episode("b2", "b")]
     arrived = {"s1": 100.0, "a1": 100.0, "b1": 100.0, "a2": 150.0, "b2": 150.0}
     ids = lambda found: [e.episode_id for e in found]  # noqa: E731
-    assert ids(ready_episodes(episodes, arrived, now=200.0, group_size=3, group_wait_s=60)) == ["s1"]
-    assert ids(ready_episodes(episodes, arrived, now=210.0, group_size=3, group_wait_s=60)) == ["s1", "a1", "b1", "a2",
-                                                                                              "b2"]  # quiet 60 s
-    assert ids(ready_episodes(episodes, arrived, now=200.0, group_size=2, group_wait_s=60)) == ["s1", "a1", "b1", "a2",
-                                                                                              "b2"]  # complete
+    assert ids(ready_episodes(episodes, arrived, now=200.0, min_attempts=3, group_wait_s=60)) == ["s1"]
+    assert ids(ready_episodes(episodes, arrived, now=210.0, min_attempts=3, group_wait_s=60)) == [
+        "s1", "a1", "b1", "a2", "b2"]  # quiet 60 s
+    assert ids(ready_episodes(episodes, arrived, now=200.0, min_attempts=2, group_wait_s=60)) == [
+        "s1", "a1", "b1", "a2", "b2"]  # complete
+    assert ids(ready_episodes(episodes, arrived, now=200.0, min_attempts=3, group_wait_s=60, trained={"a": 1})) == [
+        "s1", "a1", "a2"]  # a's attempt already trained on counts
 
 
 def test_update_due_by_trainable_episodes_by_timer_or_only_on_demand():
@@ -45,7 +47,8 @@ def test_update_due_by_trainable_episodes_by_timer_or_only_on_demand():
 async def test_a_group_still_filling_is_neither_split_nor_dropped(tmp_path):
     """Two of eight attempts with equal rewards: the old update consumed them (a zero-variance
     group, dropped for good); the six that came later were singletons."""
-    learner = Learner(LearnerConfig(state_dir=str(tmp_path), group_size=8, group_wait_s=3600), "unused")
+    learner = Learner(LearnerConfig(state_dir=str(tmp_path), group_policy="complete", group_size=8,
+                                    group_wait_s=3600), "unused")
     learner.buffer.add([_episode(f"t-{i}", "t", 1.0) for i in range(2)])
     assert await learner.update("on demand") == []
     assert sorted(learner.buffer.pending) == ["t-0", "t-1"] and learner.status().waiting_episodes == 2
@@ -53,6 +56,25 @@ async def test_a_group_still_filling_is_neither_split_nor_dropped(tmp_path):
     plan = learner.plan()
     assert plan.waiting == 0 and plan.groups == 1
     assert sorted(s.transition.episode_id for s in plan.batches["solver"].scored) == [f"t-{i}" for i in range(8)]
+
+
+async def test_a_rolling_group_trains_attempts_as_they_come_against_those_already_trained(tmp_path):
+    """The same traffic under the default rolling policy: the two equal attempts are consumed but
+    remembered (also across a restart), and the six later ones are scored among all eight."""
+    config = LearnerConfig(state_dir=str(tmp_path), group_size=8, group_wait_s=3600,
+                           advantages=AdvantageConfig(scale="none"))
+    learner = Learner(config, "unused")
+    learner.buffer.add([_episode("t-0", "t", 1.0), _episode("t-1", "t", 1.0), _episode("u-0", "u", 0.0)])
+    assert await learner.update("on demand") == []
+    assert sorted(learner.buffer.pending) == ["u-0"]  # a lone first attempt waits for a second
+    assert json.loads((tmp_path / "task_returns.json").read_text()) == {"solver\tt": [1.0, 1.0]}
+    learner = Learner(config, "unused")
+    learner.buffer.add([_episode(f"t-{i}", "t", float(i % 2)) for i in range(2, 8)])
+    plan = learner.plan()
+    assert plan.waiting == 1 and plan.groups == 1
+    # V = [1, 1, 0, 1, 0, 1, 0, 1]: mean 5/8
+    assert [(s.transition.episode_id, s.advantage) for s in plan.batches["solver"].scored] == [
+        (f"t-{i}", pytest.approx(i % 2 - 5 / 8)) for i in range(2, 8)]
 
 
 async def test_ready_episodes_without_a_signal_leave_the_buffer_and_their_baseline_lessons_stay(tmp_path):
@@ -140,5 +162,5 @@ async def test_a_refused_update_leaves_the_adapter_as_it_was(start_proxy, start_
 
 def test_baselines_round_trip_through_their_file(tmp_path):
     learner = Learner(LearnerConfig(state_dir=str(tmp_path)), "unused")
-    learner._consume([], {"solver": {"mean": 0.5, "var": 0.1, "seen": 7}})
+    learner._consume(PendingUpdate([], {"solver": {"mean": 0.5, "var": 0.1, "seen": 7}}))
     assert Learner(LearnerConfig(state_dir=str(tmp_path)), "unused").baselines == {"solver": Baseline(0.5, 0.1, 7)}
