@@ -6,9 +6,13 @@ How it departs from textbook GRPO (DeepSeekMath), and why:
   logged is one transition (exact prompt and completion token ids, never re-tokenized),
   and the episode's outcome is credited to every call of the trained agents
   (LightningRL, `credit.py`); `discounted` credit and per-call feedback are options.
-- Groups are episodes that share a task id, per agent. Groups whose rewards are all equal
-  are dropped (DAPO dynamic sampling). A call without a group (plain production traffic)
-  is scored against its agent's running reward baseline (`advantages.py`).
+- Groups are episodes that share a task id, per agent, and they roll: attempts of a task
+  that arrive over several updates are each trained once, in the first update after they
+  arrive, against the task's latest `group_size` returns (those already trained on
+  included), instead of waiting stale until the group is whole (`group_policy =
+  "complete"` waits, as TRL and verl do). Groups whose rewards are all equal are dropped
+  (DAPO dynamic sampling). A call without a group (plain production traffic) is scored
+  against its agent's running reward baseline (`advantages.py`).
 - The sampling policy is vLLM, possibly an older adapter version: tokens served by a
   version `max_staleness` or more behind are dropped, the rest get a truncated importance
   weight min(pi_old / pi_vllm, is_cap) (as TRL's vLLM IS correction). vLLM is started with

@@ -27,8 +27,9 @@ from flywheel.proxy.feed import Feed, channel_options
 from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.registry import Registry
+from flywheel.proxy.responses import RESPONSES
 from flywheel.proxy.routes import adapters, episodes, learner, sql
-from flywheel.proxy.routes.completions import completion_handler, models_handler
+from flywheel.proxy.routes.completions import completion_handler, models_handler, stored_response_handler
 from flywheel.proxy.sampling import checked_defaults
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamPool
@@ -71,6 +72,9 @@ def _routes():
     for prefix in _PREFIXES:
         yield "POST", f"{prefix}/v1/chat/completions", completion_handler(CHAT), Access.CLIENT
         yield "POST", f"{prefix}/v1/completions", completion_handler(COMPLETIONS), Access.CLIENT
+        yield "POST", f"{prefix}/v1/responses", completion_handler(RESPONSES), Access.CLIENT
+        yield "GET", f"{prefix}/v1/responses/{{response}}", stored_response_handler, Access.CLIENT
+        yield "DELETE", f"{prefix}/v1/responses/{{response}}", stored_response_handler, Access.CLIENT
         yield "GET", f"{prefix}/v1/models", models_handler, Access.CLIENT
     yield "POST", "/v1/episodes", episodes.create_episode, Access.CLIENT
     yield "GET", "/v1/episodes/{episode}", episodes.get_episode, Access.CLIENT

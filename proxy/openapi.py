@@ -54,6 +54,17 @@ SPEC = {
     "paths": {
         "/v1/chat/completions": _inference("chat completion, forwarded and recorded", ["model", "messages"]),
         "/v1/completions": _inference("completion, forwarded and recorded", ["model", "prompt"]),
+        "/v1/responses": {"post": _operation("a Responses API call, forwarded as a chat completion and recorded", 200,
+                                             _OBJECT, {"type": "object", "required": ["model", "input"], "properties": {
+            "model": {"type": "string"}, "stream": {"type": "boolean"},
+            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": _OBJECT}]},
+            "instructions": {"type": "string"}, "max_output_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {"type": "number", "minimum": 0}, "tools": {"type": "array", "items": _OBJECT},
+            "top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
+            "metadata": _OBJECT}})},
+        "/v1/responses/{response}": {
+            method: _operation("refused: Flywheel keeps no responses (400)", 400, _ERROR, params=("response",))
+            for method in ("get", "delete")},
         "/v1/models": {"get": _operation("the upstream's models", 200, _OBJECT)},
         "/v1/episodes": {"post": _operation("open an episode", 201, _OBJECT, {
             "type": "object", "properties": {"agent": _NAME, "task": _NAME, "metadata": _OBJECT}})},

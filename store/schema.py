@@ -91,7 +91,7 @@ CALLS = Table(
         Column("agent", "VARCHAR", "agent that made the call", proto=True),
         Column("seq", "INTEGER", "0-based order of the call within its episode", proto=True),
         Column("created_at", "TIMESTAMPTZ", "when the proxy received the request", proto=True),
-        Column("endpoint", "VARCHAR", "chat.completions | completions"),
+        Column("endpoint", "VARCHAR", "chat.completions | completions | responses (sent upstream as chat)"),
         Column("stream", "BOOLEAN", "client asked for SSE streaming"),
         Column("model", "VARCHAR", "model the client asked for"),
         Column("adapter", "VARCHAR", "model or adapter name the upstream served", proto=True),

@@ -1,7 +1,7 @@
 """An OpenAI-compatible upstream that answers like vLLM, for tests and bench/proxy.py.
 
-Deterministic: the reply to any request is `max_tokens` (default 4) tokens " w0", " w1", ...
-with ids 1000, 1001, ...; the prompt's token ids are 1..len(words of the prompt). Like
+Deterministic: the reply to any request is `max_tokens` tokens " w0", " w1", ... with ids
+1000, 1001, ... (finish reason `length`), or without `max_tokens` 4 of them (`stop`); the prompt's token ids are 1..len(words of the prompt). Like
 vLLM it returns `prompt_token_ids`/`token_ids` only when `return_token_ids` is set and
 logprobs only when asked. With `tools` in the request (and tool_choice not "none") it
 answers with a call to the first tool. Models named `fail-<status>` answer with that
@@ -54,6 +54,11 @@ def _tokens(body: dict) -> list[tuple[int, str, float]]:
     return [(1000 + i, f" w{i}", -0.125 * (i + 1)) for i in range(n)]
 
 
+def _finish(body: dict) -> str:
+    """Cut at the client's limit, or stopped on its own."""
+    return "length" if body.get("max_tokens") or body.get("max_completion_tokens") else "stop"
+
+
 def _wants_tool(body: dict) -> bool:
     return bool(body.get("tools")) and body.get("tool_choice") != "none"
 
@@ -83,14 +88,14 @@ def _whole(body: dict, chat: bool) -> dict:
         tool = _wants_tool(body)
         message = {"role": "assistant", "content": None if tool else text,
                    "tool_calls": [_tool_call(body)] if tool else []}
-        choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "length",
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if tool else _finish(body),
                   "logprobs": _chat_logprobs(tokens) if body.get("logprobs") else None,
                   "token_ids": [i for i, _, _ in tokens] if ids else None}
         out = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
                "choices": [choice], "usage": usage,
                "prompt_token_ids": _prompt_ids(body) if ids else None}
     else:
-        choice = {"index": 0, "text": text, "finish_reason": "length",
+        choice = {"index": 0, "text": text, "finish_reason": _finish(body),
                   "logprobs": _completion_logprobs(tokens) if body.get("logprobs") is not None else None,
                   "token_ids": [i for i, _, _ in tokens] if ids else None,
                   "prompt_token_ids": _prompt_ids(body) if ids else None}
@@ -124,13 +129,13 @@ def _chunks(body: dict, chat: bool):
                 yield {**base, "choices": [{"index": 0, "delta": {"content": tok[1]},
                        "logprobs": _chat_logprobs([tok]) if body.get("logprobs") else None,
                        **({"token_ids": [tok[0]]} if ids else {})}]}
-            finish = "length"
+            finish = _finish(body)
         yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
     else:
         for k, tok in enumerate(tokens):
             choice = {"index": 0, "text": tok[1],
                       "logprobs": _completion_logprobs([tok]) if body.get("logprobs") is not None else None,
-                      "finish_reason": "length" if k == len(tokens) - 1 else None}
+                      "finish_reason": _finish(body) if k == len(tokens) - 1 else None}
             if ids:
                 choice["token_ids"] = [tok[0]]
                 if k == 0:

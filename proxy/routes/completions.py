@@ -1,5 +1,6 @@
-"""`/v1/chat/completions`, `/v1/completions`, `/v1/models`: forwarding LLM calls to the upstream,
-streaming or not, and recording each one."""
+"""`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/models`: forwarding LLM calls
+to the upstream, streaming or not, and recording each one. A Responses call goes upstream as a
+chat completion (`flywheel.proxy.responses`), so it is captured and recorded like one."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import orjson
 from aiohttp import web
 
 from flywheel.proxy.attribution import Attribution, attribute, new_id
-from flywheel.proxy.capture import Capture, Wants, strip_unrequested, upstream_body
-from flywheel.proxy.errors import error_body, error_response, read_json_object
+from flywheel.proxy.capture import CHAT, Capture, Wants, strip_unrequested, upstream_body
+from flywheel.proxy.errors import ApiError, error_body, error_response, read_json_object
+from flywheel.proxy.responses import RESPONSES, ResponseEvents, chat_request, response_object
 from flywheel.proxy.sampling import Sampling, resolve
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamError, UpstreamResponse
@@ -35,8 +37,9 @@ class _Call:
     request_json: str
     model: str | None
     stream: bool
-    capture: Capture
+    capture: Capture  # of the upstream's answer: its endpoint is the one called upstream
     sampling: Sampling
+    events: ResponseEvents | None  # a Responses call: what turns the chat answer into the client's format
     ttft_ms: float | None = None
     capture_error: str | None = None  # an error event the upstream sent inside the stream
     recorded: bool = False
@@ -108,12 +111,14 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     body = await read_json_object(request)
     who = attribute(request.match_info, request.headers, body, state.config.default_agent)
     request_json = orjson.dumps(body).decode()  # as the client sent it: before defaults are filled in
-    forward, wants = upstream_body(body, endpoint)
+    events = ResponseEvents(body) if endpoint == RESPONSES else None
+    upstream_endpoint = CHAT if events else endpoint
+    forward, wants = upstream_body(chat_request(body) if events else body, upstream_endpoint)
     call = _Call(
         state=state, endpoint=endpoint, who=who, call_id=new_id("call"), created_at=created_at,
         started=started, request_json=request_json, model=body.get("model"),
-        stream=bool(body.get("stream")), capture=Capture(endpoint),
-        sampling=resolve(forward, state.config.sampling_defaults),
+        stream=bool(body.get("stream")), capture=Capture(upstream_endpoint),
+        sampling=resolve(forward, state.config.sampling_defaults), events=events,
     )
     headers = {"Content-Type": "application/json"}
     if state.config.upstream_api_key:  # never the client's own key: that is Flywheel's to check
@@ -134,7 +139,8 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
     upstream: UpstreamResponse | None = None
     try:
         async with asyncio.timeout(state.config.upstream_timeout_s):
-            upstream = await state.upstream.post("/" + call.endpoint.replace(".", "/"), orjson.dumps(forward), headers)
+            upstream = await state.upstream.post("/" + call.capture.endpoint.replace(".", "/"), orjson.dumps(forward),
+                                                 headers)
             if upstream.status != 200:
                 return await _relay_error(request, call, upstream)
             if call.stream:
@@ -150,8 +156,7 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
         code = "upstream_timeout" if timed_out else "upstream_unreachable"
         await call.record(status, message)
         if call.stream_response is not None:  # the stream to the client is under way: end it with an error event
-            await _ignoring_hangup(call.stream_response.write(b"data: " + orjson.dumps(error_body(status, message, code))
-                                                              + b"\n\n"))
+            await _ignoring_hangup(call.stream_response.write(_stream_error(call, error_body(status, message, code))))
             await _ignoring_hangup(call.stream_response.write_eof())
             return call.stream_response
         return error_response(status, message, code, headers=call.ids())
@@ -182,7 +187,10 @@ async def _relay_whole(request: web.Request, call: _Call, upstream: UpstreamResp
     content_type, error = "application/json", None
     if isinstance(data, dict):
         call.capture.add(data)
-        if not wants.everything:
+        if call.events:
+            raw = orjson.dumps(response_object(call.events.request, call.capture, call.events.ids,
+                                               call.events.created_at))
+        elif not wants.everything:
             strip_unrequested(data, call.endpoint, wants)
             raw = orjson.dumps(data)
     else:  # relayed as it came; nothing in it to capture
@@ -199,6 +207,8 @@ async def _relay_stream(request: web.Request, call: _Call, upstream: UpstreamRes
     })
     await response.prepare(request)
     call.stream_response = response
+    if call.events:
+        await response.write(call.events.begin())
     error: str | None = None
     status = 200
     pending = b""
@@ -211,8 +221,7 @@ async def _relay_stream(request: web.Request, call: _Call, upstream: UpstreamRes
             await _relay_lines(response, call, [pending], wants)
     except (UpstreamError, TimeoutError) as broken:
         error, status = f"upstream stream broke: {broken!r}", 502
-        await _ignoring_hangup(response.write(b"data: " + orjson.dumps(error_body(502, error, "upstream_stream_broken"))
-                                              + b"\n\n"))
+        await _ignoring_hangup(response.write(_stream_error(call, error_body(502, error, "upstream_stream_broken"))))
     except ConnectionResetError:
         error, status = "client disconnected before the stream ended", 499
     await call.record(status, error or call.capture_error)  # a stream that ended without [DONE]
@@ -223,14 +232,26 @@ async def _relay_stream(request: web.Request, call: _Call, upstream: UpstreamRes
 async def _relay_lines(response: web.StreamResponse, call: _Call, lines: list[bytes], wants: Wants) -> None:
     """Relay complete SSE lines; the call is recorded just before `data: [DONE]` goes out, since
     a client stops reading there and may post its feedback at once."""
+    done = next((i for i, line in enumerate(lines) if line.strip() == b"data: [DONE]"), None)
     out = [_relay_line(call, line, wants) for line in lines]
-    done = next((i for i, line in enumerate(out) if line.strip() == b"data: [DONE]"), None)
     if done is not None:
         if done:
-            await response.write(b"\n".join(out[:done]) + b"\n")
+            await response.write(_joined(call, out[:done]))
         await call.record(200, call.capture_error)
+        if call.events:  # the Responses stream ends with the whole Response instead
+            out[done] = call.events.end(call.capture)
         out = out[done:]
-    await response.write(b"\n".join(out) + b"\n")
+    await response.write(_joined(call, out))
+
+
+def _joined(call: _Call, out: list[bytes]) -> bytes:
+    """Relayed SSE lines back together; Responses events come whole, with their own framing."""
+    return b"".join(out) if call.events else b"\n".join(out) + b"\n"
+
+
+def _stream_error(call: _Call, body: dict) -> bytes:
+    """An error event in the client's stream format."""
+    return call.events.error(body) if call.events else b"data: " + orjson.dumps(body) + b"\n\n"
 
 
 async def _ignoring_hangup(write) -> None:
@@ -242,23 +263,31 @@ async def _ignoring_hangup(write) -> None:
 
 
 def _relay_line(call: _Call, line: bytes, wants: Wants) -> bytes:
-    if not line.startswith(b"data:"):
-        return line
-    payload = line[5:].strip()
-    if payload == b"[DONE]":
-        return line
+    """One SSE line for the client, its chunk captured on the way (a Responses stream gets the
+    events the chunk makes, and nothing for the upstream's own framing)."""
+    payload = line[5:].strip() if line.startswith(b"data:") else None
+    if payload is None or payload == b"[DONE]":
+        return b"" if call.events else line
     try:
         chunk = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return line
+        return b"" if call.events else line
     if "error" in chunk and not chunk.get("choices"):
         call.capture_error = orjson.dumps(chunk["error"]).decode()[:_MAX_ERROR_CHARS]
     if call.capture.add(chunk):
         call.mark_first_token()
+    if call.events:
+        return call.events.error(chunk) if call.capture_error and "error" in chunk else call.events.chunk(chunk)
     if wants.everything:
         return line
     strip_unrequested(chunk, call.endpoint, wants)
     return b"data: " + orjson.dumps(chunk)
+
+
+async def stored_response_handler(request: web.Request) -> web.Response:
+    """`GET`/`DELETE /v1/responses/{id}`: Flywheel keeps no responses to hand back."""
+    raise ApiError(400, "Flywheel does not keep responses for retrieval ('store' is ignored); every call is in "
+                        "the store: SELECT response FROM calls WHERE endpoint = 'responses'", "unsupported_field")
 
 
 async def models_handler(request: web.Request) -> web.Response:
