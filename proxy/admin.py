@@ -1,4 +1,5 @@
-"""The upstream's admin calls (adapter loading, /v1/models): aiohttp's client, off the hot path."""
+"""The upstream's admin and pass-through calls (adapter loading, /v1/models, embeddings, tokenize):
+aiohttp's client, off the hot path."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ class UpstreamAdmin:
         """GET {base}/{route}: (status, body, content type); a 502 ApiError when unreachable."""
         try:
             async with self.session.get(f"{self.base}/{route}") as response:
+                return response.status, await response.read(), response.content_type
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as failure:
+            raise self._unreachable(failure) from None
+
+    async def forward(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes, str]:
+        """`method` `path` (from the upstream's root, e.g. /tokenize) with a JSON body as it came:
+        (status, body, content type); a 502 ApiError when unreachable."""
+        root = self.base.removesuffix("/v1")
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        try:
+            async with self.session.request(method, root + path, data=body, headers=headers) as response:
                 return response.status, await response.read(), response.content_type
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as failure:
             raise self._unreachable(failure) from None

@@ -29,7 +29,8 @@ from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
 from flywheel.proxy.routes import adapters, episodes, learner, sql
-from flywheel.proxy.routes.completions import completion_handler, models_handler, stored_response_handler
+from flywheel.proxy.routes.completions import completion_handler, stored_response_handler
+from flywheel.proxy.routes.passthrough import FORWARDED, forward_handler, model_handler, models_handler
 from flywheel.proxy.sampling import checked_defaults
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamPool
@@ -76,6 +77,9 @@ def _routes():
         yield "GET", f"{prefix}/v1/responses/{{response}}", stored_response_handler, Access.CLIENT
         yield "DELETE", f"{prefix}/v1/responses/{{response}}", stored_response_handler, Access.CLIENT
         yield "GET", f"{prefix}/v1/models", models_handler, Access.CLIENT
+        yield "GET", f"{prefix}/v1/models/{{model:.+}}", model_handler, Access.CLIENT
+        for method, path in FORWARDED:
+            yield method, prefix + path, forward_handler(path), Access.CLIENT
     yield "POST", "/v1/episodes", episodes.create_episode, Access.CLIENT
     yield "GET", "/v1/episodes/{episode}", episodes.get_episode, Access.CLIENT
     yield "POST", "/v1/episodes/{episode}/feedback", episodes.post_feedback, Access.CLIENT

@@ -25,7 +25,7 @@ _NAME = re.compile(r"[\x20-\x7e]{1,256}")
 @dataclass(frozen=True)
 class Attribution:
     agent: str
-    episode_id: str
+    episode_id: str | None  # None only when asked not to open a fresh episode (pass-through calls)
     task_id: str | None
 
 
@@ -40,8 +40,10 @@ def attribute(
     headers: Mapping[str, str],
     body: dict,
     default_agent: str,
+    fresh_episode: bool = True,
 ) -> Attribution:
-    """Resolve attribution; pops Flywheel's keys from `body["metadata"]` (drops it if emptied)."""
+    """Resolve attribution; pops Flywheel's keys from `body["metadata"]` (drops it if emptied).
+    A call that names no episode gets a fresh one, unless `fresh_episode` is false."""
     meta = body.get("metadata")
     from_body: dict = {}
     if isinstance(meta, dict):
@@ -57,7 +59,7 @@ def attribute(
 
     return Attribution(
         agent=pick("agent") or default_agent,
-        episode_id=pick("episode") or new_id("ep"),
+        episode_id=pick("episode") or (new_id("ep") if fresh_episode else None),
         task_id=pick("task"),
     )
 

@@ -66,6 +66,17 @@ SPEC = {
             method: _operation("refused: Flywheel keeps no responses (400)", 400, _ERROR, params=("response",))
             for method in ("get", "delete")},
         "/v1/models": {"get": _operation("the upstream's models", 200, _OBJECT)},
+        "/v1/models/{model}": {"get": _operation("one of the upstream's models", 200, _OBJECT, params=("model",))},
+        "/v1/embeddings": {"post": _operation("embeddings, forwarded and logged (passthrough)", 200, _OBJECT, {
+            "type": "object", "required": ["model", "input"], "properties": {
+                "model": {"type": "string"}, "input": {"oneOf": [
+                    {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}})},
+        "/tokenize": {"post": _operation("vLLM's tokenizer, forwarded and logged (passthrough)", 200, _OBJECT, {
+            "type": "object", "required": ["model"], "properties": {
+                "model": {"type": "string"}, "prompt": {"type": "string"}, "messages": {"type": "array"}}})},
+        "/detokenize": {"post": _operation("vLLM's detokenizer, forwarded and logged (passthrough)", 200, _OBJECT, {
+            "type": "object", "required": ["model", "tokens"], "properties": {
+                "model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer"}}}})},
         "/v1/episodes": {"post": _operation("open an episode", 201, _OBJECT, {
             "type": "object", "properties": {"agent": _NAME, "task": _NAME, "metadata": _OBJECT}})},
         "/v1/episodes/{episode}": {"get": _operation("an episode with its calls and feedback", 200, _OBJECT,

@@ -26,6 +26,7 @@ from flywheel.store.records import (
     EpisodesPushed,
     Feedback,
     FeedbackResult,
+    PassthroughRecord,
     StoreOp,
     StoreUnavailable,
     TrainRun,
@@ -33,7 +34,8 @@ from flywheel.store.records import (
     UnknownEpisode,
 )
 from flywheel.store.sandbox import read, read_only_json, read_only_query, read_raw
-from flywheel.store.schema import ADAPTERS, CALLS, EPISODES, IS_EVAL_EPISODE, META, SCHEMA_VERSION, TABLES, TRAIN_RUNS, Table
+from flywheel.store.schema import (ADAPTERS, CALLS, EPISODES, IS_EVAL_EPISODE, META, PASSTHROUGH, SCHEMA_VERSION,
+                                   TABLES, TRAIN_RUNS, Table)
 
 log = logging.getLogger("flywheel.store")
 
@@ -143,8 +145,8 @@ class Store:
                 self.con.execute("UPDATE episodes SET pushed_at = ? WHERE episode_id IN (SELECT unnest(?))",
                                  [op.pushed_at, list(op.episode_ids)])
                 results.append(None)
-            elif isinstance(op, TrainRun):
-                self._insert_rows(TRAIN_RUNS, [asdict(op)])
+            elif isinstance(op, (TrainRun, PassthroughRecord)):
+                self._insert_rows(TRAIN_RUNS if isinstance(op, TrainRun) else PASSTHROUGH, [asdict(op)])
                 results.append(None)
             elif isinstance(op, AdapterRow):
                 self._insert_rows(ADAPTERS, [asdict(op)],

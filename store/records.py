@@ -54,6 +54,23 @@ class CallRecord:
 
 
 @dataclass(frozen=True)
+class PassthroughRecord:
+    """One call forwarded as it is (embeddings, tokenize, ...): logged, never trained on."""
+
+    call_id: str
+    agent: str
+    episode_id: str | None
+    created_at: datetime
+    method: str
+    path: str
+    status: int
+    latency_ms: float
+    request_bytes: int
+    response_bytes: int
+    error: str | None
+
+
+@dataclass(frozen=True)
 class Feedback:
     """An outcome for an episode, or for one of its calls when `call_id` is set."""
 
@@ -167,4 +184,5 @@ def approx_bytes(op: object) -> int:
     return size
 
 
-StoreOp = EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined | TrainRun
+StoreOp = (EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined
+           | TrainRun | PassthroughRecord)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,23 @@ ADAPTERS = Table(
     ),
 )
 
+PASSTHROUGH = Table(
+    "passthrough",
+    (
+        Column("call_id", "VARCHAR", "id returned in X-Flywheel-Call", primary_key=True),
+        Column("agent", "VARCHAR", "agent that made the call"),
+        Column("episode_id", "VARCHAR", "episode the client named (NULL: none; no episode is opened)"),
+        Column("created_at", "TIMESTAMPTZ", "when the proxy received the request"),
+        Column("method", "VARCHAR", "GET | POST"),
+        Column("path", "VARCHAR", "upstream route: /v1/embeddings, /tokenize, /detokenize, /v1/models/{id}"),
+        Column("status", "INTEGER", "HTTP status returned to the client"),
+        Column("latency_ms", "DOUBLE", "request received to response sent"),
+        Column("request_bytes", "BIGINT", "size of the request body"),
+        Column("response_bytes", "BIGINT", "size of the response body"),
+        Column("error", "VARCHAR", "upstream or proxy error message"),
+    ),
+)
+
 TRAIN_RUNS = Table(
     "train_runs",
     (
@@ -191,7 +208,7 @@ META = Table(
     ),
 )
 
-TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS)
+TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS, PASSTHROUGH)
 
 # SQL true for an evaluation episode (alias `e`): metadata {"eval": true}. The proxy never
 # pushes these to the learner; `flywheel report` scores versions on them.

@@ -217,6 +217,42 @@ async def _models(request: web.Request) -> web.Response:
         for name, root in [("fake-model", "fake-model"), *request.app[LORAS].items()]]})
 
 
+def _validated(handler):
+    """As vLLM: a body it cannot use is a 400, never a 500."""
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except (ValueError, TypeError, KeyError, AttributeError) as bad:
+            return web.json_response({"error": {"message": f"invalid request: {bad}", "code": 400}}, status=400)
+
+    return handle
+
+
+@_validated
+async def _embeddings(request: web.Request) -> web.Response:
+    body = await request.json()
+    texts = [body["input"]] if isinstance(body.get("input"), str) else list(body["input"])
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("'input' must be a string or a list of strings")
+    return web.json_response({"object": "list", "model": body.get("model"), "data": [
+        {"object": "embedding", "index": i, "embedding": [float(len(t)), 0.5]} for i, t in enumerate(texts)],
+        "usage": {"prompt_tokens": sum(len(t.split()) for t in texts), "total_tokens": 0}})
+
+
+@_validated
+async def _tokenize(request: web.Request) -> web.Response:
+    body = await request.json()
+    if not isinstance(body.get("prompt"), str):
+        return web.json_response({"error": {"message": "'prompt' must be a string", "code": 400}}, status=400)
+    tokens = list(range(1, len(body["prompt"].split()) + 1))
+    return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": 2048})
+
+
+@_validated
+async def _detokenize(request: web.Request) -> web.Response:
+    return web.json_response({"prompt": " ".join(f"w{t}" for t in (await request.json())["tokens"])})
+
+
 def make_app(delay_s: float = 0.0) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[RECEIVED] = []
@@ -231,6 +267,9 @@ def make_app(delay_s: float = 0.0) -> web.Application:
     app.router.add_post("/v1/chat/completions", _handler(chat=True))
     app.router.add_post("/v1/completions", _handler(chat=False))
     app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/embeddings", _embeddings)
+    app.router.add_post("/tokenize", _tokenize)
+    app.router.add_post("/detokenize", _detokenize)
     return app
 
 

@@ -1,4 +1,4 @@
-"""`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/models`: forwarding LLM calls
+"""`/v1/chat/completions`, `/v1/completions`, `/v1/responses`: forwarding LLM calls
 to the upstream, streaming or not, and recording each one. A Responses call goes upstream as a
 chat completion (`flywheel.proxy.responses`), so it is captured and recorded like one."""
 
@@ -288,8 +288,3 @@ async def stored_response_handler(request: web.Request) -> web.Response:
     """`GET`/`DELETE /v1/responses/{id}`: Flywheel keeps no responses to hand back."""
     raise ApiError(400, "Flywheel does not keep responses for retrieval ('store' is ignored); every call is in "
                         "the store: SELECT response FROM calls WHERE endpoint = 'responses'", "unsupported_field")
-
-
-async def models_handler(request: web.Request) -> web.Response:
-    status, body, content_type = await request.app[STATE].admin.get("models")
-    return web.Response(status=status, body=body, content_type=content_type)
