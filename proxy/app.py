@@ -13,7 +13,7 @@ import dataclasses
 import gc
 import logging
 import resource
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 from aiohttp import web
@@ -37,6 +37,9 @@ from flywheel.proxy.upstream import UpstreamPool
 from flywheel.store.db import Store, StoreLimits
 from flywheel.store.writer import BatchWriter
 
+if TYPE_CHECKING:
+    from flywheel.proxy.tracing import CallTracer
+
 log = logging.getLogger("flywheel.proxy")
 
 CONFIG = web.AppKey("flywheel_config", ProxyConfig)
@@ -45,6 +48,7 @@ UPSTREAM = web.AppKey("flywheel_upstream", UpstreamPool)
 ADMIN = web.AppKey("flywheel_admin", UpstreamAdmin)
 REGISTRY = web.AppKey("flywheel_registry", Registry)
 FEED = web.AppKey("flywheel_feed", Feed)
+TRACER: web.AppKey["CallTracer"] = web.AppKey("flywheel_tracer")
 
 # Attribution by base_url: every OpenAI route is also served under these prefixes.
 _PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
@@ -54,6 +58,12 @@ def build_app(config: ProxyConfig) -> web.Application:
     """The proxy for `config`; raises ValueError for settings it cannot serve with
     (InsecureConfig for keys or a bind address that would expose the store)."""
     check_bind(config)
+    if config.otel_endpoint:
+        try:
+            import flywheel.proxy.tracing  # noqa: F401
+        except ImportError as missing:
+            raise ValueError(f"otel_endpoint is set but OpenTelemetry is not installed ({missing}): "
+                             "pip install 'flywheel-rl[otel]'") from None
     config = dataclasses.replace(config, sampling_defaults=checked_defaults(config.sampling_defaults))
     metrics = Metrics()
     app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware, guard_middleware(config)],
@@ -64,7 +74,7 @@ def build_app(config: ProxyConfig) -> web.Application:
     for method, path, handler, needs in _routes():
         access[app.router.add_route(method, path, handler)] = needs
     app[ROUTE_ACCESS] = access
-    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _feed, _state])
+    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _feed, _tracer, _state])
     return app
 
 
@@ -156,11 +166,25 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
     await channel.close()
 
 
+async def _tracer(app: web.Application) -> AsyncIterator[None]:
+    """OpenTelemetry spans, when an OTLP endpoint is configured; what is buffered is exported at shutdown."""
+    config = app[CONFIG]
+    if not config.otel_endpoint:
+        yield
+        return
+    from flywheel.proxy.tracing import CallTracer
+
+    app[TRACER] = tracer = CallTracer.otlp(config.otel_endpoint, config.otel_content)
+    yield
+    await asyncio.to_thread(tracer.shutdown)
+
+
 async def _state(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     app[METRICS].watch(app[WRITER], app.get(FEED))
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM], admin=app[ADMIN],
-                            registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS])
+                            registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
+                            tracer=app.get(TRACER))
     log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
     if not (config.api_keys or config.admin_keys):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,

@@ -96,3 +96,8 @@ class ProxyConfig:
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     # largest episode message the feed sends (and the learner accepts), bytes; a larger one is quarantined
     max_message_bytes: int = 64 * 1024 * 1024
+    # OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces) for one GenAI span per LLM call;
+    # "" = no spans (needs the `otel` extra: pip install 'flywheel-rl[otel]')
+    otel_endpoint: str = ""
+    # put prompts and completions into the spans (gen_ai.input.messages / gen_ai.output.messages)
+    otel_content: bool = False

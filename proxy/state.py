@@ -8,6 +8,7 @@ order), then `ProxyState` is assembled from them, every field given: handlers re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -20,6 +21,9 @@ from flywheel.proxy.registry import Registry
 from flywheel.proxy.upstream import UpstreamPool
 from flywheel.store.writer import BatchWriter
 
+if TYPE_CHECKING:  # the `otel` extra: imported only when spans are on
+    from flywheel.proxy.tracing import CallTracer
+
 
 @dataclass(frozen=True)
 class ProxyState:
@@ -30,6 +34,7 @@ class ProxyState:
     registry: Registry  # which adapter version serves each agent
     feed: Feed | None  # episodes to the learner; None when no learner is configured
     metrics: Metrics  # what /metrics reports
+    tracer: "CallTracer | None"  # one OpenTelemetry span per LLM call; None unless otel_endpoint is set
 
     def require_writable_store(self) -> None:
         """A 503 at once while the store cannot write, for requests acknowledged only once committed

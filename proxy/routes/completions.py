@@ -8,6 +8,7 @@ import asyncio
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -40,6 +41,7 @@ class _Call:
     capture: Capture  # of the upstream's answer: its endpoint is the one called upstream
     sampling: Sampling
     events: ResponseEvents | None  # a Responses call: what turns the chat answer into the client's format
+    trace_parent: Any  # the caller's trace context, when spans are on
     ttft_ms: float | None = None
     capture_error: str | None = None  # an error event the upstream sent inside the stream
     recorded: bool = False
@@ -85,6 +87,8 @@ class _Call:
         await self.state.writer.put(record)  # if this wait is cancelled (the client left), the 499 is recorded
         self.recorded = True
         self._count(status)
+        if self.state.tracer is not None:
+            self.state.tracer.emit(record, self.trace_parent)
 
 
     def _count(self, status: int) -> None:
@@ -119,6 +123,7 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
         started=started, request_json=request_json, model=body.get("model"),
         stream=bool(body.get("stream")), capture=Capture(upstream_endpoint),
         sampling=resolve(forward, state.config.sampling_defaults), events=events,
+        trace_parent=state.tracer.parent(request.headers) if state.tracer is not None else None,
     )
     headers = {"Content-Type": "application/json"}
     if state.config.upstream_api_key:  # never the client's own key: that is Flywheel's to check
