@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from flywheel.client import DEFAULT_URL, ProxyError, proxy_request, readiness
+from flywheel.export import FORMATS, ExportError
 from flywheel.proxy.auth import InsecureConfig
 from flywheel.settings import ConfigError, load_config
 from flywheel.sql import StoreBusy
@@ -43,6 +44,18 @@ def _report(args: argparse.Namespace) -> int:
 
     source = args.db or args.url or DEFAULT_URL
     print(f"report written: {write_report(fetcher(args.url, args.db), Path(args.out), source)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flywheel.export import Selection, parse_since, run_export
+    from flywheel.learner.credit import CreditConfig
+
+    credit = load_config(CreditConfig, "learner.credit", args.config, {})
+    selection = Selection(since=parse_since(args.since) if args.since else None, agent=args.agent,
+                          include_eval=args.include_eval)
+    done = run_export(args.out, args.format, args.url, args.db, selection, credit)
+    print(f"exported {done.calls} calls of {done.episodes} episodes: {done.files[0]}, {done.files[1]}")
     return 0
 
 
@@ -137,6 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--out", default="flywheel-report", help="directory (default ./flywheel-report)")
     report.set_defaults(run=_report)
 
+    export = sub.add_parser("export", help="one row per LLM call (TRL prompt/completion, token ids, logprobs, "
+                                           "reward, credit) and one per episode, as Parquet or JSON Lines")
+    export.add_argument("--out", required=True, help="directory for calls.<format> and episodes.<format>")
+    export.add_argument("--format", choices=FORMATS, default="parquet")
+    where = export.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running proxy (default http://127.0.0.1:8400)")
+    where.add_argument("--db", help="a DuckDB file no process holds")
+    export.add_argument("--since", help="only calls made at or after this ISO 8601 time (UTC if no offset)")
+    export.add_argument("--agent", help="only calls of agents whose whole name matches this regex")
+    export.add_argument("--include-eval", dest="include_eval", action="store_true",
+                        help="include evaluation episodes (metadata eval = true)")
+    export.add_argument("--config", help="TOML settings file for [learner.credit] (default ./flywheel.toml if present)")
+    export.set_defaults(run=_export)
+
     stack = sub.add_parser("up", help="start vLLM (LoRA enabled) and the proxy in front of it; Ctrl-C stops all")
     stack.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
     stack.add_argument("--served-name", dest="served_name", help="name the base model is served under")
@@ -193,4 +220,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # What a command can fail on because of what it was asked (a setting, a query, a file, a URL).
-_USER_ERRORS = (ConfigError, InsecureConfig, ProxyError, StoreBusy, QueryError, ReadOnlyViolation)
+_USER_ERRORS = (ConfigError, InsecureConfig, ProxyError, StoreBusy, QueryError, ReadOnlyViolation,
+                ExportError)

@@ -13,43 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from flywheel.store.schema import IS_EVAL_EPISODE
+from flywheel.store.summaries import AGENTS, HELDOUT_BY_VERSION, TRAIN_BY_VERSION, TRAIN_RUNS
 
 Fetch = Callable[[str], dict]  # a query -> {"columns", "rows"}
-
-
-# Reward per combination of serving versions, for evaluation or for training traffic.
-_REWARD_BY_VERSION = f"""
-WITH per_episode AS (
-  SELECT e.episode_id, e.reward, min(c.created_at) AS started,
-         string_agg(DISTINCT c.adapter, ' + ' ORDER BY c.adapter) AS served_by
-  FROM episodes e JOIN calls c USING (episode_id)
-  WHERE e.reward IS NOT NULL AND {IS_EVAL_EPISODE} = {{evaluation}}
-  GROUP BY e.episode_id, e.reward)
-SELECT served_by, count(*) AS episodes, round(avg(reward), 3) AS mean_reward,
-       round(1.96 * coalesce(stddev_samp(reward), 0) / sqrt(count(*)), 3) AS ci95,
-       strftime(min(started), '%H:%M:%S') AS first_call
-FROM per_episode GROUP BY served_by ORDER BY min(started)
-"""
-HELDOUT_BY_VERSION = _REWARD_BY_VERSION.format(evaluation="true")
-TRAIN_BY_VERSION = _REWARD_BY_VERSION.format(evaluation="false")
-
-TRAIN_RUNS = """
-SELECT strftime(created_at, '%H:%M:%S') AS published, served_name, episodes, transitions, tokens,
-       round(reward_mean, 3) AS reward_mean, round(loss, 4) AS loss, round(kl, 4) AS kl,
-       round(clip_fraction, 4) AS clip_fraction, round(entropy, 3) AS entropy, round(grad_norm, 3) AS grad_norm,
-       round(tokens_per_s) AS tokens_per_s, round(seconds, 1) AS seconds
-FROM train_runs ORDER BY created_at, agent
-"""
-
-AGENTS = """
-SELECT agent, count(*) AS calls, count(DISTINCT episode_id) AS episodes,
-       count(*) FILTER (WHERE status <> 200) AS errors,
-       sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
-       round(quantile_cont(latency_ms, 0.5)) AS p50_ms, round(quantile_cont(latency_ms, 0.95)) AS p95_ms,
-       string_agg(DISTINCT adapter, ', ' ORDER BY adapter) AS served_by
-FROM calls GROUP BY agent ORDER BY agent
-"""
 
 
 def markdown_table(result: dict) -> str:

@@ -32,16 +32,22 @@ class ConfigError(ValueError):
 
 
 def load_config(cls: type[C], section: str, config_path: str | None, flags: Mapping[str, Any]) -> C:
-    """`cls` from [section] of the TOML file (default ./flywheel.toml if present), env vars and non-None flags."""
+    """`cls` from [section] of the TOML file (default ./flywheel.toml if present), env vars and non-None flags.
+
+    `section` may name a sub-table by its dotted path: `flywheel export` reads `learner.credit`
+    alone, since LearnerConfig imports the trainer (torch), which a plain install lacks."""
     path = Path(config_path or "flywheel.toml")
-    values: dict[str, Any] = {}
+    values: Any = {}
     if config_path or path.exists():
         try:
             with path.open("rb") as f:
-                values = tomllib.load(f).get(section, {})
+                values = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as bad:
             raise ConfigError(f"{path}: {bad}") from None
-    _apply_env(cls, values, f"FLYWHEEL_{section.upper()}")
+        for name in section.split("."):
+            values = values.get(name, {}) if isinstance(values, dict) else values
+    if isinstance(values, dict):
+        _apply_env(cls, values, f"FLYWHEEL_{section.upper().replace('.', '_')}")
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         if flags.get(field.name) is not None:
             values[field.name] = flags[field.name]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import duckdb
 
@@ -19,16 +20,24 @@ class StoreBusy(RuntimeError):
     """The store file cannot be opened read-only (another process holds it, or it is not there)."""
 
 
-def fetch_from_file(query: str, db: str, max_rows: int = 1_000_000) -> dict:
-    """One read-only query on a store file; raises StoreBusy, or the store's QueryError/ReadOnlyViolation."""
+@contextmanager
+def file_fetcher(db: str, max_rows: int = 1_000_000) -> Iterator[Callable[[str], dict]]:
+    """query -> result on a store file opened read-only once for the whole block; raises StoreBusy,
+    and each query the store's QueryError/ReadOnlyViolation."""
     try:
         store = Store(db, read_only=True)
     except duckdb.Error as busy:  # IOException when another process holds the file
         raise StoreBusy(f"cannot open {db}: {busy}; if a proxy holds it, use --url") from None
     try:
-        return store.query(query, max_rows, timeout_s=600)
+        yield lambda query: store.query(query, max_rows, timeout_s=600)
     finally:
         store.close()
+
+
+def fetch_from_file(query: str, db: str, max_rows: int = 1_000_000) -> dict:
+    """One read-only query on a store file; raises StoreBusy, or the store's QueryError/ReadOnlyViolation."""
+    with file_fetcher(db, max_rows) as fetch:
+        return fetch(query)
 
 
 def render(result: dict, fmt: str, out=sys.stdout) -> None:
@@ -65,6 +74,16 @@ def fetcher(url: str | None, db: str | None) -> Callable[[str], dict]:
     if db:
         return lambda query: fetch_from_file(query, db)
     return lambda query: fetch_via_proxy(query, url or DEFAULT_URL)
+
+
+@contextmanager
+def open_fetcher(url: str | None, db: str | None) -> Iterator[Callable[[str], dict]]:
+    """As `fetcher`, for many queries in a row: the file `db` stays open until the block ends."""
+    if db:
+        with file_fetcher(db) as fetch:
+            yield fetch
+    else:
+        yield fetcher(url, None)
 
 
 def run_sql(query: str, url: str | None, db: str | None, fmt: str) -> int:

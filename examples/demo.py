@@ -31,7 +31,8 @@ from examples import arithmetic, calendar_task
 from examples.agents import Workflow
 from examples.arithmetic import Task
 from examples.run import attempt
-from flywheel.report import HELDOUT_BY_VERSION, write_report
+from flywheel.report import write_report
+from flywheel.store.summaries import HELDOUT_BY_VERSION
 from flywheel.client import ProxyError, fetch_via_proxy, proxy_request
 from flywheel.sql import render
 
@@ -66,7 +67,7 @@ def flywheel_up(args: argparse.Namespace, log_path: Path, timeout_s: float = 900
                 if time.monotonic() - started > timeout_s:
                     raise SystemExit(f"flywheel up not ready after {timeout_s:.0f} s; see {log_path}")
                 time.sleep(1)
-        print(f"up after {time.monotonic() - started:.0f} s", flush=True)
+        print(f"up after {time.monotonic() - started:.0f} s; watch it learn at {url}/ui", flush=True)
         yield url
     finally:
         proc.send_signal(signal.SIGINT)

@@ -4,11 +4,15 @@
     state.py        ProxyState: what handlers share, complete when the app serves
     config.py       [proxy] settings, each field documented
     auth.py         keys per route, JSON-only POSTs, Host on loopback, request limits
-    routes/         one module per group of routes: completions, episodes, sql, adapters, learner
+    routes/         one module per group of routes: completions (and responses), passthrough,
+                    episodes, sql, adapters, learner, ui (the live page and its data)
+    ui/             the live page's static files (HTML, JS, CSS)
     attribution.py  which agent, episode and task a call belongs to
     capture.py      what is asked of the upstream, recorded, and handed back (pure)
+    responses.py    the Responses API over chat completions: requests, objects, SSE events (pure)
+    tracing.py      OpenTelemetry GenAI spans per call (the `otel` extra)
     upstream.py     the hot-path HTTP/1.1 client to the upstream
-    admin.py        the upstream's other calls (adapter loading, /v1/models)
+    admin.py        the upstream's other calls (adapter loading, /v1/models, pass-through)
     registry.py     which adapter version serves each agent; hot-swapping in vLLM
     feed.py         finished episodes to the learner over gRPC
     errors.py       OpenAI-shaped errors

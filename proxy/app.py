@@ -28,7 +28,7 @@ from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_mi
 from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
-from flywheel.proxy.routes import adapters, episodes, learner, sql
+from flywheel.proxy.routes import adapters, episodes, learner, sql, ui
 from flywheel.proxy.routes.completions import completion_handler, stored_response_handler
 from flywheel.proxy.routes.passthrough import FORWARDED, forward_handler, model_handler, models_handler
 from flywheel.proxy.sampling import checked_defaults
@@ -101,6 +101,9 @@ def _routes():
     yield "POST", "/v1/learner/train", learner.train, Access.ADMIN
     yield "GET", "/v1/learner/status", learner.status, Access.ADMIN
     yield "GET", "/metrics", metrics_handler, Access.ADMIN
+    yield "GET", "/v1/dashboard", ui.dashboard, Access.ADMIN
+    yield "GET", "/ui", ui.page, Access.PUBLIC
+    yield "GET", "/ui/{file}", ui.page, Access.PUBLIC
     yield "GET", "/healthz", _health, Access.PUBLIC
     yield "GET", "/readyz", _ready, Access.PUBLIC
     yield "GET", "/openapi.json", openapi_handler, Access.PUBLIC

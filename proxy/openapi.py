@@ -104,6 +104,14 @@ SPEC = {
         "/v1/learner/train": {"post": _operation("an update now (NDJSON events)", 200, _OBJECT, {
             "type": "object", "properties": {"wait": {"type": "boolean"}}}, admin=True)},
         "/v1/learner/status": {"get": _operation("the learner's buffer and the feed", 200, _OBJECT, admin=True)},
+        "/v1/dashboard": {"get": _operation("the live page's data: reward per version, agents, updates, episodes",
+                                            200, _OBJECT, admin=True)},
+        "/ui": {"get": {"summary": "the live page", "security": [], "responses": {"200": {
+            "description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/ui/{file}": {"get": {"summary": "the live page's script and style", "security": [], "parameters": [
+            {"name": "file", "in": "path", "required": True, "schema": _NAME}], "responses": {
+            "200": {"description": "the file", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "404": {"description": "no such file", **_json(_ERROR)}}}},
         "/healthz": {"get": _operation("alive", 200, _OBJECT, public=True)},
         "/readyz": {"get": _operation("ready: upstream, store, adapters, feed", 200, _OBJECT, public=True)},
         "/openapi.json": {"get": _operation("this description", 200, _OBJECT, public=True)},

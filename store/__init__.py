@@ -5,6 +5,7 @@
     db.py         Store: the file's one read-write connection, batched writes, read-only SQL
     writer.py     BatchWriter: the asyncio face, a queue drained in batches off the event loop
     proto_map.py  rows <-> the protobuf messages of the learner contract
+    summaries.py  SQL summaries: what `flywheel report` writes and the live page shows
 
 Imports: flywheel.protos only.
 """

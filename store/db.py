@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 import duckdb
+import orjson
 import pyarrow as pa
 
 from flywheel.store.records import (
@@ -283,6 +284,12 @@ class Store:
     def query_json(self, sql: str, max_rows: int, max_bytes: int, timeout_s: float) -> bytes:
         """The same, encoded as POST /v1/sql's JSON reply, capped at `max_bytes` of rows."""
         return read_only_json(self.con, sql, max_rows, max_bytes, timeout_s)
+
+    def summaries_json(self, queries: dict[str, str], max_rows: int, max_bytes: int, timeout_s: float) -> bytes:
+        """Several read-only queries as one JSON object: {name: `query_json`'s reply}."""
+        parts = [orjson.dumps(name) + b":" + self.query_json(sql, max_rows, max_bytes, timeout_s)
+                 for name, sql in queries.items()]
+        return b"{" + b",".join(parts) + b"}"
 
     def _dicts(self, sql: str, params: list, timeout_s: float = 60) -> list[dict[str, Any]]:
         columns, rows = read_raw(self.con, lambda cur: cur.execute(sql, params), timeout_s)

@@ -36,6 +36,7 @@ def test_the_wheel_holds_only_the_flywheel_package_and_its_metadata(wheel):
     names = set(wheel.namelist())
     for module in ("__init__.py", "__main__.py", "commands.py", "proxy/app.py", "proxy/routes/completions.py",
                    "store/schema.py", "protos/flywheel_pb2.py", "protos/flywheel.proto", "learner/trainer.py",
+                   "proxy/ui/index.html", "proxy/ui/app.js", "proxy/ui/style.css",
                    "vllm_plugin/lora_ops.py"):
         assert f"flywheel/{module}" in names, module
 

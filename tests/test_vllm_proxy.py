@@ -52,3 +52,33 @@ async def test_completions_token_ids_decode_to_the_returned_text(real_proxy, tok
     _decodes_to(tokenizer, rows[0], whole)
     _decodes_to(tokenizer, rows[1], streamed)
     assert tokenizer.decode(rows[0]["prompt_token_ids"]) == "The capital of France is"
+
+
+async def test_responses_api_calls_record_tokens_that_decode_to_the_returned_text(real_proxy, tokenizer,
+                                                                                  monkeypatch):
+    """`client.responses.create` plain and streamed, the Agents SDK's default Runner and LangChain's
+    `use_responses_api=True`, on real vLLM: each recorded call's token ids are the text it returned."""
+    import agents
+    import langchain_openai
+
+    url = f"{real_proxy.url}/agents/assistant/v1"
+    client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0)
+    texts = [(await client.responses.create(model="smollm2", input="Name three colours.",
+                                            max_output_tokens=24)).output_text]
+    stream = await client.responses.create(model="smollm2", input="Name three colours.", max_output_tokens=24,
+                                           stream=True)
+    texts.append("".join([e.delta async for e in stream if e.type == "response.output_text.delta"]))
+    monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    agents.set_default_openai_client(client, use_for_tracing=False)
+    agent = agents.Agent(name="assistant", instructions="Answer in one sentence.", model="smollm2",
+                         model_settings=agents.ModelSettings(max_tokens=256))
+    texts.append((await agents.Runner.run(agent, "Name three colours.")).final_output)
+    chat = langchain_openai.ChatOpenAI(model="smollm2", base_url=url, api_key="x", use_responses_api=True,
+                                       max_tokens=24)
+    texts.append((await asyncio.to_thread(chat.invoke, "Name three colours.")).text)
+    rows = await real_proxy.rows("SELECT * FROM calls ORDER BY created_at")
+    assert [r["endpoint"] for r in rows] == ["responses"] * 4 and [r["stream"] for r in rows] == [
+        False, True, False, False]
+    for row, text in zip(rows, texts):
+        _decodes_to(tokenizer, row, text)
+        assert "Name three colours." in tokenizer.decode(row["prompt_token_ids"])

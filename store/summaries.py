@@ -1,0 +1,68 @@
+"""Summaries of the store as SQL: what `flywheel report` writes and `/ui` shows, one copy of each.
+
+Read-only queries, run through the SQL sandbox like a user's. Evaluation episodes are those
+whose metadata has `"eval": true`; each is labelled by the adapter versions that served its
+calls. Intervals are 95% normal intervals of the mean: mean +- 1.96 * sd / sqrt(n).
+"""
+
+from __future__ import annotations
+
+from flywheel.store.schema import IS_EVAL_EPISODE
+
+# Reward per combination of serving versions, for evaluation or for training traffic.
+_REWARD_BY_VERSION = f"""
+WITH per_episode AS (
+  SELECT e.episode_id, e.reward, min(c.created_at) AS started,
+         string_agg(DISTINCT c.adapter, ' + ' ORDER BY c.adapter) AS served_by
+  FROM episodes e JOIN calls c USING (episode_id)
+  WHERE e.reward IS NOT NULL AND {IS_EVAL_EPISODE} = {{evaluation}}
+  GROUP BY e.episode_id, e.reward)
+SELECT served_by, count(*) AS episodes, round(avg(reward), 3) AS mean_reward,
+       round(1.96 * coalesce(stddev_samp(reward), 0) / sqrt(count(*)), 3) AS ci95,
+       strftime(min(started), '%H:%M:%S') AS first_call
+FROM per_episode GROUP BY served_by ORDER BY min(started)
+"""
+HELDOUT_BY_VERSION = _REWARD_BY_VERSION.format(evaluation="true")
+TRAIN_BY_VERSION = _REWARD_BY_VERSION.format(evaluation="false")
+
+TRAIN_RUNS = """
+SELECT strftime(created_at, '%H:%M:%S') AS published, served_name, episodes, transitions, tokens,
+       round(reward_mean, 3) AS reward_mean, round(loss, 4) AS loss, round(kl, 4) AS kl,
+       round(clip_fraction, 4) AS clip_fraction, round(entropy, 3) AS entropy, round(grad_norm, 3) AS grad_norm,
+       round(tokens_per_s) AS tokens_per_s, round(seconds, 1) AS seconds
+FROM train_runs ORDER BY created_at, agent
+"""
+
+AGENTS = """
+SELECT agent, count(*) AS calls, count(DISTINCT episode_id) AS episodes,
+       count(*) FILTER (WHERE status <> 200) AS errors,
+       sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
+       round(quantile_cont(latency_ms, 0.5)) AS p50_ms, round(quantile_cont(latency_ms, 0.95)) AS p95_ms,
+       string_agg(DISTINCT adapter, ', ' ORDER BY adapter) AS served_by
+FROM calls GROUP BY agent ORDER BY agent
+"""
+
+# The latest episodes, each with its calls: what was asked, what came back, and the credit
+# under the default (identical) rule: the call's own feedback if it has some, else the episode's reward.
+RECENT_EPISODES = f"""
+WITH latest AS (
+  SELECT e.episode_id, e.task_id, e.status, e.reward, e.created_at, {IS_EVAL_EPISODE} AS eval
+  FROM episodes e ORDER BY e.created_at DESC LIMIT 20),
+call_reward AS (
+  SELECT call_id, arg_max(reward, created_at) AS reward FROM feedback
+  WHERE call_id IS NOT NULL AND episode_id IN (SELECT episode_id FROM latest) GROUP BY call_id)
+SELECT l.episode_id, l.task_id, l.status, l.reward, l.eval, strftime(l.created_at, '%H:%M:%S') AS started,
+       list({{'agent': c.agent, 'adapter': c.adapter, 'status': c.status, 'latency_ms': round(c.latency_ms),
+              'prompt': coalesce(json_extract_string(c.request, '$.messages[#-1].content'),
+                                 json_extract_string(c.request, '$.input'), json_extract_string(c.request, '$.prompt')),
+              'completion': coalesce(json_extract_string(c.response, '$.choices[0].message.content'),
+                                     json_extract_string(c.response, '$.choices[0].message.tool_calls'),
+                                     json_extract_string(c.response, '$.choices[0].text')),
+              'credit': coalesce(r.reward, l.reward)}} ORDER BY c.seq) FILTER (WHERE c.call_id IS NOT NULL) AS calls
+FROM latest l LEFT JOIN calls c USING (episode_id) LEFT JOIN call_reward r USING (call_id)
+GROUP BY l.episode_id, l.task_id, l.status, l.reward, l.eval, l.created_at ORDER BY l.created_at DESC
+"""
+
+# What the live page shows, by panel.
+DASHBOARD = {"heldout": HELDOUT_BY_VERSION, "train": TRAIN_BY_VERSION, "updates": TRAIN_RUNS, "agents": AGENTS,
+             "episodes": RECENT_EPISODES}
