@@ -55,7 +55,8 @@ import pyarrow.parquet as pq
 
 from flywheel.learner.credit import CreditConfig, assign
 from flywheel.proxy.capture import CHAT, COMPLETIONS
-from flywheel.proxy.responses import RESPONSES, chat_request
+from flywheel.proxy.conversation import chat_body, completion_messages
+from flywheel.proxy.responses import RESPONSES
 from flywheel.sql import open_fetcher
 from flywheel.store.proto_map import episode_proto
 from flywheel.store.schema import CALLS, EPISODES, IS_EVAL_EPISODE, Table
@@ -219,19 +220,6 @@ def call_credits(episode: dict, calls: list[dict], feedback: list[dict], config:
     return {transition.seq: transition.reward for transition in transitions}
 
 
-def chat_body(endpoint: str, request: dict) -> dict:
-    """The request as a chat completion body (its `messages` and `tools` are what the export reads):
-    a chat request as it is, a completions `prompt` as one user message, a Responses request as
-    the proxy sent it upstream."""
-    if endpoint == RESPONSES:
-        return chat_request(request)
-    if endpoint == COMPLETIONS:
-        prompt = request.get("prompt")
-        return {**request, "messages": [{"role": "user", "content": prompt if isinstance(prompt, str)
-                                         else json.dumps(prompt)}]}
-    return request
-
-
 def _text(value: Any) -> str | None:
     """Text as it is; anything else (content parts, arguments given as an object) as its JSON text."""
     return value if value is None or isinstance(value, str) else json.dumps(value)
@@ -253,15 +241,6 @@ def message_row(message: dict) -> dict:
             "tool_calls": [tool_call_row(c) for c in message["tool_calls"]] if message.get("tool_calls") else None}
 
 
-def completion_messages(choice: dict | None) -> list[dict]:
-    """Choice 0 of the recorded response as a list of one assistant message ([] without one)."""
-    if choice is None:
-        return []
-    if "message" in choice:
-        return [choice["message"]]
-    return [{"role": "assistant", "content": choice.get("text")}]
-
-
 def call_row(call: dict, episode: dict, credit: float | None) -> dict:
     """One row of the calls file, from an exported call's row, its episode's and its credit."""
     chat = chat_body(call["endpoint"], json.loads(call["request"]))
@@ -271,7 +250,7 @@ def call_row(call: dict, episode: dict, credit: float | None) -> dict:
         "adapter": call["adapter"], "model": call["model"], "endpoint": call["endpoint"], "stream": call["stream"],
         "status": call["status"], "error": call["error"],
         "prompt": [message_row(m) for m in chat.get("messages") or ()],
-        "completion": [message_row(m) for m in completion_messages(json.loads(call["choice"] or "null"))],
+        "completion": [message_row(m) for m in completion_messages({"choices": [json.loads(call["choice"])] if call["choice"] else []})],
         "tools": json.dumps(chat["tools"]) if chat.get("tools") else None,
         "prompt_token_ids": call["prompt_token_ids"], "completion_token_ids": call["completion_token_ids"],
         "completion_logprobs": call["completion_logprobs"], "temperature": call["temperature"],

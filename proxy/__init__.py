@@ -10,6 +10,7 @@
     attribution.py  which agent, episode and task a call belongs to
     capture.py      what is asked of the upstream, recorded, and handed back (pure)
     responses.py    the Responses API over chat completions: requests, objects, SSE events (pure)
+    conversation.py a recorded call as chat messages, sent and returned (pure)
     tracing.py      OpenTelemetry GenAI spans per call (the `otel` extra)
     upstream.py     the hot-path HTTP/1.1 client to the upstream
     admin.py        the upstream's other calls (adapter loading, /v1/models, pass-through)

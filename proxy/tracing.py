@@ -23,7 +23,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from flywheel.proxy.responses import RESPONSES, chat_messages
+from flywheel.proxy.conversation import completion_messages, prompt_messages
+from flywheel.proxy.responses import RESPONSES
 from flywheel.store.records import CallRecord
 
 _OPERATIONS = {"chat.completions": "chat", RESPONSES: "chat", "completions": "text_completion"}
@@ -85,16 +86,9 @@ def _attributes(call: CallRecord, request: dict, operation: str) -> dict[str, An
 
 def _content(call: CallRecord, request: dict) -> dict[str, str]:
     """The prompt and the answer in the conventions' message shape: role plus typed parts."""
-    if call.endpoint == "completions":
-        inputs = [{"role": "user", "content": request.get("prompt")}]
-    elif call.endpoint == RESPONSES:
-        inputs = chat_messages(request)
-    else:
-        inputs = request.get("messages") or []
-    choices = (json.loads(call.response) if call.response else {}).get("choices") or ()
-    outputs = [{**(c.get("message") or {"role": "assistant", "content": c.get("text")}),
-                "finish_reason": c.get("finish_reason")} for c in choices]
-    return {"gen_ai.input.messages": json.dumps([_message(m) for m in inputs]),
+    outputs = [{**message, "finish_reason": call.finish_reason}
+               for message in completion_messages(json.loads(call.response) if call.response else None)]
+    return {"gen_ai.input.messages": json.dumps([_message(m) for m in prompt_messages(call.endpoint, request)]),
             "gen_ai.output.messages": json.dumps([_message(m) for m in outputs])}
 
 
