@@ -27,8 +27,10 @@ def _serve(args: argparse.Namespace) -> int:
     from flywheel.proxy.app import run
     from flywheel.proxy.config import ProxyConfig
 
+    from flywheel.proxy.grader import GraderConfig
+
     config = load_config(ProxyConfig, "proxy", args.config, vars(args))
-    run(config)
+    run(config, load_config(GraderConfig, "grader", args.config, {}))
     return 0
 
 
@@ -79,6 +81,15 @@ def _learner(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grade(args: argparse.Namespace) -> int:
+    """Re-grade stored episodes through the proxy's grader; exits 1 if any could not be graded."""
+    body = {"since": args.since, "grader_version": args.grader_version}
+    with proxy_request(args.url, "/v1/grader/regrade", body, timeout_s=24 * 3600) as response:
+        counts = json.load(response)
+    print(json.dumps(counts, indent=1))
+    return 1 if counts["failed"] else 0
+
+
 def _train(args: argparse.Namespace) -> int:
     failed = False
     with proxy_request(args.url, "/v1/learner/train", {"wait": args.wait}, timeout_s=3600) as response:
@@ -101,15 +112,20 @@ def _describe(event: dict) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    """The proxy's readiness (upstream, store writes, adapters, feed), then the learner's state;
-    exits 1 when something is not ready."""
+    """The proxy's readiness (upstream, store writes, adapters, feed), the learner's state and the
+    grader's (episodes it gave up on); exits 1 when something is not ready."""
     ready = readiness(args.url)
     try:
         with proxy_request(args.url, "/v1/learner/status") as response:
             learner = json.load(response)
     except ProxyError as no_learner:
         learner = {"error": str(no_learner)}
-    print(json.dumps({"proxy": ready, "learner": learner}, indent=1))
+    try:
+        with proxy_request(args.url, "/v1/grader") as response:
+            grader = json.load(response)
+    except ProxyError as no_grader:
+        grader = {"error": str(no_grader)}
+    print(json.dumps({"proxy": ready, "learner": learner, "grader": grader}, indent=1))
     return 0 if ready["ready"] else 1
 
 
@@ -196,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--json", action="store_true", help="print events as JSON")
     train.add_argument("--url", default=DEFAULT_URL, help="the proxy")
     train.set_defaults(run=_train)
+
+    grade = sub.add_parser("grade", help="re-grade stored episodes with the [grader] service")
+    grade.add_argument("--since", help="only episodes created at or after this ISO 8601 time (with an offset)")
+    grade.add_argument("--grader-version", dest="grader_version",
+                       help="the version to score under (default: [grader] version); one not seen yet re-grades all")
+    grade.add_argument("--url", default=DEFAULT_URL, help="the proxy")
+    grade.set_defaults(run=_grade)
 
     status = sub.add_parser("status", help="readiness (upstream, store, adapters, feed) and the learner's buffer")
     status.add_argument("--url", default=DEFAULT_URL, help="the proxy")

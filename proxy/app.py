@@ -24,11 +24,12 @@ from flywheel.proxy.capture import CHAT, COMPLETIONS
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.errors import ApiError, error_middleware
 from flywheel.proxy.feed import Feed, channel_options
+from flywheel.proxy.grader import Grader, GraderConfig
 from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
-from flywheel.proxy.routes import adapters, episodes, learner, sql, ui
+from flywheel.proxy.routes import adapters, episodes, grading, learner, sql, ui
 from flywheel.proxy.routes.completions import completion_handler, stored_response_handler
 from flywheel.proxy.routes.passthrough import FORWARDED, forward_handler, model_handler, models_handler
 from flywheel.proxy.sampling import checked_defaults
@@ -48,16 +49,20 @@ UPSTREAM = web.AppKey("flywheel_upstream", UpstreamPool)
 ADMIN = web.AppKey("flywheel_admin", UpstreamAdmin)
 REGISTRY = web.AppKey("flywheel_registry", Registry)
 FEED = web.AppKey("flywheel_feed", Feed)
+GRADER_CONFIG = web.AppKey("flywheel_grader_config", GraderConfig)
+GRADER = web.AppKey("flywheel_grader", Grader)
 TRACER: web.AppKey["CallTracer"] = web.AppKey("flywheel_tracer")
 
 # Attribution by base_url: every OpenAI route is also served under these prefixes.
 _PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
 
 
-def build_app(config: ProxyConfig) -> web.Application:
-    """The proxy for `config`; raises ValueError for settings it cannot serve with
-    (InsecureConfig for keys or a bind address that would expose the store)."""
+def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web.Application:
+    """The proxy for `config` (and `[grader]`); raises ValueError for settings it cannot serve
+    with (InsecureConfig for keys or a bind address that would expose the store)."""
     check_bind(config)
+    if grader.kind == "endpoint" and not grader.url:
+        raise ValueError("[grader] kind = \"endpoint\" needs a url")
     if config.otel_endpoint:
         try:
             import flywheel.proxy.tracing  # noqa: F401
@@ -69,12 +74,13 @@ def build_app(config: ProxyConfig) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware, guard_middleware(config)],
                           client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[GRADER_CONFIG] = grader
     app[METRICS] = metrics
     access: dict = {}
     for method, path, handler, needs in _routes():
         access[app.router.add_route(method, path, handler)] = needs
     app[ROUTE_ACCESS] = access
-    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _feed, _tracer, _state])
+    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _feed, _grader, _tracer, _state])
     return app
 
 
@@ -100,6 +106,8 @@ def _routes():
     yield "POST", "/v1/adapters/{agent}/rollback", adapters.rollback_adapter, Access.ADMIN
     yield "POST", "/v1/learner/train", learner.train, Access.ADMIN
     yield "GET", "/v1/learner/status", learner.status, Access.ADMIN
+    yield "GET", "/v1/grader", grading.status, Access.ADMIN
+    yield "POST", "/v1/grader/regrade", grading.regrade, Access.ADMIN
     yield "GET", "/metrics", metrics_handler, Access.ADMIN
     yield "GET", "/v1/dashboard", ui.dashboard, Access.ADMIN
     yield "GET", "/ui", ui.page, Access.PUBLIC
@@ -160,13 +168,29 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     channel = grpc.aio.insecure_channel(config.learner, options=channel_options(config.max_message_bytes))
+    grader = app[GRADER_CONFIG]
+    # grading every episode: the learner waits for the grade, or it would learn from the feedback alone
+    await_grade = (grader.source, grader.version) if grader.kind == "endpoint" and grader.apply_to == "all" else None
     feed = Feed(app[WRITER], channel, config.learner, config.push_after_s, config.push_batch, config.push_interval_s,
-                config.max_message_bytes, config.learner_token)
+                config.max_message_bytes, config.learner_token, await_grade)
     app[FEED] = feed
     feeding = asyncio.get_running_loop().create_task(feed.run())
     yield
     await _cancel(feeding)
     await channel.close()
+
+
+async def _grader(app: web.Application) -> AsyncIterator[None]:
+    """The grading service's client, grading closed episodes in the background, when one is configured."""
+    config = app[GRADER_CONFIG]
+    if config.kind == "feedback":
+        yield
+        return
+    app[GRADER] = grader = Grader(config, app[WRITER])
+    grading = asyncio.get_running_loop().create_task(grader.run())
+    yield
+    await _cancel(grading)
+    await grader.close()
 
 
 async def _tracer(app: web.Application) -> AsyncIterator[None]:
@@ -187,7 +211,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[METRICS].watch(app[WRITER], app.get(FEED))
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM], admin=app[ADMIN],
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
-                            tracer=app.get(TRACER))
+                            tracer=app.get(TRACER), grader=app.get(GRADER))
     log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
     if not (config.api_keys or config.admin_keys):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,
@@ -234,9 +258,9 @@ async def _ready(request: web.Request) -> web.Response:
     return web.json_response({"ready": ready, "degraded": degraded, "checks": checks}, status=200 if ready else 503)
 
 
-def run(config: ProxyConfig) -> None:
+def run(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> None:
     _raise_file_limit()
-    app = build_app(config)
+    app = build_app(config, grader)
     app.on_startup.append(_tune_gc)  # after the resources open: their objects are long-lived too
     if config.memory_headroom_mb:
         app.on_startup.append(lambda _: _cap_address_space(config.memory_headroom_mb))

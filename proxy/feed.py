@@ -43,8 +43,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 class Feed:
     def __init__(self, writer: BatchWriter, channel: grpc.aio.Channel, target: str, push_after_s: float,
-                 batch: int, interval_s: float, max_message_bytes: int, token: str = ""):
+                 batch: int, interval_s: float, max_message_bytes: int, token: str = "",
+                 await_grade: tuple[str, str] | None = None):
         self.writer = writer
+        self.await_grade = await_grade  # (grader source, version): push only what it scored or gave up on
         # the learner's TokenCheck: every call carries the shared token
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = pb_grpc.LearnerStub(channel)
@@ -79,7 +81,8 @@ class Feed:
 
     async def push_once(self) -> int:
         """One round: up to `batch` ready episodes; returns how many were handled (pushed or quarantined)."""
-        rows = await self.writer.read(self.writer.store.episodes_to_push, self.batch, self.push_after_s)
+        rows = await self.writer.read(self.writer.store.episodes_to_push, self.batch, self.push_after_s,
+                                      self.await_grade)
         if not rows:
             self.last_success = time.time()
             return 0

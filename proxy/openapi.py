@@ -104,6 +104,11 @@ SPEC = {
         "/v1/learner/train": {"post": _operation("an update now (NDJSON events)", 200, _OBJECT, {
             "type": "object", "properties": {"wait": {"type": "boolean"}}}, admin=True)},
         "/v1/learner/status": {"get": _operation("the learner's buffer and the feed", 200, _OBJECT, admin=True)},
+        "/v1/grader": {"get": _operation("the grading service: counts and episodes it gave up on", 200, _OBJECT,
+                                         admin=True)},
+        "/v1/grader/regrade": {"post": _operation("re-grade stored episodes (flywheel grade)", 200, _OBJECT, {
+            "type": "object", "properties": {"since": {"type": "string"}, "grader_version": {"type": "string"}}},
+            admin=True)},
         "/v1/dashboard": {"get": _operation("the live page's data: reward per version, agents, updates, episodes",
                                             200, _OBJECT, admin=True)},
         "/ui": {"get": {"summary": "the live page", "security": [], "responses": {"200": {

@@ -16,6 +16,7 @@ from flywheel.proxy.admin import UpstreamAdmin
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.errors import ApiError
 from flywheel.proxy.feed import Feed
+from flywheel.proxy.grader import Grader
 from flywheel.proxy.metrics import Metrics
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.upstream import UpstreamPool
@@ -35,6 +36,7 @@ class ProxyState:
     feed: Feed | None  # episodes to the learner; None when no learner is configured
     metrics: Metrics  # what /metrics reports
     tracer: "CallTracer | None"  # one OpenTelemetry span per LLM call; None unless otel_endpoint is set
+    grader: Grader | None  # scores closed episodes through the grading service; None with [grader] kind = "feedback"
 
     def require_writable_store(self) -> None:
         """A 503 at once while the store cannot write, for requests acknowledged only once committed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime
 from typing import Any, Sequence
 
 import duckdb
@@ -27,6 +28,7 @@ from flywheel.store.records import (
     EpisodesPushed,
     Feedback,
     FeedbackResult,
+    GradeFailed,
     PassthroughRecord,
     StoreOp,
     StoreUnavailable,
@@ -138,6 +140,10 @@ class Store:
                 results.append(self._feedback(op))
             elif isinstance(op, EpisodeClose):
                 results.append(self._close(op))
+            elif isinstance(op, GradeFailed):
+                self.con.execute("UPDATE episodes SET grade_failed_at = ?, grade_error = ? WHERE episode_id = ?",
+                                 [op.failed_at, op.error, op.episode_id])
+                results.append(None)
             elif isinstance(op, EpisodeQuarantined):
                 self.con.execute("UPDATE episodes SET quarantined_at = ?, push_error = ? WHERE episode_id = ?",
                                  [op.quarantined_at, op.error, op.episode_id])
@@ -248,10 +254,13 @@ class Store:
                 return FeedbackResult(seen[0], True, self._episode_reward(fb.episode_id))
         self.con.execute(
             "INSERT INTO feedback (feedback_id, episode_id, call_id, reward, dims, source, created_at, "
-            "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "idempotency_key, grader_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [fb.feedback_id, fb.episode_id, fb.call_id, fb.reward, fb.dims, fb.source,
-             fb.created_at, fb.idempotency_key],
+             fb.created_at, fb.idempotency_key, fb.grader_version],
         )
+        if fb.grader_version is not None:  # graded at last: an earlier failure no longer stands
+            self.con.execute("UPDATE episodes SET grade_failed_at = NULL, grade_error = NULL WHERE episode_id = ?",
+                             [fb.episode_id])
         if fb.call_id is None:
             self.con.execute(
                 "UPDATE episodes SET reward = ? WHERE episode_id = ?", [fb.reward, fb.episode_id]
@@ -291,21 +300,27 @@ class Store:
                  for name, sql in queries.items()]
         return b"{" + b",".join(parts) + b"}"
 
-    def _dicts(self, sql: str, params: list, timeout_s: float = 60) -> list[dict[str, Any]]:
+    def _dicts(self, sql: str, params: list | dict, timeout_s: float = 60) -> list[dict[str, Any]]:
         columns, rows = read_raw(self.con, lambda cur: cur.execute(sql, params), timeout_s)
         return [dict(zip(columns, row)) for row in rows]
 
-    def episodes_to_push(self, limit: int, quiet_s: float) -> list[dict[str, Any]]:
+    def episodes_to_push(self, limit: int, quiet_s: float, await_grade: tuple[str, str] | None = None
+                         ) -> list[dict[str, Any]]:
         """Rewarded episodes the learner has not acknowledged: closed ones, and open ones whose
         last feedback is older than `quiet_s`. Each with its `calls` and `feedback` (raw values).
-        Evaluation episodes (metadata `{"eval": true}`) are never pushed: held-out data stays held out."""
+        Evaluation episodes (metadata `{"eval": true}`) are never pushed: held-out data stays held out.
+        `await_grade` (grader source, version): only episodes that grader has scored or given up on."""
+        graded = ("" if await_grade is None else
+                  "(e.grade_failed_at IS NOT NULL OR EXISTS (SELECT 1 FROM feedback g WHERE g.episode_id = e.episode_id "
+                  "AND g.source = $source AND g.grader_version = $version)) AND ")
+        source, version = await_grade or (None, None)
         episodes = self._dicts(
             "SELECT e.* FROM episodes e WHERE e.pushed_at IS NULL AND e.quarantined_at IS NULL AND "
-            "e.reward IS NOT NULL AND "
+            f"e.reward IS NOT NULL AND {graded}"
             f"NOT {IS_EVAL_EPISODE} AND "
             "(e.status = 'closed' OR (SELECT max(f.created_at) FROM feedback f WHERE f.episode_id = e.episode_id)"
-            " < now() - to_seconds(?)) ORDER BY e.created_at LIMIT ?",
-            [quiet_s, limit],
+            " < now() - to_seconds($quiet_s)) ORDER BY e.created_at LIMIT $limit",
+            {"quiet_s": quiet_s, "limit": limit, **({"source": source, "version": version} if await_grade else {})},
         )
         if not episodes:
             return []
@@ -318,6 +333,40 @@ class Store:
             by_id[call["episode_id"]]["calls"].append(call)
         for fb in feedback:
             by_id[fb["episode_id"]]["feedback"].append(fb)
+        return list(by_id.values())
+
+    def episodes_to_grade(self, source: str, version: str, unrewarded_only: bool, wait_s: float,
+                          since: datetime | None, failed_before: datetime | None, limit: int) -> list[dict[str, Any]]:
+        """Closed episodes (closed `wait_s` ago or more) that `source` has not scored under
+        `version`, oldest closed first, each with its generation `calls` (seq order) and
+        `feedback_reward`, its latest episode-level reward from any other source (None without).
+        `unrewarded_only`: only episodes no other source rewarded. Episodes the grader gave up
+        on are left out, unless that was before `failed_before`; `since`: created at or after."""
+        episodes = self._dicts(
+            "SELECT e.episode_id, e.task_id, e.metadata FROM episodes e "
+            "WHERE e.status = 'closed' AND e.closed_at <= now() - to_seconds($wait_s) "
+            "AND (e.grade_failed_at IS NULL OR e.grade_failed_at < $failed_before::TIMESTAMPTZ) "
+            "AND ($since::TIMESTAMPTZ IS NULL OR e.created_at >= $since::TIMESTAMPTZ) "
+            "AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.episode_id = e.episode_id AND f.source = $source "
+            "                AND f.grader_version = $version) "
+            "AND NOT ($unrewarded_only AND EXISTS (SELECT 1 FROM feedback f WHERE f.episode_id = e.episode_id "
+            "                                      AND f.source IS DISTINCT FROM $source)) "
+            "AND EXISTS (SELECT 1 FROM calls c WHERE c.episode_id = e.episode_id) "
+            "ORDER BY e.closed_at, e.episode_id LIMIT $limit",
+            {"wait_s": wait_s, "failed_before": failed_before, "since": since, "source": source, "version": version,
+             "unrewarded_only": unrewarded_only, "limit": limit})
+        if not episodes:
+            return []
+        ids = [e["episode_id"] for e in episodes]
+        calls = self._dicts("SELECT call_id, episode_id, agent, endpoint, request, response, status FROM calls "
+                            "WHERE episode_id IN (SELECT unnest($ids)) ORDER BY seq", {"ids": ids})
+        rewards = {row["episode_id"]: row["reward"] for row in self._dicts(
+            "SELECT episode_id, arg_max(reward, created_at) AS reward FROM feedback "
+            "WHERE episode_id IN (SELECT unnest($ids)) AND call_id IS NULL AND source IS DISTINCT FROM $source "
+            "GROUP BY episode_id", {"ids": ids, "source": source})}
+        by_id = {e["episode_id"]: {**e, "calls": [], "feedback_reward": rewards.get(e["episode_id"])} for e in episodes}
+        for call in calls:
+            by_id[call["episode_id"]]["calls"].append(call)
         return list(by_id.values())
 
     def adapter_rows(self) -> list[AdapterRow]:

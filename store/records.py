@@ -82,6 +82,16 @@ class Feedback:
     dims: str | None = None  # JSON text {name: number}
     source: str | None = None
     idempotency_key: str | None = None
+    grader_version: str | None = None  # set when a grader, not a client, produced it
+
+
+@dataclass(frozen=True)
+class GradeFailed:
+    """The grader gave up on an episode: its error stays visible and it is not graded again by itself."""
+
+    episode_id: str
+    failed_at: datetime
+    error: str
 
 
 @dataclass(frozen=True)
@@ -185,4 +195,4 @@ def approx_bytes(op: object) -> int:
 
 
 StoreOp = (EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined
-           | TrainRun | PassthroughRecord)
+           | TrainRun | PassthroughRecord | GradeFailed)

@@ -79,6 +79,8 @@ EPISODES = Table(
         Column("pushed_at", "TIMESTAMPTZ", "when the learner acknowledged it (NULL: not yet sent)"),
         Column("quarantined_at", "TIMESTAMPTZ", "when the feed gave up on it (never pushed after that)"),
         Column("push_error", "VARCHAR", "why it was quarantined"),
+        Column("grade_failed_at", "TIMESTAMPTZ", "when the grader gave up on it (never graded again but by `flywheel grade`)"),
+        Column("grade_error", "VARCHAR", "why the grader failed"),
     ),
     proto_message="Episode",
 )
@@ -138,6 +140,7 @@ FEEDBACK = Table(
         Column("source", "VARCHAR", "who judged: grader, user, ...", proto=True),
         Column("created_at", "TIMESTAMPTZ", "when it was committed", proto=True),
         Column("idempotency_key", "VARCHAR", "a repeated key within an episode is applied once"),
+        Column("grader_version", "VARCHAR", "the [grader] version that scored it (NULL: posted feedback)"),
     ),
     proto_message="Reward",
 )

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from flywheel.proxy.app import build_app
 from flywheel.proxy.config import ProxyConfig
+from flywheel.proxy.grader import GraderConfig
 from flywheel.proxy.state import STATE
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.service import grpc_server
@@ -41,8 +42,8 @@ class Running:
 
 
 class Proxy(Running):
-    def __init__(self, config: ProxyConfig):
-        super().__init__(build_app(config), config.port)
+    def __init__(self, config: ProxyConfig, grader: GraderConfig = GraderConfig()):
+        super().__init__(build_app(config, grader), config.port)
         self.config = config
 
     @property
@@ -74,10 +75,10 @@ async def start_proxy(upstream, db_path):
     """Factory: start a proxy in front of the fake upstream (settings overridable)."""
     started: list[Proxy] = []
 
-    async def start(**overrides) -> Proxy:
+    async def start(grader: GraderConfig = GraderConfig(), **overrides) -> Proxy:
         config = dataclasses.replace(ProxyConfig(upstream=upstream.url, db=db_path, port=0,
                                                  adapter_roots=(str(Path(db_path).parent),)), **overrides)
-        proxy = await Proxy(config).start()
+        proxy = await Proxy(config, grader).start()
         started.append(proxy)
         return proxy
 

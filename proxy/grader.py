@@ -1,0 +1,225 @@
+"""Rewards without posted feedback: a grader service scores closed episodes (`[grader]`).
+
+With `kind = "endpoint"`, the proxy sends closed episodes (those nobody rewarded, or all of
+them) to the team's own grading service and records each score as feedback, with
+`source = "endpoint:NAME"` and the grader's `version`. The contract:
+
+    POST {url}  {"rubric": str | null, "items": [{"id", "episode_id", "task", "metadata",
+                  "target_call": call_id | null, "calls": [{"call_id", "agent", "messages", "completion"}]}]}
+    ->          {"scores": [number, ...]}   one finite score per item, in order
+
+The episodes of one task go in one request (one item each), so a grader can compare them;
+an episode without a task goes alone. A request that fails (no answer in `timeout_s`, a
+status other than 200, the wrong number of scores, a score that is not a finite number) is
+retried `attempts` times with doubling back-off; then its episodes are marked
+`grade_failed_at` / `grade_error` (SQL, `flywheel status`) and left alone: never scored 0.
+`flywheel grade` re-grades stored episodes, also failed ones, under a new `version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal, Sequence
+
+import aiohttp
+
+from flywheel.proxy.attribution import new_id
+from flywheel.proxy.conversation import completion_messages, prompt_messages
+from flywheel.store.records import Feedback, GradeFailed
+from flywheel.store.writer import BatchWriter
+
+log = logging.getLogger("flywheel.proxy.grader")
+
+
+@dataclass(frozen=True)
+class GraderConfig:
+    """`[grader]`: where rewards come from besides the feedback clients post."""
+
+    # "feedback": posted feedback only; "endpoint": also your grading service at `url`
+    kind: Literal["feedback", "endpoint"] = "feedback"
+    # the grading service (POST, the contract in proxy/grader.py)
+    url: str = ""
+    # recorded as feedback.source = "endpoint:NAME"
+    name: str = "grader"
+    # recorded as feedback.grader_version; a new version re-grades with `flywheel grade`
+    version: str = "1"
+    # sent with every request: what a good episode is (your grader may ignore it)
+    rubric: str = ""
+    # "unrewarded": grade closed episodes nobody posted feedback for; "all": every closed episode
+    apply_to: Literal["unrewarded", "all"] = "unrewarded"
+    # grade an episode this many seconds after it closed (late feedback gets there first)
+    wait_s: float = 30.0
+    # with apply_to = "all" and posted feedback, the episode's reward is
+    # feedback_weight * feedback + (1 - feedback_weight) * grade
+    feedback_weight: float = 0.5
+    # environment variable holding a key for the service (sent as Authorization: Bearer); "" = none
+    api_key_env: str = ""
+    # one request's time limit, seconds
+    timeout_s: float = 60.0
+    # tries per request before its episodes are marked grade_failed
+    attempts: int = 4
+    # wait before the first retry, seconds; doubled after each
+    backoff_s: float = 1.0
+    # episodes read per look; seconds between looks when there was nothing to grade
+    batch: int = 64
+    poll_s: float = 2.0
+
+    @property
+    def source(self) -> str:
+        return f"endpoint:{self.name}"
+
+
+class GradeError(RuntimeError):
+    """The grader's answer cannot be used (status, shape, count, a score that is not finite)."""
+
+
+def task_groups(episodes: Sequence[dict]) -> list[list[dict]]:
+    """The episodes of each task together, in order of first appearance; one without a task alone."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for episode in episodes:
+        groups[episode["task_id"] or f"\0{episode['episode_id']}"].append(episode)
+    return list(groups.values())
+
+
+def grading_item(episode: dict) -> dict[str, Any]:
+    """One episode as the contract's item: its calls as the chat messages sent and the answer returned."""
+    calls = []
+    for call in episode["calls"]:
+        request = json.loads(call["request"])
+        response = json.loads(call["response"]) if call["response"] else None
+        completion = completion_messages(response)
+        calls.append({"call_id": call["call_id"], "agent": call["agent"],
+                      "messages": prompt_messages(call["endpoint"], request),
+                      "completion": completion[0] if completion else None})
+    metadata = episode["metadata"]
+    return {"id": episode["episode_id"], "episode_id": episode["episode_id"], "task": episode["task_id"],
+            "metadata": json.loads(metadata) if isinstance(metadata, str) else metadata, "target_call": None,
+            "calls": calls}
+
+
+def parse_scores(body: Any, count: int) -> list[float]:
+    """The `scores` of a grader's reply, checked: `count` finite numbers; GradeError otherwise."""
+    scores = body.get("scores") if isinstance(body, dict) else None
+    if not isinstance(scores, list):
+        raise GradeError(f"the reply has no 'scores' list: {str(body)[:200]}")
+    if len(scores) != count:
+        raise GradeError(f"{len(scores)} scores for {count} items")
+    for score in scores:
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise GradeError(f"score {score!r} is not a finite number")
+    return [float(score) for score in scores]
+
+
+def mixed_reward(grade: float, feedback: float | None, feedback_weight: float) -> float:
+    """The episode's reward: the grade alone, or w * feedback + (1 - w) * grade when both exist."""
+    return grade if feedback is None else feedback_weight * feedback + (1 - feedback_weight) * grade
+
+
+@dataclass
+class GradeCounts:
+    graded: int = 0
+    failed: int = 0
+    last_error: str = ""
+
+
+class Grader:
+    """Scores closed episodes through the grading service, in the background and on demand."""
+
+    def __init__(self, config: GraderConfig, writer: BatchWriter):
+        self.config = config
+        self.writer = writer
+        key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+        self.session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {key}"} if key else None,
+            timeout=aiohttp.ClientTimeout(total=config.timeout_s))
+        self.counts = GradeCounts()
+
+    async def run(self) -> None:
+        """Grade what is due, forever; a failing store or service never ends the loop."""
+        while True:
+            try:
+                done = await self.grade_due(self.config.version)
+            except Exception:  # the store's errors: logged, tried again after the pause
+                log.exception("grading pass failed")
+                done = 0
+            if not done:
+                await asyncio.sleep(self.config.poll_s)
+
+    async def grade_due(self, version: str, since: datetime | None = None, failed_before: datetime | None = None,
+                        wait_s: float | None = None) -> int:
+        """One batch of due episodes graded under `version`; how many were tried. Episodes the
+        grader gave up on are tried again only if that was before `failed_before`."""
+        config = self.config
+        episodes = await self.writer.read(
+            self.writer.store.episodes_to_grade, config.source, version, config.apply_to == "unrewarded",
+            config.wait_s if wait_s is None else wait_s, since, failed_before, config.batch)
+        for group in task_groups(episodes):
+            await self.grade_group(group, version)
+        return len(episodes)
+
+    async def regrade(self, version: str, since: datetime | None) -> GradeCounts:
+        """Every closed episode (since `since`) not yet scored under `version`, failed ones too,
+        each tried once: what `flywheel grade` runs."""
+        started, before = datetime.now(timezone.utc), (self.counts.graded, self.counts.failed)
+        while await self.grade_due(version, since, failed_before=started, wait_s=0):
+            pass
+        return GradeCounts(self.counts.graded - before[0], self.counts.failed - before[1], self.counts.last_error)
+
+    async def grade_group(self, group: list[dict], version: str) -> None:
+        try:
+            scores = await self._scores([grading_item(e) for e in group])
+        except GradeError as failure:
+            now, error = datetime.now(timezone.utc), str(failure)
+            for episode in group:
+                await self.writer.submit(GradeFailed(episode["episode_id"], now, error))
+            self.counts.failed += len(group)
+            self.counts.last_error = error
+            log.warning("grading %d episode(s) failed: %s", len(group), error)
+            return
+        now = datetime.now(timezone.utc)
+        for episode, score in zip(group, scores):
+            posted = episode["feedback_reward"]
+            await self.writer.submit(Feedback(
+                feedback_id=new_id("fb"), episode_id=episode["episode_id"], created_at=now,
+                reward=mixed_reward(score, posted, self.config.feedback_weight),
+                dims=json.dumps({"grade": score, **({"feedback": posted} if posted is not None else {})}),
+                source=self.config.source, grader_version=version))
+        self.counts.graded += len(group)
+
+    async def _scores(self, items: list[dict]) -> list[float]:
+        """POST the items, retried with doubling back-off; GradeError once every attempt failed."""
+        body = {"rubric": self.config.rubric or None, "items": items}
+        delay, error = self.config.backoff_s, ""
+        for attempt in range(self.config.attempts):
+            if attempt:
+                await asyncio.sleep(delay)
+                delay *= 2
+            try:
+                async with self.session.post(self.config.url, json=body) as response:
+                    text = await response.text()
+                    if response.status != 200:
+                        raise GradeError(f"{self.config.url} answered {response.status}: {text[:300]}")
+                    try:
+                        reply = json.loads(text)
+                    except json.JSONDecodeError:
+                        raise GradeError(f"the reply is not JSON: {text[:200]}") from None
+                    return parse_scores(reply, len(items))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as unreachable:
+                error = f"{self.config.url} unreachable: {type(unreachable).__name__}: {unreachable}"
+            except GradeError as bad:
+                error = str(bad)
+        raise GradeError(f"after {self.config.attempts} attempt(s): {error}")
+
+    def health(self) -> dict[str, Any]:
+        return {"source": self.config.source, "version": self.config.version, "graded": self.counts.graded,
+                "failed": self.counts.failed, "last_error": self.counts.last_error}
+
+    async def close(self) -> None:
+        await self.session.close()

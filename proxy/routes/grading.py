@@ -1,0 +1,53 @@
+"""`/v1/grader`: the grading service's state, and re-grading stored episodes (`flywheel grade`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime
+
+from aiohttp import web
+
+from flywheel.proxy.errors import ApiError, read_json_object
+from flywheel.proxy.grader import Grader
+from flywheel.proxy.state import STATE
+
+_FAILED = """
+SELECT episode_id, task_id, strftime(grade_failed_at, '%Y-%m-%d %H:%M:%S') AS failed_at, grade_error
+FROM episodes WHERE grade_failed_at IS NOT NULL ORDER BY grade_failed_at DESC LIMIT 20
+"""
+
+
+def _grader(request: web.Request) -> Grader:
+    grader = request.app[STATE].grader
+    if grader is None:
+        raise ApiError(503, "no grader configured: set [grader] kind = \"endpoint\" and its url", "no_grader")
+    return grader
+
+
+async def status(request: web.Request) -> web.Response:
+    """Counts since start, and the latest episodes the grader gave up on (from the store)."""
+    grader = _grader(request)
+    writer = request.app[STATE].writer
+    failed = await writer.read(writer.store.query, _FAILED, 20, 10)
+    return web.json_response({**grader.health(),
+                              "grade_failed": [dict(zip(failed["columns"], row)) for row in failed["rows"]]})
+
+
+async def regrade(request: web.Request) -> web.Response:
+    """`{"since": ISO time?, "grader_version": V?}`: every closed episode since then scored
+    under V (the configured version by default), failed ones tried again; answers when done."""
+    grader = _grader(request)
+    body = await read_json_object(request)
+    version = body.get("grader_version") or grader.config.version
+    if not isinstance(version, str):
+        raise ApiError(400, "'grader_version' must be a string", "invalid_field")
+    since = body.get("since")
+    try:
+        since = datetime.fromisoformat(since) if since is not None else None
+    except (TypeError, ValueError):
+        raise ApiError(400, f"'since' must be an ISO time, got {since!r}", "invalid_field") from None
+    if since is not None and since.tzinfo is None:
+        raise ApiError(400, "'since' needs a time zone offset (e.g. 2026-12-01T00:00Z)", "invalid_field")
+    request.app[STATE].require_writable_store()
+    counts = await grader.regrade(version, since)
+    return web.json_response({"grader_version": version, **asdict(counts)})

@@ -1,0 +1,189 @@
+"""The grader contract: closed episodes scored by a grading service (a test server here), in
+task groups, retried, failures recorded and never turned into 0, re-grading under a new version."""
+
+import asyncio
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from flywheel.commands import main
+from flywheel.proxy.grader import GradeError, GraderConfig, mixed_reward, parse_scores, task_groups
+from tests.conftest import Running, eventually
+from tests.test_feedback import api
+
+
+def test_episodes_of_a_task_go_together_and_lone_ones_alone():
+    episodes = [{"episode_id": e, "task_id": t} for e, t in (("a", "t1"), ("b", None), ("c", "t1"), ("d", None))]
+    assert [[e["episode_id"] for e in g] for g in task_groups(episodes)] == [["a", "c"], ["b"], ["d"]]
+
+
+@pytest.mark.parametrize("reply, problem", [
+    ({"scores": [1.0]}, "1 scores for 2 items"), ({"scores": [1.0, float("nan")]}, "not a finite number"),
+    ({"scores": [1.0, "high"]}, "not a finite number"), ({"scores": [True, 0]}, "not a finite number"),
+    ({"score": [1, 0]}, "no 'scores' list"), ([1, 0], "no 'scores' list"),
+])
+def test_a_reply_that_cannot_be_used_is_an_error_never_a_zero(reply, problem):
+    with pytest.raises(GradeError, match=problem):
+        parse_scores(reply, 2)
+    assert parse_scores({"scores": [1, 0.5]}, 2) == [1.0, 0.5]
+
+
+def test_posted_feedback_and_the_grade_mix_by_weight():
+    assert mixed_reward(0.0, None, 0.25) == 0.0
+    assert mixed_reward(0.0, 1.0, 0.25) == 0.25
+
+
+class GradingService:
+    """The team's grading service: records each request, scores each item by the length of its
+    last completion, and can be told to fail first."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.failures: list[int | dict] = []  # the next replies: a status, or a body that breaks the contract
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        if self.failures:
+            failure = self.failures.pop(0)
+            if isinstance(failure, int):
+                return web.json_response({"error": "down"}, status=failure)
+            return web.json_response(failure)
+        return web.json_response({"scores": [len(item["calls"][-1]["completion"]["content"]) / 10
+                                             for item in body["items"]]})
+
+    async def start(self) -> Running:
+        app = web.Application()
+        app.router.add_post("/grade", self.handle)
+        return await Running(app).start()
+
+
+@pytest.fixture
+async def service():
+    grading = GradingService()
+    server = await grading.start()
+    grading.url = f"{server.url}/grade"
+    yield grading
+    await server.stop()
+
+
+def _grader(service, **overrides) -> GraderConfig:
+    return GraderConfig(**{"kind": "endpoint", "url": service.url, "name": "rules", "version": "1", "wait_s": 0,
+                           "poll_s": 0.05, "backoff_s": 0.01, "rubric": "right answers", **overrides})
+
+
+async def _episode(proxy, task: str | None, max_tokens: int, reward: float | None = None) -> str:
+    status, created = await api(proxy, "POST", "/v1/episodes", {"task": task} if task else {})
+    episode = created["episode_id"]
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q {episode}"}],
+                                         max_tokens=max_tokens, extra_headers={"X-Flywheel-Episode": episode})
+    if reward is not None:
+        await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": reward})
+    await api(proxy, "POST", f"/v1/episodes/{episode}/close")
+    return episode
+
+
+async def _graded(proxy, count: int) -> list[dict]:
+    sql = "SELECT * FROM feedback WHERE grader_version IS NOT NULL ORDER BY created_at"
+    await eventually(lambda: _count(proxy, sql, count), 10, f"{count} grades")
+    return await proxy.rows(sql)
+
+
+async def _count(proxy, sql, count) -> bool:
+    return len(await proxy.rows(sql)) >= count
+
+
+async def test_closed_unrewarded_episodes_are_graded_in_task_groups(start_proxy, service):
+    proxy = await start_proxy(grader=_grader(service, poll_s=3600))  # one pass, run by the test
+    first = await _episode(proxy, "t1", 3)
+    lone = await _episode(proxy, None, 5)
+    second = await _episode(proxy, "t1", 7)
+    await _episode(proxy, "t1", 2, reward=1.0)  # a client rewarded it: not the grader's (apply_to = unrewarded)
+    await proxy.state.writer.flush()
+    assert await proxy.state.grader.grade_due("1") == 3
+    grades = await _graded(proxy, 3)
+    by_task = [tuple(i["episode_id"] for i in r["items"]) for r in service.requests]
+    assert by_task == [(first, second), (lone,)]
+    request = next(r for r in service.requests if r["items"][0]["episode_id"] == first)
+    assert request["rubric"] == "right answers"
+    item = request["items"][0]
+    assert (item["id"], item["task"], item["target_call"]) == (first, "t1", None)
+    [call] = item["calls"]
+    assert call["agent"] == "solver" and call["messages"] == [{"role": "user", "content": f"q {first}"}]
+    assert call["completion"]["content"] == " w0 w1 w2"
+    assert {(g["episode_id"], g["reward"], g["source"], g["grader_version"]) for g in grades} == {
+        (first, 0.9, "endpoint:rules", "1"), (lone, 1.5, "endpoint:rules", "1"),
+        (second, 2.1, "endpoint:rules", "1")}
+    rewards = {r["episode_id"]: r["reward"] for r in await proxy.rows("SELECT episode_id, reward FROM episodes")}
+    assert rewards[first] == 0.9 and rewards[second] == pytest.approx(2.1)
+    assert await proxy.state.grader.grade_due("1") == 0  # graded once
+
+
+async def test_a_failing_service_is_retried_then_the_failure_is_recorded_not_a_zero(start_proxy, service):
+    service.failures = [503, {"scores": []}]  # down, then the wrong count: the third try answers
+    proxy = await start_proxy(grader=_grader(service, attempts=3))
+    episode = await _episode(proxy, None, 3)
+    [grade] = await _graded(proxy, 1)
+    assert grade["episode_id"] == episode and len(service.requests) == 3
+
+    service.failures = [500] * 3
+    failed = await _episode(proxy, None, 4)
+    await eventually(lambda: _count(proxy, "SELECT 1 FROM episodes WHERE grade_failed_at IS NOT NULL", 1), 10,
+                     "a recorded failure")
+    [row] = await proxy.rows(f"SELECT reward, grade_error FROM episodes WHERE episode_id = '{failed}'")
+    assert row["reward"] is None and "answered 500" in row["grade_error"] and "after 3 attempt(s)" in row["grade_error"]
+    await asyncio.sleep(0.3)
+    assert len(service.requests) == 6  # given up on: not retried by the background pass
+    status, shown = await api(proxy, "GET", "/v1/grader")
+    assert status == 200 and shown["failed"] == 1 and shown["grade_failed"][0]["episode_id"] == failed
+
+    # `flywheel grade` under a new version: both episodes scored again, the failed one too
+    code = await asyncio.to_thread(main, ["grade", "--url", proxy.url, "--grader-version", "2"])
+    assert code == 0
+    regraded = await proxy.rows("SELECT episode_id, reward FROM feedback WHERE grader_version = '2'")
+    assert {r["episode_id"] for r in regraded} == {episode, failed}
+    [row] = await proxy.rows(f"SELECT reward, grade_failed_at FROM episodes WHERE episode_id = '{failed}'")
+    assert row["reward"] == pytest.approx(1.2) and row["grade_failed_at"] is None
+
+
+async def test_grading_every_episode_mixes_in_posted_feedback_and_holds_the_learner_back(start_proxy, service):
+    proxy = await start_proxy(grader=_grader(service, apply_to="all", feedback_weight=0.25, poll_s=3600))
+    store = proxy.state.writer.store
+    episode = await _episode(proxy, None, 3, reward=1.0)
+    await proxy.state.writer.flush()
+    held = ("endpoint:rules", "1")
+    assert store.episodes_to_push(10, 0.0, held) == []  # rewarded and closed, but not graded yet
+    assert [e["episode_id"] for e in store.episodes_to_push(10, 0.0)] == [episode]
+    assert await proxy.state.grader.grade_due("1") == 1
+    [grade] = await _graded(proxy, 1)
+    assert grade["reward"] == pytest.approx(0.25 * 1.0 + 0.75 * 0.9)  # " w0 w1 w2": 9 characters
+    assert grade["dims"] == {"grade": 0.9, "feedback": 1.0}
+    assert [e["episode_id"] for e in store.episodes_to_push(10, 0.0, held)] == [episode]
+
+
+async def test_the_example_grading_service_scores_an_episode_by_the_examples_rules():
+    from examples import arithmetic
+    from examples.grader_service import make_app
+
+    [task], _ = arithmetic.task_split(0, 1, 0)
+    app = await Running(make_app("arithmetic", 0, 1, 0)).start()
+
+    def item(expression: str, reply: str, question: str = task.question) -> dict:
+        return {"id": "e", "episode_id": "e", "task": None, "metadata": {}, "target_call": None, "calls": [
+            {"call_id": "c1", "agent": "planner", "messages": [{"role": "system", "content": "..."},
+                                                               {"role": "user", "content": question}],
+             "completion": {"role": "assistant", "content": expression}},
+            {"call_id": "c2", "agent": "writer", "messages": [], "completion": {"role": "assistant",
+                                                                                "content": reply}}]}
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{app.url}/grade", json={"rubric": None, "items": [
+                    item(task.expression, f"So.\nAnswer: {task.answer}"), item(task.expression, "Answer: -1"),
+                    item(task.expression, f"Answer: {task.answer}", question="an unknown question")]}) as r:
+                assert (await r.json()) == {"scores": [1.0, 0.0, 0.0]}
+    finally:
+        await app.stop()
