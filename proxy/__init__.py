@@ -12,6 +12,8 @@
     responses.py    the Responses API over chat completions: requests, objects, SSE events (pure)
     conversation.py a recorded call as chat messages, sent and returned (pure)
     tracing.py      OpenTelemetry GenAI spans per call (the `otel` extra)
+    grader.py       [grader]: closed episodes scored by the team's grading service
+    judge.py        the built-in LLM judge, behind the grader's contract
     upstream.py     the hot-path HTTP/1.1 client to the upstream
     admin.py        the upstream's other calls (adapter loading, /v1/models, pass-through)
     registry.py     which adapter version serves each agent; hot-swapping in vLLM

@@ -24,7 +24,8 @@ from flywheel.proxy.capture import CHAT, COMPLETIONS
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.errors import ApiError, error_middleware
 from flywheel.proxy.feed import Feed, channel_options
-from flywheel.proxy.grader import Grader, GraderConfig
+from flywheel.proxy.grader import EndpointScorer, Grader, GraderConfig, Scorer, http_session
+from flywheel.proxy.judge import JudgeScorer
 from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.registry import Registry
@@ -63,6 +64,8 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web
     check_bind(config)
     if grader.kind == "endpoint" and not grader.url:
         raise ValueError("[grader] kind = \"endpoint\" needs a url")
+    if grader.kind == "judge" and not (grader.judge_model or config.base_model):
+        raise ValueError("[grader] kind = \"judge\" needs judge_model, or [proxy] base_model (flywheel up sets it)")
     if config.otel_endpoint:
         try:
             import flywheel.proxy.tracing  # noqa: F401
@@ -80,7 +83,7 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web
     for method, path, handler, needs in _routes():
         access[app.router.add_route(method, path, handler)] = needs
     app[ROUTE_ACCESS] = access
-    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _feed, _grader, _tracer, _state])
+    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _grader, _feed, _tracer, _state])
     return app
 
 
@@ -168,9 +171,9 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     channel = grpc.aio.insecure_channel(config.learner, options=channel_options(config.max_message_bytes))
-    grader = app[GRADER_CONFIG]
+    grader = app.get(GRADER)
     # grading every episode: the learner waits for the grade, or it would learn from the feedback alone
-    await_grade = (grader.source, grader.version) if grader.kind == "endpoint" and grader.apply_to == "all" else None
+    await_grade = (grader.source, grader.config.version) if grader and grader.config.apply_to == "all" else None
     feed = Feed(app[WRITER], channel, config.learner, config.push_after_s, config.push_batch, config.push_interval_s,
                 config.max_message_bytes, config.learner_token, await_grade)
     app[FEED] = feed
@@ -181,16 +184,24 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _grader(app: web.Application) -> AsyncIterator[None]:
-    """The grading service's client, grading closed episodes in the background, when one is configured."""
-    config = app[GRADER_CONFIG]
+    """The grader (the team's service or the LLM judge), grading closed episodes in the
+    background, when one is configured."""
+    config, proxy = app[GRADER_CONFIG], app[CONFIG]
     if config.kind == "feedback":
         yield
         return
-    app[GRADER] = grader = Grader(config, app[WRITER])
+    if config.kind == "endpoint":
+        session = http_session(config)
+        scorer: Scorer = EndpointScorer(config, session)
+    else:  # the judge: on the upstream unless told otherwise, with the upstream's key there
+        session = http_session(config, "" if config.judge_url else proxy.upstream_api_key)
+        scorer = JudgeScorer(config, session, config.judge_url or upstream_base(proxy.upstream),
+                             config.judge_model or proxy.base_model, app[WRITER])
+    app[GRADER] = grader = Grader(config, app[WRITER], scorer)
     grading = asyncio.get_running_loop().create_task(grader.run())
     yield
     await _cancel(grading)
-    await grader.close()
+    await session.close()
 
 
 async def _tracer(app: web.Application) -> AsyncIterator[None]:

@@ -1,8 +1,9 @@
-"""Rewards without posted feedback: a grader service scores closed episodes (`[grader]`).
+"""Rewards without posted feedback: a grader scores closed episodes (`[grader]`).
 
 With `kind = "endpoint"`, the proxy sends closed episodes (those nobody rewarded, or all of
 them) to the team's own grading service and records each score as feedback, with
-`source = "endpoint:NAME"` and the grader's `version`. The contract:
+`source = "endpoint:NAME"` and the grader's `version`; `kind = "judge"` scores them with the
+built-in LLM judge (proxy/judge.py, `source = "judge:MODEL"`) through the same contract:
 
     POST {url}  {"rubric": str | null, "items": [{"id", "episode_id", "task", "metadata",
                   "target_call": call_id | null, "calls": [{"call_id", "agent", "messages", "completion"}]}]}
@@ -26,7 +27,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import aiohttp
 
@@ -42,11 +43,12 @@ log = logging.getLogger("flywheel.proxy.grader")
 class GraderConfig:
     """`[grader]`: where rewards come from besides the feedback clients post."""
 
-    # "feedback": posted feedback only; "endpoint": also your grading service at `url`
-    kind: Literal["feedback", "endpoint"] = "feedback"
+    # "feedback": posted feedback only; "endpoint": also your grading service at `url`;
+    # "judge": also an LLM judge (proxy/judge.py) that compares the episodes of a task
+    kind: Literal["feedback", "endpoint", "judge"] = "feedback"
     # the grading service (POST, the contract in proxy/grader.py)
     url: str = ""
-    # recorded as feedback.source = "endpoint:NAME"
+    # recorded as feedback.source = "endpoint:NAME" (the judge's is "judge:MODEL")
     name: str = "grader"
     # recorded as feedback.grader_version; a new version re-grades with `flywheel grade`
     version: str = "1"
@@ -59,8 +61,16 @@ class GraderConfig:
     # with apply_to = "all" and posted feedback, the episode's reward is
     # feedback_weight * feedback + (1 - feedback_weight) * grade
     feedback_weight: float = 0.5
-    # environment variable holding a key for the service (sent as Authorization: Bearer); "" = none
+    # environment variable holding a key for the service or the judge's endpoint (Authorization: Bearer)
     api_key_env: str = ""
+    # the judge's OpenAI-compatible /v1 URL ("" = the proxy's upstream) and model ("" = the base model)
+    judge_url: str = ""
+    judge_model: str = ""
+    # most episodes per judge prompt, and most characters of episodes in one: a larger group is split
+    judge_max_items: int = 8
+    judge_max_chars: int = 12_000
+    # tokens the judge may write (a reason and a score per episode)
+    judge_max_tokens: int = 1024
     # one request's time limit, seconds
     timeout_s: float = 60.0
     # tries per request before its episodes are marked grade_failed
@@ -70,10 +80,6 @@ class GraderConfig:
     # episodes read per look; seconds between looks when there was nothing to grade
     batch: int = 64
     poll_s: float = 2.0
-
-    @property
-    def source(self) -> str:
-        return f"endpoint:{self.name}"
 
 
 class GradeError(RuntimeError):
@@ -129,18 +135,50 @@ class GradeCounts:
     last_error: str = ""
 
 
-class Grader:
-    """Scores closed episodes through the grading service, in the background and on demand."""
+class Scorer(Protocol):
+    """Scores contract items (one per episode, in order); raises GradeError for an answer it cannot use."""
 
-    def __init__(self, config: GraderConfig, writer: BatchWriter):
+    source: str  # recorded as feedback.source
+
+    async def __call__(self, rubric: str | None, items: list[dict]) -> list[float]: ...
+
+
+class EndpointScorer:
+    """The team's grading service: the contract's request, its `scores` checked."""
+
+    def __init__(self, config: GraderConfig, session: aiohttp.ClientSession):
+        self.url = config.url
+        self.session = session
+        self.source = f"endpoint:{config.name}"
+
+    async def __call__(self, rubric: str | None, items: list[dict]) -> list[float]:
+        async with self.session.post(self.url, json={"rubric": rubric, "items": items}) as response:
+            text = await response.text()
+        if response.status != 200:
+            raise GradeError(f"{self.url} answered {response.status}: {text[:300]}")
+        try:
+            reply = json.loads(text)
+        except json.JSONDecodeError:
+            raise GradeError(f"the reply is not JSON: {text[:200]}") from None
+        return parse_scores(reply, len(items))
+
+
+def http_session(config: GraderConfig, default_key: str = "") -> aiohttp.ClientSession:
+    """The session a scorer talks through: the key from `api_key_env` (else `default_key`), the time limit."""
+    key = os.environ.get(config.api_key_env, "") if config.api_key_env else default_key
+    return aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"} if key else None,
+                                 timeout=aiohttp.ClientTimeout(total=config.timeout_s))
+
+
+class Grader:
+    """Scores closed episodes with a `Scorer`, in the background and on demand."""
+
+    def __init__(self, config: GraderConfig, writer: BatchWriter, scorer: Scorer):
         self.config = config
         self.writer = writer
-        key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
-        self.session = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {key}"} if key else None,
-            timeout=aiohttp.ClientTimeout(total=config.timeout_s))
+        self.scorer = scorer
+        self.source = scorer.source
         self.counts = GradeCounts()
-
     async def run(self) -> None:
         """Grade what is due, forever; a failing store or service never ends the loop."""
         while True:
@@ -158,7 +196,7 @@ class Grader:
         grader gave up on are tried again only if that was before `failed_before`."""
         config = self.config
         episodes = await self.writer.read(
-            self.writer.store.episodes_to_grade, config.source, version, config.apply_to == "unrewarded",
+            self.writer.store.episodes_to_grade, self.source, version, config.apply_to == "unrewarded",
             config.wait_s if wait_s is None else wait_s, since, failed_before, config.batch)
         for group in task_groups(episodes):
             await self.grade_group(group, version)
@@ -190,36 +228,24 @@ class Grader:
                 feedback_id=new_id("fb"), episode_id=episode["episode_id"], created_at=now,
                 reward=mixed_reward(score, posted, self.config.feedback_weight),
                 dims=json.dumps({"grade": score, **({"feedback": posted} if posted is not None else {})}),
-                source=self.config.source, grader_version=version))
+                source=self.source, grader_version=version))
         self.counts.graded += len(group)
 
     async def _scores(self, items: list[dict]) -> list[float]:
-        """POST the items, retried with doubling back-off; GradeError once every attempt failed."""
-        body = {"rubric": self.config.rubric or None, "items": items}
+        """The scorer's scores, retried with doubling back-off; GradeError once every attempt failed."""
         delay, error = self.config.backoff_s, ""
         for attempt in range(self.config.attempts):
             if attempt:
                 await asyncio.sleep(delay)
                 delay *= 2
             try:
-                async with self.session.post(self.config.url, json=body) as response:
-                    text = await response.text()
-                    if response.status != 200:
-                        raise GradeError(f"{self.config.url} answered {response.status}: {text[:300]}")
-                    try:
-                        reply = json.loads(text)
-                    except json.JSONDecodeError:
-                        raise GradeError(f"the reply is not JSON: {text[:200]}") from None
-                    return parse_scores(reply, len(items))
+                return await self.scorer(self.config.rubric or None, items)
             except (aiohttp.ClientError, asyncio.TimeoutError) as unreachable:
-                error = f"{self.config.url} unreachable: {type(unreachable).__name__}: {unreachable}"
+                error = f"unreachable: {type(unreachable).__name__}: {unreachable}"
             except GradeError as bad:
                 error = str(bad)
         raise GradeError(f"after {self.config.attempts} attempt(s): {error}")
 
     def health(self) -> dict[str, Any]:
-        return {"source": self.config.source, "version": self.config.version, "graded": self.counts.graded,
+        return {"source": self.source, "version": self.config.version, "graded": self.counts.graded,
                 "failed": self.counts.failed, "last_error": self.counts.last_error}
-
-    async def close(self) -> None:
-        await self.session.close()

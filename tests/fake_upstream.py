@@ -4,7 +4,8 @@ Deterministic: the reply to any request is `max_tokens` tokens " w0", " w1", ...
 1000, 1001, ... (finish reason `length`), or without `max_tokens` 4 of them (`stop`); the prompt's token ids are 1..len(words of the prompt). Like
 vLLM it returns `prompt_token_ids`/`token_ids` only when `return_token_ids` is set and
 logprobs only when asked. With `tools` in the request (and tool_choice not "none") it
-answers with a call to the first tool. Models named `fail-<status>` answer with that
+answers with a call to the first tool; a whole chat answer takes its text from `app[REPLIES]`
+when a test queued some. Models named `fail-<status>` answer with that
 error status; the model `not-json` answers 200 with a plain-text body. A body field `fake_delay_ms` delays one answer. LoRA adapters can be loaded and unloaded as in vLLM; a name ending in
 `-v<N>` that is not loaded is a 404. It keeps the bodies it received in `app[RECEIVED]` for tests to inspect.
 """
@@ -27,6 +28,8 @@ DELAY_S = web.AppKey("delay_s", float)
 LOAD_FAILURES = web.AppKey("load_failures", list)  # [n]: the next n loads answer 500, as a vLLM still starting
 UNLOAD_DELAY_S = web.AppKey("unload_delay_s", list)  # [seconds] each unload takes (a list: settable in a test)
 TOOL_ARGS = ('{"city": ', '"Paris"}')
+REPLIES = web.AppKey("replies", list)  # texts the next whole chat answers carry, in order (a judge's JSON, ...)
+NO_RESPONSE_FORMAT = web.AppKey("no_response_format", list)  # [True]: refuse response_format, as servers without it
 
 
 def _prompt_ids(body: dict) -> list[int]:
@@ -78,10 +81,10 @@ def _tool_call(body: dict) -> dict:
     return {"id": "call_fake", "type": "function", "function": {"name": name, "arguments": "".join(TOOL_ARGS)}}
 
 
-def _whole(body: dict, chat: bool) -> dict:
+def _whole(body: dict, chat: bool, reply: str | None = None) -> dict:
     tokens = _tokens(body)
     ids = body.get("return_token_ids")
-    text = "".join(t for _, t, _ in tokens)
+    text = reply if reply is not None else "".join(t for _, t, _ in tokens)
     usage = {"prompt_tokens": len(_prompt_ids(body)), "completion_tokens": len(tokens),
              "total_tokens": len(_prompt_ids(body)) + len(tokens)}
     if chat:
@@ -169,8 +172,12 @@ def _handler(chat: bool):
                                                 "code": status}}, status=status)
         if model == "not-json":
             return web.Response(text="upstream garbage")
+        if body.get("response_format") and request.app[NO_RESPONSE_FORMAT][0]:
+            return web.json_response({"error": {"message": "response_format is not supported", "code": 400}},
+                                     status=400)
         if not body.get("stream"):
-            return web.json_response(_whole(body, chat))
+            replies = request.app[REPLIES]
+            return web.json_response(_whole(body, chat, replies.pop(0) if chat and replies else None))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         chunk_delay_s = float(body.get("fake_chunk_delay_ms", 0)) / 1000  # a slow generation, token by token
@@ -262,6 +269,8 @@ def make_app(delay_s: float = 0.0) -> web.Application:
     app[LORA_CALLS] = []
     app[UNLOAD_DELAY_S] = [0.0]
     app[LOAD_FAILURES] = [0]
+    app[REPLIES] = []
+    app[NO_RESPONSE_FORMAT] = [False]
     app.router.add_post("/v1/load_lora_adapter", _load_lora)
     app.router.add_post("/v1/unload_lora_adapter", _unload_lora)
     app.router.add_post("/v1/chat/completions", _handler(chat=True))

@@ -2,6 +2,7 @@
 task groups, retried, failures recorded and never turned into 0, re-grading under a new version."""
 
 import asyncio
+import json
 
 import aiohttp
 import openai
@@ -10,7 +11,9 @@ from aiohttp import web
 
 from flywheel.commands import main
 from flywheel.proxy.grader import GradeError, GraderConfig, mixed_reward, parse_scores, task_groups
+from flywheel.proxy.judge import DEFAULT_RUBRIC, chunks, judge_messages, parse_judgement, render_episode
 from tests.conftest import Running, eventually
+from tests.fake_upstream import NO_RESPONSE_FORMAT, REPLIES
 from tests.test_feedback import api
 
 
@@ -187,3 +190,67 @@ async def test_the_example_grading_service_scores_an_episode_by_the_examples_rul
                 assert (await r.json()) == {"scores": [1.0, 0.0, 0.0]}
     finally:
         await app.stop()
+
+
+def _items(*ids: str) -> list[dict]:
+    return [{"id": i, "episode_id": i, "task": "t", "metadata": {}, "target_call": None, "calls": [
+        {"call_id": f"{i}-c", "agent": "solver", "messages": [{"role": "user", "content": "2 + 2?"}],
+         "completion": {"role": "assistant", "content": f"answer of {i}"}}]} for i in ids]
+
+
+def test_the_judge_reads_its_json_by_id_or_in_order_or_by_its_score_fields():
+    ids = ["a", "b"]
+    assert parse_judgement('{"scores": [{"id": "b", "reason": ".", "score": 0.2}, '
+                           '{"id": "a", "reason": ".", "score": 0.9}]}', ids) == [0.9, 0.2]
+    assert parse_judgement('Sure! {"scores": [{"id": "1", "score": 1.5}, {"id": "2", "score": -1}]} done', ids) == [
+        1.0, 0.0]  # ids it invented: by position; clipped to [0, 1]
+    assert parse_judgement('a: "score": 0.25, b: "score": 0.75 (cut off', ids) == [0.25, 0.75]
+    with pytest.raises(GradeError, match="scored 1 of 2"):
+        parse_judgement('{"scores": [{"id": "a", "score": 1}]}', ids)
+    with pytest.raises(GradeError, match="scored 0 of 2"):
+        parse_judgement("I cannot grade these.", ids)
+
+
+def test_a_large_group_is_split_by_episodes_and_by_characters():
+    items = _items("a", "b", "c", "d", "e")
+    assert [[i["id"] for i in piece] for piece in chunks(items, 2, 10_000)] == [["a", "b"], ["c", "d"], ["e"]]
+    one = len(render_episode(items[0]))
+    assert [len(piece) for piece in chunks(items, 8, 2 * one + 1)] == [2, 2, 1]
+    messages = judge_messages(None, items[:2])
+    assert "Episode a" in messages[1]["content"] and "answer of b" in messages[1]["content"]
+    assert DEFAULT_RUBRIC in messages[0]["content"]
+
+
+async def test_the_judge_scores_a_task_group_and_its_calls_are_recorded_never_trained(start_proxy, upstream):
+    judge = GraderConfig(kind="judge", wait_s=0, poll_s=3600, judge_max_items=2, backoff_s=0.01)
+    proxy = await start_proxy(grader=judge, base_model="m")
+    episodes = [await _episode(proxy, "t1", 3) for _ in range(3)]
+    await proxy.state.writer.flush()
+    upstream.app[REPLIES][:] = [
+        json.dumps({"scores": [{"id": episodes[0], "reason": "right", "score": 0.9},
+                               {"id": episodes[1], "reason": "wrong", "score": 0.1}]}),
+        'The third: "score": 0.5']  # no JSON: read by the tolerant parser
+    assert await proxy.state.grader.grade_due("1") == 3
+    grades = await _graded(proxy, 3)
+    assert [(g["episode_id"], g["reward"], g["source"]) for g in grades] == [
+        (episodes[0], 0.9, "judge:m"), (episodes[1], 0.1, "judge:m"), (episodes[2], 0.5, "judge:m")]
+    asked = [body for body in upstream.received if body.get("response_format")]
+    assert len(asked) == 2 and asked[0]["response_format"]["json_schema"]["name"] == "judgement"
+    assert asked[0]["model"] == "m" and asked[0]["temperature"] == 0.0
+    judged = await proxy.rows("SELECT c.agent, c.completion_token_ids, e.metadata, e.reward FROM calls c "
+                              "JOIN episodes e USING (episode_id) WHERE c.agent = 'flywheel-judge'")
+    assert len(judged) == 2 and all(r["completion_token_ids"] and r["reward"] is None for r in judged)
+    assert judged[0]["metadata"]["judged"] in (episodes[:2], episodes[2:])
+    pushed = proxy.state.writer.store.episodes_to_push(100, 0.0)
+    assert {e["agent"] for e in pushed} == {None}  # the graded episodes go to the learner, the judge's never
+
+
+async def test_an_endpoint_without_response_format_gets_plain_text(start_proxy, upstream):
+    proxy = await start_proxy(grader=GraderConfig(kind="judge", judge_model="m", wait_s=0, poll_s=3600))
+    episode = await _episode(proxy, None, 3)
+    await proxy.state.writer.flush()
+    upstream.app[NO_RESPONSE_FORMAT][0] = True
+    upstream.app[REPLIES][:] = [json.dumps({"scores": [{"id": episode, "reason": "ok", "score": 0.7}]})]
+    assert await proxy.state.grader.grade_due("1") == 1
+    [grade] = await _graded(proxy, 1)
+    assert grade["reward"] == 0.7 and "response_format" not in upstream.received[-1]
