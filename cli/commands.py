@@ -82,7 +82,14 @@ def _learner(args: argparse.Namespace) -> int:
 
 
 def _grade(args: argparse.Namespace) -> int:
-    """Re-grade stored episodes through the proxy's grader; exits 1 if any could not be graded."""
+    """Re-grade stored episodes through the proxy's grader (exits 1 if any could not be graded),
+    or, with --calibrate, measure its agreement with human labels."""
+    if args.calibrate:
+        with open(args.calibrate) as labelled:
+            labels = [json.loads(line) for line in labelled if line.strip()]
+        with proxy_request(args.url, "/v1/grader/calibrate", {"labels": labels}, timeout_s=24 * 3600) as response:
+            print(json.dumps(json.load(response), indent=1))
+        return 0
     body = {"since": args.since, "grader_version": args.grader_version}
     with proxy_request(args.url, "/v1/grader/regrade", body, timeout_s=24 * 3600) as response:
         counts = json.load(response)
@@ -217,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--since", help="only episodes created at or after this ISO 8601 time (with an offset)")
     grade.add_argument("--grader-version", dest="grader_version",
                        help="the version to score under (default: [grader] version); one not seen yet re-grades all")
+    grade.add_argument("--calibrate", metavar="FILE.jsonl",
+                       help='instead: the grader\'s agreement with human labels, lines {"episode_id", "label"}')
     grade.add_argument("--url", default=DEFAULT_URL, help="the proxy")
     grade.set_defaults(run=_grade)
 

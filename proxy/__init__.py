@@ -14,6 +14,7 @@
     tracing.py      OpenTelemetry GenAI spans per call (the `otel` extra)
     grader.py       [grader]: closed episodes scored by the team's grading service
     judge.py        the built-in LLM judge, behind the grader's contract
+    agreement.py    a grader's agreement with human labels: Spearman, pair accuracy (pure)
     upstream.py     the hot-path HTTP/1.1 client to the upstream
     admin.py        the upstream's other calls (adapter loading, /v1/models, pass-through)
     registry.py     which adapter version serves each agent; hot-swapping in vLLM

@@ -111,6 +111,7 @@ def _routes():
     yield "GET", "/v1/learner/status", learner.status, Access.ADMIN
     yield "GET", "/v1/grader", grading.status, Access.ADMIN
     yield "POST", "/v1/grader/regrade", grading.regrade, Access.ADMIN
+    yield "POST", "/v1/grader/calibrate", grading.calibrate, Access.ADMIN
     yield "GET", "/metrics", metrics_handler, Access.ADMIN
     yield "GET", "/v1/dashboard", ui.dashboard, Access.ADMIN
     yield "GET", "/ui", ui.page, Access.PUBLIC

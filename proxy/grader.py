@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol, Sequence
 
 import aiohttp
 
+from flywheel.proxy.agreement import Agreement, agreement
 from flywheel.proxy.attribution import new_id
 from flywheel.proxy.conversation import completion_messages, prompt_messages
 from flywheel.store.records import Feedback, GradeFailed
@@ -179,27 +180,32 @@ class Grader:
         self.scorer = scorer
         self.source = scorer.source
         self.counts = GradeCounts()
+        self.passing = asyncio.Lock()
     async def run(self) -> None:
-        """Grade what is due, forever; a failing store or service never ends the loop."""
+        """Grade what is due, forever, pausing `poll_s` whenever nothing was; a failing store or
+        service never ends the loop."""
+        done = 0
         while True:
+            if not done:
+                await asyncio.sleep(self.config.poll_s)
             try:
                 done = await self.grade_due(self.config.version)
             except Exception:  # the store's errors: logged, tried again after the pause
                 log.exception("grading pass failed")
                 done = 0
-            if not done:
-                await asyncio.sleep(self.config.poll_s)
 
     async def grade_due(self, version: str, since: datetime | None = None, failed_before: datetime | None = None,
                         wait_s: float | None = None) -> int:
         """One batch of due episodes graded under `version`; how many were tried. Episodes the
-        grader gave up on are tried again only if that was before `failed_before`."""
+        grader gave up on are tried again only if that was before `failed_before`. One pass at
+        a time (the background one and `flywheel grade`'s), so no episode is graded twice."""
         config = self.config
-        episodes = await self.writer.read(
-            self.writer.store.episodes_to_grade, self.source, version, config.apply_to == "unrewarded",
-            config.wait_s if wait_s is None else wait_s, since, failed_before, config.batch)
-        for group in task_groups(episodes):
-            await self.grade_group(group, version)
+        async with self.passing:
+            episodes = await self.writer.read(
+                self.writer.store.episodes_to_grade, self.source, version, config.apply_to == "unrewarded",
+                config.wait_s if wait_s is None else wait_s, since, failed_before, config.batch)
+            for group in task_groups(episodes):
+                await self.grade_group(group, version)
         return len(episodes)
 
     async def regrade(self, version: str, since: datetime | None) -> GradeCounts:
@@ -245,6 +251,15 @@ class Grader:
             except GradeError as bad:
                 error = str(bad)
         raise GradeError(f"after {self.config.attempts} attempt(s): {error}")
+
+    async def calibrate(self, labels: dict[str, float]) -> Agreement:
+        """Score labelled stored episodes (nothing is recorded) and compare, within task groups."""
+        episodes = await self.writer.read(self.writer.store.episodes_with_calls, list(labels), self.source)
+        groups = []
+        for group in task_groups(episodes):
+            scores = await self._scores([grading_item(e) for e in group])
+            groups.append([(score, labels[e["episode_id"]]) for e, score in zip(group, scores)])
+        return agreement(groups)
 
     def health(self) -> dict[str, Any]:
         return {"source": self.source, "version": self.config.version, "graded": self.counts.graded,

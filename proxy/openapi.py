@@ -117,6 +117,10 @@ SPEC = {
             {"name": "file", "in": "path", "required": True, "schema": _NAME}], "responses": {
             "200": {"description": "the file", "content": {"text/plain": {"schema": {"type": "string"}}}},
             "404": {"description": "no such file", **_json(_ERROR)}}}},
+        "/v1/grader/calibrate": {"post": _operation("the grader's agreement with human labels", 200, _OBJECT, {
+            "type": "object", "required": ["labels"], "properties": {"labels": {"type": "array", "items": {
+                "type": "object", "required": ["episode_id", "label"],
+                "properties": {"episode_id": {"type": "string"}, "label": _NUMBER}}}}}, admin=True)},
         "/healthz": {"get": _operation("alive", 200, _OBJECT, public=True)},
         "/readyz": {"get": _operation("ready: upstream, store, adapters, feed", 200, _OBJECT, public=True)},
         "/openapi.json": {"get": _operation("this description", 200, _OBJECT, public=True)},

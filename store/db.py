@@ -355,6 +355,16 @@ class Store:
             "ORDER BY e.closed_at, e.episode_id LIMIT $limit",
             {"wait_s": wait_s, "failed_before": failed_before, "since": since, "source": source, "version": version,
              "unrewarded_only": unrewarded_only, "limit": limit})
+        return self._with_calls(episodes, source)
+
+    def episodes_with_calls(self, episode_ids: list[str], source: str) -> list[dict[str, Any]]:
+        """These episodes (those that exist, in the order given), shaped as `episodes_to_grade`'s."""
+        found = {e["episode_id"]: e for e in self._dicts(
+            "SELECT episode_id, task_id, metadata FROM episodes WHERE episode_id IN (SELECT unnest($ids))",
+            {"ids": episode_ids})}
+        return self._with_calls([found[i] for i in episode_ids if i in found], source)
+
+    def _with_calls(self, episodes: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
         if not episodes:
             return []
         ids = [e["episode_id"] for e in episodes]

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from flywheel.commands import main
+from flywheel.proxy.agreement import agreement, ranks, spearman, wilson
 from flywheel.proxy.grader import GradeError, GraderConfig, mixed_reward, parse_scores, task_groups
 from flywheel.proxy.judge import DEFAULT_RUBRIC, chunks, judge_messages, parse_judgement, render_episode
 from tests.conftest import Running, eventually
@@ -254,3 +255,39 @@ async def test_an_endpoint_without_response_format_gets_plain_text(start_proxy, 
     assert await proxy.state.grader.grade_due("1") == 1
     [grade] = await _graded(proxy, 1)
     assert grade["reward"] == 0.7 and "response_format" not in upstream.received[-1]
+
+
+def test_ranks_and_agreement_by_hand():
+    assert ranks([0.5, 0.1, 0.5, 0.9]) == [2.5, 1.0, 2.5, 4.0]
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+    # group 1: perfect order; group 2: reversed; group 3: one tie in scores among 3 labelled pairs
+    found = agreement([[(0.9, 1), (0.1, 0)], [(0.2, 1), (0.8, 0)], [(0.5, 1), (0.5, 0), (0.1, 0)]])
+    assert found.groups == 3 and found.pairs == 1 + 1 + 2  # (1,0) pairs only: equal labels are not compared
+    assert found.pair_accuracy == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    low, high = found.pair_ci95
+    assert low < found.pair_accuracy < high and (low, high) == pytest.approx(wilson(2.5, 4))
+    rho3 = spearman([0.5, 0.5, 0.1], [1, 0, 0])
+    assert found.spearman == pytest.approx((1 - 1 + rho3) / 3)
+
+
+async def test_calibration_scores_labelled_episodes_without_recording(start_proxy, service, tmp_path, capsys):
+    proxy = await start_proxy(grader=_grader(service, poll_s=3600))
+    short, long, other = (await _episode(proxy, "t1", 2), await _episode(proxy, "t1", 6),
+                          await _episode(proxy, "t2", 4))
+    other_long = await _episode(proxy, "t2", 8)
+    labels = tmp_path / "labels.jsonl"  # people preferred the longer answer in t1, the shorter in t2
+    labels.write_text("\n".join(json.dumps(r) for r in [
+        {"episode_id": short, "label": 0}, {"episode_id": long, "label": 1},
+        {"episode_id": other, "label": 1}, {"episode_id": other_long, "label": 0}]))
+    code = await asyncio.to_thread(main, ["grade", "--url", proxy.url, "--calibrate", str(labels)])
+    assert code == 0  # scored by length: right on t1's pair, wrong on t2's
+    assert json.loads(capsys.readouterr().out) == {
+        "groups": 2, "spearman": pytest.approx(0.0), "spearman_ci95": pytest.approx(1.96 * 2 ** 0.5 / 2 ** 0.5),
+        "pairs": 2, "pair_accuracy": 0.5, "pair_ci95": pytest.approx(list(wilson(1, 2)))}
+    status, found = await api(proxy, "POST", "/v1/grader/calibrate", {"labels": [
+        {"episode_id": short, "label": 0}, {"episode_id": long, "label": 1}]})
+    assert status == 200 and found["pairs"] == 1 and found["pair_accuracy"] == 1.0
+    assert found["spearman"] == pytest.approx(1.0)
+    assert await proxy.rows("SELECT * FROM feedback") == []  # calibration records nothing
