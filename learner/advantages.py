@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 from flywheel.learner.credit import Transition
 
@@ -38,6 +38,10 @@ class AdvantageConfig:
     # singletons under scale = "group": divide by max(baseline std, std_floor), so a nearly constant
     # history (std ~ 0 after the first rewards) cannot blow one advantage up
     std_floor: float = 0.25
+    # GDPO: {dimension: weight}. Each named dimension of the feedback (its `dims`; "reward" is the
+    # scalar) is normalized within its group first, then A = sum_d w_d * z_d, so one noisy or
+    # wide-ranging dimension cannot drown the others. Groups only: one-off episodes keep the scalar
+    dim_weights: Mapping[str, float] | None = None
 
 
 @dataclass
@@ -70,13 +74,13 @@ class TaskReturns:
     values: dict[str, list[float]] = field(default_factory=dict)  # "agent\ttask" -> values, oldest first
 
     @staticmethod
-    def key(agent: str, task: str) -> str:
-        return f"{agent}\t{task}"
+    def key(agent: str, task: str, dim: str = "") -> str:
+        return f"{agent}\t{task}" + (f"\t{dim}" if dim else "")
 
-    def prior(self, agent: str, task: str, new: int) -> list[float]:
-        """The remembered values that join `new` new ones in a rolling group."""
+    def prior(self, agent: str, task: str, new: int, dim: str = "") -> list[float]:
+        """The remembered values (of dimension `dim`, with GDPO) that join `new` new ones in a rolling group."""
         keep = self.window - new
-        return self.values.get(self.key(agent, task), [])[-keep:] if keep > 0 else []
+        return self.values.get(self.key(agent, task, dim), [])[-keep:] if keep > 0 else []
 
     def attempts(self) -> dict[str, int]:
         """task -> the most values remembered for it by any agent."""
@@ -86,8 +90,8 @@ class TaskReturns:
             counts[task] = max(counts.get(task, 0), len(values))
         return counts
 
-    def add(self, agent: str, task: str, values: Sequence[float]) -> None:
-        key = self.key(agent, task)
+    def add(self, agent: str, task: str, values: Sequence[float], dim: str = "") -> None:
+        key = self.key(agent, task, dim)
         self.values[key] = (self.values.pop(key, []) + list(values))[-self.window:]  # re-inserted: most recent
         while len(self.values) > self.limit:
             del self.values[next(iter(self.values))]
@@ -115,12 +119,35 @@ def std(values_G: Sequence[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values_G) / (len(values_G) - 1))
 
 
-def group_values(members: Sequence[Sequence[Transition]], level: str) -> list[float]:
+def group_values(members: Sequence[Sequence[Transition]], level: str,
+                 value: Callable[[Transition], float] = lambda t: t.reward) -> list[float]:
     """What a group's statistics are over: each call's credit (level="call") or each
-    episode's return (level="episode")."""
+    episode's return (level="episode"); of `value` (default the scalar credit; a dimension's)."""
     if level == "call":
-        return [t.reward for episode in members for t in episode]
-    return [episode_return(episode) for episode in members]
+        return [value(t) for episode in members for t in episode]
+    return [sum(value(t) for t in episode) / len(episode) for episode in members]
+
+
+def normalized_dims(members: Sequence[Sequence[Transition]], config: AdvantageConfig,
+                    priors_DV: Mapping[str, Sequence[float]]) -> list[float] | None:
+    """GDPO: for every transition of the group, with V_d = priors_DV[d] + the members' values of
+    dimension d (`group_values`),
+
+        A_t = sum_d w_d * (x_td - mean(V_d)) / (std(V_d) + eps)
+
+    A dimension constant within the group adds nothing; None when every one is constant."""
+    flat = [t for episode in members for t in episode]
+    advantages_T = [0.0] * len(flat)
+    varied = False
+    for name, weight in (config.dim_weights or {}).items():
+        values_V = list(priors_DV.get(name, ())) + group_values(members, config.level, lambda t: t.dims[name])
+        if max(values_V) == min(values_V):
+            continue
+        varied = True
+        mean, spread = sum(values_V) / len(values_V), std(values_V) + config.eps
+        for i, t in enumerate(flat):
+            advantages_T[i] += weight * (t.dims[name] - mean) / spread
+    return advantages_T if varied else None
 
 
 def centred_on_group(members: Sequence[Sequence[Transition]], config: AdvantageConfig,
@@ -142,7 +169,7 @@ def centred_on_group(members: Sequence[Sequence[Transition]], config: AdvantageC
 
 def episode_return(transitions: Sequence[Transition]) -> float:
     """An episode's reward as one agent saw it: the mean credit of the agent's calls in it."""
-    return sum(t.reward for t in transitions) / len(transitions)
+    return group_values([transitions], "episode")[0]
 
 
 def singleton_advantage(reward: float, baseline: Baseline, config: AdvantageConfig) -> float:
@@ -160,7 +187,7 @@ def compute_advantages(transitions: Sequence[Transition], config: AdvantageConfi
 
     Groups of two or more episodes (same agent, same task id), counting with `task_returns`
     the task's values already trained on: GRPO (`centred_on_group`, whose prior values are
-    the remembered ones). Groups whose rewards and prior values are all equal teach nothing
+    the remembered ones), or with `dim_weights` GDPO (`normalized_dims`). Groups whose rewards and prior values are all equal teach nothing
     and are dropped (DAPO dynamic sampling); with `task_returns` their values are still
     remembered, so the task's later attempts are scored against them. Singletons are scored
     against their agent's baseline as it was before their episode (`singleton_advantage`),
@@ -180,18 +207,27 @@ def compute_advantages(transitions: Sequence[Transition], config: AdvantageConfi
                for calls in members}
     stats = AdvantageStats()
     scored: list[Scored] = []
+    dims = tuple(config.dim_weights or ())
     for (agent, task), members in groups.items():
-        if task_returns is not None and members[0][0].task_id:
+        rolling = task_returns is not None and bool(members[0][0].task_id)
+        priors_DV = {d: task_returns.prior(agent, task, len(members), d) for d in dims} if rolling else {}
+        if rolling:
             task_returns.add(agent, task, group_values(members, config.level))
+            for d in dims:
+                task_returns.add(agent, task, group_values(members, config.level, lambda t, d=d: t.dims[d]), d)
         if id(members[0]) not in grouped:
             continue
-        rewards = [t.reward for calls in members for t in calls] + priors_V[(agent, task)]
-        if max(rewards) == min(rewards):
+        if dims:
+            advantages = normalized_dims(members, config, priors_DV)
+        else:
+            rewards = [t.reward for calls in members for t in calls] + priors_V[(agent, task)]
+            advantages = None if max(rewards) == min(rewards) else centred_on_group(members, config,
+                                                                                    priors_V[(agent, task)])
+        if advantages is None:
             stats.skipped["zero_variance_group"] += sum(len(calls) for calls in members)
             continue
         stats.groups += 1
-        flat = [t for calls in members for t in calls]
-        scored += [Scored(t, a) for t, a in zip(flat, centred_on_group(members, config, priors_V[(agent, task)]))]
+        scored += [Scored(t, a) for t, a in zip((t for calls in members for t in calls), advantages)]
     for (agent, _), calls in episodes.items():  # arrival order
         baseline = baselines.setdefault(agent, Baseline())
         if id(calls) not in grouped:

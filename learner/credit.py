@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 from flywheel.protos import flywheel_pb2 as pb
 
@@ -27,6 +27,7 @@ class Transition:
     behavior_logprobs: tuple[float, ...]  # from vLLM, one per completion token
     temperature: float
     reward: float  # the credit this call receives
+    dims: Mapping[str, float] = field(default_factory=dict)  # the credit of each named dimension, when asked for
 
 
 @dataclass(frozen=True)
@@ -104,30 +105,39 @@ def reshaped_distribution(call: pb.Call) -> bool:
             or call.frequency_penalty != 0 or call.repetition_penalty not in (0.0, 1.0))
 
 
-def call_credits(episode: pb.Episode, config: CreditConfig) -> dict[str, float]:
-    """Credit per call id, before filtering.
+def call_credits(episode: pb.Episode, config: CreditConfig,
+                 value: Callable[[pb.Reward], float] | None = None) -> dict[str, float]:
+    """Credit per call id, before filtering, of `value` (default: `scalar_reward`) of the feedback.
 
     identical:  c_i = R                          (R: the episode's latest reward)
     discounted: c_i = R * gamma ** (n - 1 - k_i)  (k_i: the call's position among the n calls)
     then a call's own latest feedback f_i:  add: c_i + f_i,  override: f_i.
     """
+    value = value or (lambda reward: scalar_reward(reward, config.dim_weights))
     episode_reward = latest(episode.rewards)
-    total = scalar_reward(episode_reward, config.dim_weights) if episode_reward is not None else 0.0
+    total = value(episode_reward) if episode_reward is not None else 0.0
     calls = sorted(episode.calls, key=lambda c: c.seq)
     credits = {}
     for position, call in enumerate(calls):
         credit = total if config.mode == "identical" else total * config.gamma ** (len(calls) - 1 - position)
         own = latest(call.rewards)
         if own is not None:
-            value = scalar_reward(own, config.dim_weights)
-            credit = value if config.call_feedback == "override" else credit + value
+            credit = value(own) if config.call_feedback == "override" else credit + value(own)
         credits[call.call_id] = credit
     return credits
 
 
-def assign(episode: pb.Episode, config: CreditConfig, trains: Callable[[str], bool]) -> tuple[list[Transition], Counter]:
-    """Transitions of the trained agents' calls, and a count of the calls skipped, by reason."""
+def dimension(name: str) -> Callable[[pb.Reward], float]:
+    """One named dimension of a feedback (missing: 0); the name "reward" is the scalar reward."""
+    return lambda reward: reward.reward if name == "reward" else reward.dims.get(name, 0.0)
+
+
+def assign(episode: pb.Episode, config: CreditConfig, trains: Callable[[str], bool],
+           dims: Sequence[str] = ()) -> tuple[list[Transition], Counter]:
+    """Transitions of the trained agents' calls, and a count of the calls skipped, by reason;
+    each also carries the credit of every dimension named in `dims`, by the same rule."""
     credits = call_credits(episode, config)
+    dim_credits = {name: call_credits(episode, config, dimension(name)) for name in dims}
     transitions, skipped = [], Counter()
     for call in episode.calls:
         if not trains(call.agent):
@@ -141,5 +151,6 @@ def assign(episode: pb.Episode, config: CreditConfig, trains: Callable[[str], bo
             adapter=call.adapter, prompt_ids=tuple(call.prompt_token_ids),
             completion_ids=tuple(call.completion_token_ids), behavior_logprobs=tuple(call.completion_logprobs),
             temperature=call.temperature or 1.0, reward=credits[call.call_id],
+            dims={name: by_call[call.call_id] for name, by_call in dim_credits.items()},
         ))
     return transitions, skipped

@@ -147,7 +147,8 @@ class Learner:
         by_adapter: dict[str, list[Transition]] = defaultdict(list)
         skipped = Counter()
         for episode in episodes:
-            transitions, why = assign(episode, self.config.credit, self.trains)
+            transitions, why = assign(episode, self.config.credit, self.trains,
+                                      tuple(self.config.advantages.dim_weights or ()))
             skipped.update(why)
             for t in transitions:
                 if self.publisher.version(t.agent) - served_version(t.adapter, t.agent) >= self.config.max_staleness:

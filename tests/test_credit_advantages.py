@@ -190,3 +190,38 @@ def test_staleness_drops_calls_served_by_versions_too_far_behind(tmp_path):
     by_adapter, skipped = learner._transitions(learner.buffer.pending.values())
     assert [t.adapter for t in by_adapter["x"]] == ["x-v2", "x-v5"]  # 3 and 0 versions behind
     assert skipped == {"stale": 2}  # 4 and 5 behind
+
+
+def _dim_episodes(rows, names=("correct", "style")):
+    """[(episode id, reward, dims)] of task t, one call each, carrying the credit of `names`."""
+    eps = [episode(e, "t", r, [call(f"{e}-c", "x", 0)], dims=d) for e, r, d in rows]
+    return [t for ep in eps for t in assign(ep, CreditConfig(), agent_filter(".*"), names)[0]]
+
+
+def test_gdpo_normalizes_each_dimension_within_its_group_before_weighing():
+    """`style` spans 0..100, `correct` 0..1: summed raw, style would decide everything."""
+    rows = [("a", 1.0, {"correct": 1.0, "style": 0.0}), ("b", 0.0, {"correct": 0.0, "style": 100.0}),
+            ("c", 1.0, {"correct": 1.0, "style": 50.0})]
+    transitions = _dim_episodes(rows)
+    assert transitions[1].dims == {"correct": 0.0, "style": 100.0}
+    config = AdvantageConfig(dim_weights={"correct": 1.0, "style": 0.5})
+    scored, stats = compute_advantages(transitions, config, {})
+    # correct: [1, 0, 1], mean 2/3, std sqrt(1/3); style: [0, 100, 50], mean 50, std 50
+    z_correct = [(v - 2 / 3) / (math.sqrt(1 / 3) + 1e-4) for v in (1, 0, 1)]
+    z_style = [(v - 50) / (50 + 1e-4) for v in (0, 100, 50)]
+    assert [s.advantage for s in scored] == pytest.approx([c + 0.5 * y for c, y in zip(z_correct, z_style)])
+    assert stats.groups == 1
+
+
+def test_gdpo_a_constant_dimension_adds_nothing_and_rolling_groups_keep_each_dimensions_history():
+    config = AdvantageConfig(dim_weights={"correct": 1.0, "style": 1.0}, scale="none")
+    same = [("a", 1.0, {"correct": 1.0, "style": 3.0}), ("b", 1.0, {"correct": 1.0, "style": 3.0})]
+    returns = TaskReturns(window=4)
+    scored, stats = compute_advantages(_dim_episodes(same), config, {}, returns)
+    assert scored == [] and stats.skipped == {"zero_variance_group": 2}
+    assert returns.values["x\tt\tstyle"] == [3.0, 3.0] and returns.values["x\tt"] == [1.0, 1.0]
+    later = [("c", 1.0, {"correct": 1.0, "style": 1.0}), ("d", 1.0, {"correct": 1.0, "style": 5.0})]
+    scored, _ = compute_advantages(_dim_episodes(later), config, {}, returns)
+    # correct constant: nothing; style V = [3, 3, 1, 5]: mean 3, sample std sqrt(8/3)
+    spread = math.sqrt(8 / 3) + 1e-4
+    assert [s.advantage for s in scored] == pytest.approx([-2 / spread, 2 / spread])
