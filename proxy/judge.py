@@ -43,10 +43,14 @@ You grade attempts of AI agents at the same task. Read every episode, then score
 Answer with JSON only: {{"scores": [{{"id": "<episode id>", "reason": "<one sentence>", "score": <0 to 1>}}, ...]}},
 one entry per episode, in the order given."""
 
-SCHEMA = {"type": "object", "required": ["scores"], "properties": {"scores": {"type": "array", "items": {
-    "type": "object", "required": ["id", "reason", "score"], "properties": {
-        "id": {"type": "string"}, "reason": {"type": "string"},
-        "score": {"type": "number", "minimum": 0, "maximum": 1}}}}}}
+def judge_schema(ids: Sequence[str]) -> dict:
+    """The answer's JSON schema: one entry per episode, ids from the group, so guided decoding
+    cannot miss one or invent one."""
+    return {"type": "object", "required": ["scores"], "additionalProperties": False, "properties": {"scores": {
+        "type": "array", "minItems": len(ids), "maxItems": len(ids), "items": {
+            "type": "object", "required": ["id", "reason", "score"], "additionalProperties": False, "properties": {
+                "id": {"type": "string", "enum": list(ids)}, "reason": {"type": "string", "maxLength": 200},
+                "score": {"type": "number", "minimum": 0, "maximum": 1}}}}}}
 
 
 def _content(message: dict | None) -> str:
@@ -139,8 +143,8 @@ class JudgeScorer:
                                 "max_tokens": self.config.judge_max_tokens, "return_token_ids": True,
                                 "logprobs": True}
         if self.structured:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "judgement", "schema": SCHEMA}}
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "judgement", "schema": judge_schema([item["id"] for item in items])}}
         started, created_at = time.perf_counter(), datetime.now(timezone.utc)
         async with self.session.post(f"{self.base_url}/chat/completions", json=body) as response:
             status, text = response.status, await response.text()

@@ -1,7 +1,9 @@
 """The proxy in front of a real vLLM-CPU serving SmolLM2: recorded token ids are the exact output."""
 
 import asyncio
+import json
 
+import aiohttp
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -82,3 +84,33 @@ async def test_responses_api_calls_record_tokens_that_decode_to_the_returned_tex
     for row, text in zip(rows, texts):
         _decodes_to(tokenizer, row, text)
         assert "Name three colours." in tokenizer.decode(row["prompt_token_ids"])
+
+
+async def test_the_judge_scores_a_group_on_real_vllm(start_proxy, vllm, tokenizer):
+    """One task group judged end to end by SmolLM2 with guided JSON: a score per episode, the
+    judge's call recorded under flywheel-judge with its tokens."""
+    from flywheel.proxy.grader import GraderConfig
+
+    proxy = await start_proxy(upstream=vllm.url, base_model="smollm2",
+                              grader=GraderConfig(kind="judge", wait_s=0, poll_s=3600))
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
+    episodes = []
+    for answer in ("Paris.", "Berlin.", "I think it is Paris, the capital of France."):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{proxy.url}/v1/episodes", json={"task": "capital"}) as r:
+                episode = (await r.json())["episode_id"]
+        await client.chat.completions.create(
+            model="smollm2", max_tokens=8, extra_headers={"X-Flywheel-Episode": episode},
+            messages=[{"role": "user", "content": f"What is the capital of France? Say: {answer}"}])
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{proxy.url}/v1/episodes/{episode}/close", json={}) as r:
+                assert r.status == 200
+        episodes.append(episode)
+    await proxy.state.writer.flush()
+    assert await proxy.state.grader.grade_due("1") == 3
+    grades = await proxy.rows("SELECT episode_id, reward, source FROM feedback ORDER BY created_at")
+    assert proxy.state.grader.counts.failed == 0, proxy.state.grader.counts.last_error
+    assert [g["episode_id"] for g in grades] == episodes and all(0 <= g["reward"] <= 1 for g in grades)
+    assert {g["source"] for g in grades} == {"judge:smollm2"}
+    [judged] = await proxy.rows("SELECT * FROM calls WHERE agent = 'flywheel-judge'")
+    _decodes_to(tokenizer, judged, json.loads(judged["response"])["choices"][0]["message"]["content"])
