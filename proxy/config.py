@@ -27,6 +27,9 @@ class ProxyConfig:
     db: str = "flywheel.duckdb"
     # served name of the base model in vLLM; adapters apply to calls for it ("" = to any model)
     base_model: str = ""
+    # serve every LLM call with this model, whatever model the client names (an app written for
+    # "gpt-4.1" works unchanged; calls.model keeps the name it sent). "" = the client's model
+    serve_model: str = ""
     # vLLM's --max-lora-rank: adapters of higher rank are refused at registration
     max_lora_rank: int = 16
     # directories adapters may be registered from (a path elsewhere gets a 403); none = registration

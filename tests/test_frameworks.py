@@ -101,3 +101,15 @@ async def test_dspy_through_litellm(proxy):
     [row] = await _calls(proxy)
     assert (row["endpoint"], row["agent"], row["episode_id"]) == ("chat.completions", "extractor", "ep-dspy")
     assert row["completion_token_ids"] == [1000, 1001, 1002, 1003]
+
+
+async def test_an_agent_left_on_the_sdks_default_model_is_served_by_serve_model(start_proxy, upstream, monkeypatch):
+    proxy = await start_proxy(serve_model="m")
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{proxy.url}/agents/assistant/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-flywheel")
+    monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    agents.set_default_openai_client(openai.AsyncOpenAI(), use_for_tracing=False)
+    result = await agents.Runner.run(agents.Agent(name="assistant", instructions="Be brief."), "hi")
+    assert result.final_output == " w0 w1 w2 w3" and upstream.received[-1]["model"] == "m"
+    [row] = await proxy.rows("SELECT model, adapter FROM calls")
+    assert row["model"] not in (None, "m") and row["adapter"] == "m"  # what the app asked for, what served it

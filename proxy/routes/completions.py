@@ -128,7 +128,9 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     headers = {"Content-Type": "application/json"}
     if state.config.upstream_api_key:  # never the client's own key: that is Flywheel's to check
         headers["Authorization"] = f"Bearer {state.config.upstream_api_key}"
-    version = state.registry.route(who.agent, call.model)
+    if state.config.serve_model:
+        forward["model"] = state.config.serve_model
+    version = state.registry.route(who.agent, forward.get("model"))
     if version is not None:
         forward["model"] = version.served_name
     try:
