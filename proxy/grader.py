@@ -252,14 +252,20 @@ class Grader:
                 error = str(bad)
         raise GradeError(f"after {self.config.attempts} attempt(s): {error}")
 
-    async def calibrate(self, labels: dict[str, float]) -> Agreement:
-        """Score labelled stored episodes (nothing is recorded) and compare, within task groups."""
+    async def calibrate(self, labels: dict[str, float]) -> tuple[Agreement, int]:
+        """Score labelled stored episodes (nothing is recorded) and compare, within task groups;
+        also how many episodes the grader could not score (their groups are left out)."""
         episodes = await self.writer.read(self.writer.store.episodes_with_calls, list(labels), self.source)
-        groups = []
+        groups, unscored = [], 0
         for group in task_groups(episodes):
-            scores = await self._scores([grading_item(e) for e in group])
+            try:
+                scores = await self._scores([grading_item(e) for e in group])
+            except GradeError as failure:
+                unscored += len(group)
+                self.counts.last_error = str(failure)
+                continue
             groups.append([(score, labels[e["episode_id"]]) for e, score in zip(group, scores)])
-        return agreement(groups)
+        return agreement(groups), unscored
 
     def health(self) -> dict[str, Any]:
         return {"source": self.source, "version": self.config.version, "graded": self.counts.graded,

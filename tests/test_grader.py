@@ -285,9 +285,14 @@ async def test_calibration_scores_labelled_episodes_without_recording(start_prox
     assert code == 0  # scored by length: right on t1's pair, wrong on t2's
     assert json.loads(capsys.readouterr().out) == {
         "groups": 2, "spearman": pytest.approx(0.0), "spearman_ci95": pytest.approx(1.96 * 2 ** 0.5 / 2 ** 0.5),
-        "pairs": 2, "pair_accuracy": 0.5, "pair_ci95": pytest.approx(list(wilson(1, 2)))}
+        "pairs": 2, "pair_accuracy": 0.5, "pair_ci95": pytest.approx(list(wilson(1, 2))),
+        "unscored_episodes": 0, "last_error": ""}
     status, found = await api(proxy, "POST", "/v1/grader/calibrate", {"labels": [
         {"episode_id": short, "label": 0}, {"episode_id": long, "label": 1}]})
     assert status == 200 and found["pairs"] == 1 and found["pair_accuracy"] == 1.0
     assert found["spearman"] == pytest.approx(1.0)
     assert await proxy.rows("SELECT * FROM feedback") == []  # calibration records nothing
+    service.failures = [500] * 4  # a group the grader cannot score is left out and counted
+    status, found = await api(proxy, "POST", "/v1/grader/calibrate", {"labels": [
+        {"episode_id": short, "label": 0}, {"episode_id": long, "label": 1}]})
+    assert status == 200 and found["unscored_episodes"] == 2 and found["pairs"] == 0 and "500" in found["last_error"]

@@ -8,7 +8,7 @@ from datetime import datetime
 from aiohttp import web
 
 from flywheel.proxy.errors import ApiError, read_json_object
-from flywheel.proxy.grader import GradeError, Grader
+from flywheel.proxy.grader import Grader
 from flywheel.proxy.state import STATE
 
 _FAILED = """
@@ -55,7 +55,8 @@ async def regrade(request: web.Request) -> web.Response:
 
 async def calibrate(request: web.Request) -> web.Response:
     """`{"labels": [{"episode_id", "label"}, ...]}`: the grader's agreement with these human labels
-    on the stored episodes, within task groups (nothing is recorded)."""
+    on the stored episodes, within task groups (nothing is recorded); groups it cannot score are
+    left out and counted."""
     grader = _grader(request)
     body = await read_json_object(request)
     rows = body.get("labels")
@@ -63,8 +64,6 @@ async def calibrate(request: web.Request) -> web.Response:
             isinstance(r, dict) and isinstance(r.get("episode_id"), str) and isinstance(r.get("label"), (int, float))
             and not isinstance(r.get("label"), bool) for r in rows):
         raise ApiError(400, "'labels' must be a list of {\"episode_id\": str, \"label\": number}", "invalid_field")
-    try:
-        found = await grader.calibrate({r["episode_id"]: float(r["label"]) for r in rows})
-    except GradeError as failure:
-        raise ApiError(502, f"the grader failed: {failure}", "grader_failed") from None
-    return web.json_response(asdict(found))
+    found, unscored = await grader.calibrate({r["episode_id"]: float(r["label"]) for r in rows})
+    return web.json_response({**asdict(found), "unscored_episodes": unscored,
+                              "last_error": grader.counts.last_error if unscored else ""})
