@@ -119,11 +119,13 @@ async def test_a_person_sees_rewards_agents_adapters_and_episodes_and_can_roll_b
     try:
         await browser.send("Page.navigate", url=f"{proxy.url}/ui")
         await browser.text_shows("an admin key is needed")
+        assert await browser.run("getComputedStyle(document.getElementById('key-form')).display") != "none"
         await browser.run("document.getElementById('key').focus()")
         await browser.send("Input.insertText", text=ADMIN_KEY)
         await browser.run("document.querySelector('#key-form button').click()")
         text = await browser.text_shows("ready", "planner-v1", "roll back", "(held-out)")
         assert "an admin key is needed" not in text
+        assert await browser.run("getComputedStyle(document.getElementById('key-form')).display") == "none"
         assert "no learner" in text.lower()  # this proxy has none
         # the held-out table: the base model, then planner-v1, 3 episodes each, means 0.35 and 0.85
         assert await browser.run("document.querySelectorAll('#heldout-table tbody tr').length") == 2

@@ -51,7 +51,7 @@ function rewardChart(heldout, train) {
   const versions = [];
   for (const [, rows] of series) for (const r of rows) if (!versions.includes(r.served_by)) versions.push(r.served_by);
   if (versions.length === 0) return el("p", {class: "hint"}, "no rewarded episodes yet");
-  const width = Math.max(480, 90 * versions.length), height = 240, left = 40, bottom = 60, top = 12;
+  const width = Math.max(480, 110 * versions.length), height = 260, left = 40, bottom = 80, top = 12;
   const x = (i) => left + (i + 0.5) * (width - left) / versions.length;
   const values = series.flatMap(([, rows]) => rows.flatMap((r) => [r.mean_reward - r.ci95, r.mean_reward + r.ci95]));
   const low = Math.min(0, ...values), high = Math.max(1, ...values);
@@ -83,8 +83,10 @@ function rewardChart(heldout, train) {
     add("circle", {cx: left + 10 + 90 * s, cy: height - 10, r: 4, fill: colour});
     add("text", {x: left + 18 + 90 * s, y: height - 6}, name);
   });
-  versions.forEach((v, i) => add("text", {x: x(i), y: height - bottom + 16, "text-anchor": "middle"},
-                                 v.length > 24 ? v.slice(0, 23) + "…" : v));
+  // labels slanted, so long version names ("planner-v3 + writer-v3") never run into each other
+  versions.forEach((v, i) => add("text", {x: x(i), y: height - bottom + 12, "text-anchor": "end",
+                                          transform: `rotate(-20 ${x(i)} ${height - bottom + 12})`},
+                                 v.length > 28 ? v.slice(0, 27) + "…" : v));
   return svg;
 }
 
