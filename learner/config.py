@@ -51,8 +51,11 @@ class LearnerConfig:
     # trained), against the task's latest `group_size` returns, so attempts spread over time are
     # learnt from on-policy (trickle traffic: see the README's tables). "complete": a group waits
     # until `group_size` attempts are buffered and is trained whole, as in TRL and verl; its
-    # early members are by then one or more versions stale. Either way, a lone attempt is
-    # trained as a one-off once no attempt of its task has come for `group_wait_s`.
+    # early members are by then one or more versions stale. Measured on the demo's trickle
+    # traffic (attempts over 4 rounds): +0.20 complete, +0.32 rolling in 20 minutes, and the
+    # trained calls' logprob gap to vLLM 0.09-0.18 nats per token complete, 0.00 rolling.
+    # Either way, a lone attempt is trained as a one-off once no attempt of its task has come
+    # for `group_wait_s`.
     group_policy: Literal["rolling", "complete"] = "rolling"
     # attempts per task in a complete group, and the size of a rolling group
     group_size: int = 8
