@@ -10,6 +10,8 @@ from aiohttp import web
 
 log = logging.getLogger("flywheel.proxy")
 
+MAX_ERROR_CHARS = 4000  # upstream error bodies are recorded up to this length
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

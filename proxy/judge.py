@@ -23,6 +23,7 @@ import aiohttp
 
 from flywheel.proxy.attribution import new_id
 from flywheel.proxy.capture import CHAT, Capture
+from flywheel.proxy.errors import MAX_ERROR_CHARS
 from flywheel.proxy.grader import GradeError, GraderConfig
 from flywheel.store.records import CallRecord, EpisodeOpen
 from flywheel.store.writer import BatchWriter
@@ -181,4 +182,4 @@ class JudgeScorer:
             completion_logprobs=capture.completion_logprobs(), finish_reason=capture.first.finish_reason,
             prompt_tokens=capture.prompt_tokens(), completion_tokens=capture.completion_tokens(),
             latency_ms=(time.perf_counter() - started) * 1000, ttft_ms=None, status=status,
-            error=None if status == 200 else text[:4000], temperature=0.0))
+            error=None if status == 200 else text[:MAX_ERROR_CHARS], temperature=0.0))

@@ -15,14 +15,13 @@ from aiohttp import web
 
 from flywheel.proxy.attribution import Attribution, attribute, new_id
 from flywheel.proxy.capture import CHAT, Capture, Wants, strip_unrequested, upstream_body
-from flywheel.proxy.errors import ApiError, error_body, error_response, read_json_object
+from flywheel.proxy.errors import MAX_ERROR_CHARS, ApiError, error_body, error_response, read_json_object
 from flywheel.proxy.responses import RESPONSES, ResponseEvents, chat_request, response_object
 from flywheel.proxy.sampling import Sampling, resolve
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamError, UpstreamResponse
 from flywheel.store.records import CallRecord
 
-_MAX_ERROR_CHARS = 4000  # upstream error bodies are recorded up to this length
 
 
 @dataclass
@@ -180,7 +179,7 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
 async def _relay_error(request: web.Request, call: _Call, upstream: UpstreamResponse) -> web.Response:
     """Upstream said no: the client gets its status and body, the call is recorded with it."""
     raw = await upstream.read()
-    await call.record(upstream.status, raw.decode(errors="replace")[:_MAX_ERROR_CHARS])
+    await call.record(upstream.status, raw.decode(errors="replace")[:MAX_ERROR_CHARS])
     return web.Response(status=upstream.status, body=raw, headers=call.ids(), content_type=upstream.content_type)
 
 
@@ -280,7 +279,7 @@ def _relay_line(call: _Call, line: bytes, wants: Wants) -> bytes:
     except orjson.JSONDecodeError:
         return b"" if call.events else line
     if "error" in chunk and not chunk.get("choices"):
-        call.capture_error = orjson.dumps(chunk["error"]).decode()[:_MAX_ERROR_CHARS]
+        call.capture_error = orjson.dumps(chunk["error"]).decode()[:MAX_ERROR_CHARS]
     if call.capture.add(chunk):
         call.mark_first_token()
     if call.events:

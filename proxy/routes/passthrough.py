@@ -12,11 +12,10 @@ import orjson
 from aiohttp import web
 
 from flywheel.proxy.attribution import attribute, new_id
-from flywheel.proxy.errors import ApiError
+from flywheel.proxy.errors import MAX_ERROR_CHARS, ApiError
 from flywheel.proxy.state import STATE
 from flywheel.store.records import PassthroughRecord
 
-_MAX_ERROR_CHARS = 4000  # upstream error bodies are logged up to this length
 
 # (method, path from the upstream's root): the routes forwarded as they are
 FORWARDED = (("POST", "/v1/embeddings"), ("POST", "/tokenize"), ("POST", "/detokenize"))
@@ -34,7 +33,7 @@ def forward_handler(path: str):
             call_id=call_id, agent=who.agent, episode_id=who.episode_id, created_at=created_at,
             method=request.method, path=path, status=status, latency_ms=(time.perf_counter() - started) * 1000,
             request_bytes=len(body or b""), response_bytes=len(raw),
-            error=raw.decode(errors="replace")[:_MAX_ERROR_CHARS] if status >= 400 else None))
+            error=raw.decode(errors="replace")[:MAX_ERROR_CHARS] if status >= 400 else None))
         return web.Response(status=status, body=raw, content_type=content_type, headers={"X-Flywheel-Call": call_id})
 
     return handler
