@@ -23,7 +23,6 @@ from flywheel.proxy.upstream import UpstreamError, UpstreamResponse
 from flywheel.store.records import CallRecord
 
 
-
 @dataclass
 class _Call:
     """One call in flight: what the handler knows so far, turned into a CallRecord at the end."""
