@@ -62,6 +62,8 @@ def command(s: VllmSettings) -> list[str]:
         # no hidden sampling defaults from the model's generation config: the proxy writes them
         # into each request itself (flywheel.up.sampling_defaults) and records what was sampled
         "--generation-config", "vllm",
+        # requests carry a priority: clients' 0 runs before shadow samples' (proxy/shadow.py)
+        "--scheduling-policy", "priority",
         *(["--gpu-memory-utilization", str(s.gpu_memory_utilization)] if gpu_build() else []),
         *s.extra_args,
     ]

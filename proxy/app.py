@@ -34,6 +34,7 @@ from flywheel.proxy.routes import adapters, episodes, grading, learner, sql, ui
 from flywheel.proxy.routes.completions import completion_handler, stored_response_handler
 from flywheel.proxy.routes.passthrough import FORWARDED, forward_handler, model_handler, models_handler
 from flywheel.proxy.sampling import checked_defaults
+from flywheel.proxy.shadow import ShadowSampler
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamPool
 from flywheel.store.db import Store, StoreLimits
@@ -52,6 +53,7 @@ REGISTRY = web.AppKey("flywheel_registry", Registry)
 FEED = web.AppKey("flywheel_feed", Feed)
 GRADER_CONFIG = web.AppKey("flywheel_grader_config", GraderConfig)
 GRADER = web.AppKey("flywheel_grader", Grader)
+SHADOWS = web.AppKey("flywheel_shadows", ShadowSampler)
 TRACER: web.AppKey["CallTracer"] = web.AppKey("flywheel_tracer")
 
 # Attribution by base_url: every OpenAI route is also served under these prefixes.
@@ -66,6 +68,10 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web
         raise ValueError("[grader] kind = \"endpoint\" needs a url")
     if grader.kind == "judge" and not (grader.judge_model or config.base_model):
         raise ValueError("[grader] kind = \"judge\" needs judge_model, or [proxy] base_model (flywheel up sets it)")
+    if grader.shadow_samples and grader.kind == "feedback":
+        raise ValueError("[grader] shadow_samples needs a grader to score them: kind = \"endpoint\" or \"judge\"")
+    if grader.shadow_samples < 0 or grader.shadow_budget <= 0:
+        raise ValueError("[grader] shadow_samples must be 0 or more and shadow_budget more than 0")
     if config.otel_endpoint:
         try:
             import flywheel.proxy.tracing  # noqa: F401
@@ -83,7 +89,7 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web
     for method, path, handler, needs in _routes():
         access[app.router.add_route(method, path, handler)] = needs
     app[ROUTE_ACCESS] = access
-    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _grader, _feed, _tracer, _state])
+    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _shadows, _grader, _feed, _tracer, _state])
     return app
 
 
@@ -173,15 +179,31 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
         return
     channel = grpc.aio.insecure_channel(config.learner, options=channel_options(config.max_message_bytes))
     grader = app.get(GRADER)
-    # grading every episode: the learner waits for the grade, or it would learn from the feedback alone
-    await_grade = (grader.source, grader.config.version) if grader and grader.config.apply_to == "all" else None
+    # the learner waits for the grade of every episode when all are graded (or it would learn from
+    # the feedback alone), else for those with shadow samples (which only the grader scores)
+    await_grade = (grader.source, grader.config.version, grader.config.apply_to == "all") if grader else None
+    shadows = app.get(SHADOWS)
     feed = Feed(app[WRITER], channel, config.learner, config.push_after_s, config.push_batch, config.push_interval_s,
-                config.max_message_bytes, config.learner_token, await_grade)
+                config.max_message_bytes, config.learner_token, await_grade,
+                shadows.busy_episodes if shadows else list)
     app[FEED] = feed
     feeding = asyncio.get_running_loop().create_task(feed.run())
     yield
     await _cancel(feeding)
     await channel.close()
+
+
+async def _shadows(app: web.Application) -> AsyncIterator[None]:
+    """The shadow sampler, when `[grader] shadow_samples` asks for one."""
+    config, proxy = app[GRADER_CONFIG], app[CONFIG]
+    if not config.shadow_samples:
+        yield
+        return
+    app[SHADOWS] = sampler = ShadowSampler(config, app[WRITER], app[UPSTREAM], proxy.upstream_headers(),
+                                           app[REGISTRY], app[METRICS], proxy.upstream_timeout_s)
+    sampling = asyncio.get_running_loop().create_task(sampler.run())
+    yield
+    await _cancel(sampling)
 
 
 async def _grader(app: web.Application) -> AsyncIterator[None]:
@@ -198,7 +220,8 @@ async def _grader(app: web.Application) -> AsyncIterator[None]:
         session = http_session(config, "" if config.judge_url else proxy.upstream_api_key)
         scorer = JudgeScorer(config, session, config.judge_url or upstream_base(proxy.upstream),
                              config.judge_model or proxy.base_model, app[WRITER])
-    app[GRADER] = grader = Grader(config, app[WRITER], scorer)
+    shadows = app.get(SHADOWS)
+    app[GRADER] = grader = Grader(config, app[WRITER], scorer, shadows.busy_episodes if shadows else list)
     grading = asyncio.get_running_loop().create_task(grader.run())
     yield
     await _cancel(grading)
@@ -223,7 +246,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[METRICS].watch(app[WRITER], app.get(FEED))
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM], admin=app[ADMIN],
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
-                            tracer=app.get(TRACER), grader=app.get(GRADER))
+                            tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS))
     log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
     if not (config.api_keys or config.admin_keys):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,

@@ -104,3 +104,11 @@ class ProxyConfig:
     otel_endpoint: str = ""
     # put prompts and completions into the spans (gen_ai.input.messages / gen_ai.output.messages)
     otel_content: bool = False
+
+    def upstream_headers(self) -> dict[str, str]:
+        """What every LLM call sends upstream besides its body: the upstream's key, never a client's
+        own (that one is Flywheel's to check)."""
+        headers = {"Content-Type": "application/json"}
+        if self.upstream_api_key:
+            headers["Authorization"] = f"Bearer {self.upstream_api_key}"
+        return headers

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 
@@ -44,9 +44,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class Feed:
     def __init__(self, writer: BatchWriter, channel: grpc.aio.Channel, target: str, push_after_s: float,
                  batch: int, interval_s: float, max_message_bytes: int, token: str = "",
-                 await_grade: tuple[str, str] | None = None):
+                 await_grade: tuple[str, str, bool] | None = None, busy: Callable[[], list[str]] = list):
         self.writer = writer
-        self.await_grade = await_grade  # (grader source, version): push only what it scored or gave up on
+        # (grader source, version, every episode): push only what it scored or gave up on (all
+        # episodes, or those with shadow samples)
+        self.await_grade = await_grade
+        self.busy = busy  # episodes whose shadow samples are still to come: pushed once they are in
         # the learner's TokenCheck: every call carries the shared token
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = pb_grpc.LearnerStub(channel)
@@ -82,7 +85,7 @@ class Feed:
     async def push_once(self) -> int:
         """One round: up to `batch` ready episodes; returns how many were handled (pushed or quarantined)."""
         rows = await self.writer.read(self.writer.store.episodes_to_push, self.batch, self.push_after_s,
-                                      self.await_grade)
+                                      self.await_grade, self.busy())
         if not rows:
             self.last_success = time.time()
             return 0

@@ -27,7 +27,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import aiohttp
 
@@ -81,6 +81,24 @@ class GraderConfig:
     # episodes read per look; seconds between looks when there was nothing to grade
     batch: int = 64
     poll_s: float = 2.0
+    # shadow samples (proxy/shadow.py): K more completions of each call of `shadow_agents` in an
+    # episode without a task id, graded with it as one group (0 = off; needs kind endpoint or judge)
+    shadow_samples: int = 0
+    # the agents whose calls are resampled: a regex matched against the whole name; set it to
+    # [learner] train_agents, since only trained calls gain from it
+    shadow_agents: str = ".*"
+    # most shadow requests (each brings all K samples of one call) sent upstream per second
+    shadow_budget: float = 1.0
+    # no shadow request goes out while this many client calls are in flight upstream
+    shadow_busy: int = 8
+    # a call still waiting for its shadows this many seconds after its answer is not resampled
+    shadow_max_wait_s: float = 60.0
+    # calls waiting for shadows at most; more are not resampled
+    shadow_queue: int = 1000
+    # vLLM request priority of shadow requests (lower runs first; clients' are 0; 0 = not sent)
+    shadow_priority: int = 10
+    # tokens a shadow may sample when the original request set no limit
+    shadow_max_tokens: int = 1024
 
 
 class GradeError(RuntimeError):
@@ -95,20 +113,38 @@ def task_groups(episodes: Sequence[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
-def grading_item(episode: dict) -> dict[str, Any]:
-    """One episode as the contract's item: its calls as the chat messages sent and the answer returned."""
-    calls = []
-    for call in episode["calls"]:
+def grading_item(episode: dict, calls: Sequence[dict] | None = None, target_call: str | None = None) -> dict[str, Any]:
+    """One episode as the contract's item: its client calls (or `calls`) as the chat messages
+    sent and the answer returned; with `target_call` (a comparison group's member), named by it."""
+    items = []
+    for call in calls if calls is not None else [c for c in episode["calls"] if not c.get("shadow_of")]:
         request = json.loads(call["request"])
         response = json.loads(call["response"]) if call["response"] else None
         completion = completion_messages(response)
-        calls.append({"call_id": call["call_id"], "agent": call["agent"],
+        items.append({"call_id": call["call_id"], "agent": call["agent"],
                       "messages": prompt_messages(call["endpoint"], request),
                       "completion": completion[0] if completion else None})
     metadata = episode["metadata"]
-    return {"id": episode["episode_id"], "episode_id": episode["episode_id"], "task": episode["task_id"],
-            "metadata": json.loads(metadata) if isinstance(metadata, str) else metadata, "target_call": None,
-            "calls": calls}
+    return {"id": target_call or episode["episode_id"], "episode_id": episode["episode_id"],
+            "task": episode["task_id"], "metadata": json.loads(metadata) if isinstance(metadata, str) else metadata,
+            "target_call": target_call, "calls": items}
+
+
+def comparison_groups(episode: dict) -> list[list[dict]]:
+    """For each call with shadow samples, the items of its comparison group: the episode up to
+    and including the call, then once with each shadow in its place; `target_call` names it."""
+    client = [c for c in episode["calls"] if not c.get("shadow_of")]
+    shadows: dict[str, list[dict]] = defaultdict(list)
+    for call in episode["calls"]:
+        if call.get("shadow_of"):
+            shadows[call["shadow_of"]].append(call)
+    groups = []
+    for position, call in enumerate(client):
+        if call["call_id"] in shadows:
+            before = client[:position]
+            groups.append([grading_item(episode, before + [member], member["call_id"])
+                           for member in [call, *shadows[call["call_id"]]]])
+    return groups
 
 
 def parse_scores(body: Any, count: int) -> list[float]:
@@ -174,8 +210,10 @@ def http_session(config: GraderConfig, default_key: str = "") -> aiohttp.ClientS
 class Grader:
     """Scores closed episodes with a `Scorer`, in the background and on demand."""
 
-    def __init__(self, config: GraderConfig, writer: BatchWriter, scorer: Scorer):
+    def __init__(self, config: GraderConfig, writer: BatchWriter, scorer: Scorer,
+                 busy: Callable[[], list[str]] = list):
         self.config = config
+        self.busy = busy  # episodes whose shadow samples are still to come: graded once they are in
         self.writer = writer
         self.scorer = scorer
         self.source = scorer.source
@@ -203,7 +241,7 @@ class Grader:
         async with self.passing:
             episodes = await self.writer.read(
                 self.writer.store.episodes_to_grade, self.source, version, config.apply_to == "unrewarded",
-                config.wait_s if wait_s is None else wait_s, since, failed_before, config.batch)
+                config.wait_s if wait_s is None else wait_s, since, failed_before, config.batch, self.busy())
             for group in task_groups(episodes):
                 await self.grade_group(group, version)
         return len(episodes)
@@ -217,8 +255,14 @@ class Grader:
         return GradeCounts(self.counts.graded - before[0], self.counts.failed - before[1], self.counts.last_error)
 
     async def grade_group(self, group: list[dict], version: str) -> None:
+        """The group's episodes in one request (those still to be scored: all, with apply_to =
+        "all"), then each comparison group of their shadow samples in one; every score is
+        recorded, or, when any request failed, every episode is marked grade_failed."""
+        episodes = [e for e in group if self.config.apply_to == "all" or e["feedback_reward"] is None]
+        requests = [[grading_item(e) for e in episodes]] if episodes else []
+        requests += [items for e in group for items in comparison_groups(e)]
         try:
-            scores = await self._scores([grading_item(e) for e in group])
+            scores = [await self._scores(items) for items in requests]
         except GradeError as failure:
             now, error = datetime.now(timezone.utc), str(failure)
             for episode in group:
@@ -228,13 +272,15 @@ class Grader:
             log.warning("grading %d episode(s) failed: %s", len(group), error)
             return
         now = datetime.now(timezone.utc)
-        for episode, score in zip(group, scores):
-            posted = episode["feedback_reward"]
+        posted = {e["episode_id"]: e["feedback_reward"] for e in group}
+        for item, score in zip((item for items in requests for item in items), (s for ss in scores for s in ss)):
+            episode_id, call_id = item["episode_id"], item["target_call"]
+            reward = score if call_id else mixed_reward(score, posted[episode_id], self.config.feedback_weight)
+            dims = {"grade": score, **({"feedback": posted[episode_id]}
+                                       if posted[episode_id] is not None and not call_id else {})}
             await self.writer.submit(Feedback(
-                feedback_id=new_id("fb"), episode_id=episode["episode_id"], created_at=now,
-                reward=mixed_reward(score, posted, self.config.feedback_weight),
-                dims=json.dumps({"grade": score, **({"feedback": posted} if posted is not None else {})}),
-                source=self.source, grader_version=version))
+                feedback_id=new_id("fb"), episode_id=episode_id, call_id=call_id, created_at=now, reward=reward,
+                dims=json.dumps(dims), source=self.source, grader_version=version))
         self.counts.graded += len(group)
 
     async def _scores(self, items: list[dict]) -> list[float]:

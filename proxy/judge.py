@@ -62,8 +62,11 @@ def _content(message: dict | None) -> str:
 
 
 def render_episode(item: dict) -> str:
-    """An episode as the judge reads it: each call's last message in and its answer out."""
+    """An episode as the judge reads it: each call's last message in and its answer out; a
+    comparison group's member (`target_call`) is the episode only up to the answer compared."""
     lines = [f"## Episode {item['id']}"]
+    if item.get("target_call"):
+        lines.append("(the episode so far: score how well its last answer serves the goal)")
     for call in item["calls"]:
         asked = call["messages"][-1] if call["messages"] else None
         lines.append(f"[{call['agent']}] {(asked or {}).get('role', 'user')}: {_content(asked)}")

@@ -35,6 +35,9 @@ class Metrics:
                               ["agent", "kind"], registry=r)
         self.adapter_swaps = Counter("flywheel_adapter_swaps", "adapter versions put live (register, rollback)",
                                      ["agent", "reason"], registry=r)
+        self.shadows = Counter("flywheel_shadow_samples", "calls offered for shadow samples, by outcome "
+                               "(sampled, failed, dropped_queue_full, dropped_waited, skipped_task, skipped_eval, "
+                               "not_stored)", ["outcome"], registry=r)
         self.sql_refused = Counter("flywheel_sql_refused", "SQL queries refused or failed, by reason",
                                    ["reason"], registry=r)
 

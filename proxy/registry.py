@@ -110,6 +110,10 @@ class Registry:
         version.in_flight += 1
         return version
 
+    def hold(self, version: Version) -> None:
+        """Keep a version loaded for work still to be done on it (shadow samples); `release` it after."""
+        version.in_flight += 1
+
     def release(self, version: Version) -> None:
         version.in_flight -= 1
         if version.in_flight == 0 and version.row.status in (RETIRED, ROLLED_BACK) and version.loaded:

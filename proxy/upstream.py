@@ -178,21 +178,31 @@ class UpstreamPool:
         # responses in progress at once; each holds one connection, so this caps the sockets
         # (and file descriptors) a burst can open upstream. A call beyond it waits for a slot
         self._slots = asyncio.Semaphore(max_connections)
+        self.in_progress = 0  # requests waiting for a slot or sent, whose response has not ended
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send once a connection slot is free; return once the status line and headers are in.
         The slot is held until the response is complete, broken or aborted."""
-        await self._slots.acquire()
+        self.in_progress += 1
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self.in_progress -= 1
+            raise
         try:
             response = await self._post(path, body, headers)
         except BaseException:
-            self._slots.release()
+            self._end_one()
             raise
         if response.complete or response._error is not None:
-            self._slots.release()
+            self._end_one()
         else:
-            response.on_end = self._slots.release
+            response.on_end = self._end_one
         return response
+
+    def _end_one(self) -> None:
+        self._slots.release()
+        self.in_progress -= 1
 
     async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """An idle connection that the upstream closed meanwhile is retried once on a fresh one

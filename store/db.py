@@ -213,8 +213,9 @@ class Store:
         for call in calls:
             row = {name: getattr(call, name) for name in _CALL_FIELDS}
             state = self._episodes[call.episode_id]
-            row["seq"] = state.next_seq
-            state.next_seq += 1
+            if call.seq is None:
+                row["seq"] = state.next_seq
+                state.next_seq += 1
             self._episodes.move_to_end(call.episode_id)
             rows.append(row)
         self._insert_rows(CALLS, rows)
@@ -304,23 +305,30 @@ class Store:
         columns, rows = read_raw(self.con, lambda cur: cur.execute(sql, params), timeout_s)
         return [dict(zip(columns, row)) for row in rows]
 
-    def episodes_to_push(self, limit: int, quiet_s: float, await_grade: tuple[str, str] | None = None
-                         ) -> list[dict[str, Any]]:
+    def episodes_to_push(self, limit: int, quiet_s: float, await_grade: tuple[str, str, bool] | None = None,
+                         busy: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Rewarded episodes the learner has not acknowledged: closed ones, and open ones whose
         last feedback is older than `quiet_s`. Each with its `calls` and `feedback` (raw values).
         Evaluation episodes (metadata `{"eval": true}`) are never pushed: held-out data stays held out.
-        `await_grade` (grader source, version): only episodes that grader has scored or given up on."""
-        graded = ("" if await_grade is None else
-                  "(e.grade_failed_at IS NOT NULL OR EXISTS (SELECT 1 FROM feedback g WHERE g.episode_id = e.episode_id "
-                  "AND g.source = $source AND g.grader_version = $version)) AND ")
-        source, version = await_grade or (None, None)
+        `await_grade` (grader source, version, every): only episodes that grader has scored or given
+        up on; all of them if `every`, else those with shadow samples (their grades are the point).
+        `busy`: episodes whose shadow samples are still being drawn, left for later."""
+        graded = ("(e.grade_failed_at IS NOT NULL OR EXISTS (SELECT 1 FROM feedback g WHERE g.episode_id = e.episode_id "
+                  "AND g.source = $source AND g.grader_version = $version))")
+        if await_grade is None:
+            graded = ""
+        elif not await_grade[2]:
+            graded = f"(NOT EXISTS (SELECT 1 FROM calls s WHERE s.episode_id = e.episode_id AND s.shadow_of IS NOT NULL) " \
+                     f"OR {graded})"
+        source, version, _ = await_grade or (None, None, None)
         episodes = self._dicts(
             "SELECT e.* FROM episodes e WHERE e.pushed_at IS NULL AND e.quarantined_at IS NULL AND "
-            f"e.reward IS NOT NULL AND {graded}"
-            f"NOT {IS_EVAL_EPISODE} AND "
+            f"e.reward IS NOT NULL AND {graded + ' AND ' if graded else ''}"
+            f"NOT {IS_EVAL_EPISODE} AND e.episode_id NOT IN (SELECT unnest($busy::VARCHAR[])) AND "
             "(e.status = 'closed' OR (SELECT max(f.created_at) FROM feedback f WHERE f.episode_id = e.episode_id)"
             " < now() - to_seconds($quiet_s)) ORDER BY e.created_at LIMIT $limit",
-            {"quiet_s": quiet_s, "limit": limit, **({"source": source, "version": version} if await_grade else {})},
+            {"quiet_s": quiet_s, "limit": limit, "busy": list(busy),
+             **({"source": source, "version": version} if await_grade else {})},
         )
         if not episodes:
             return []
@@ -336,25 +344,30 @@ class Store:
         return list(by_id.values())
 
     def episodes_to_grade(self, source: str, version: str, unrewarded_only: bool, wait_s: float,
-                          since: datetime | None, failed_before: datetime | None, limit: int) -> list[dict[str, Any]]:
+                          since: datetime | None, failed_before: datetime | None, limit: int,
+                          busy: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Closed episodes (closed `wait_s` ago or more) that `source` has not scored under
         `version`, oldest closed first, each with its generation `calls` (seq order) and
         `feedback_reward`, its latest episode-level reward from any other source (None without).
-        `unrewarded_only`: only episodes no other source rewarded. Episodes the grader gave up
-        on are left out, unless that was before `failed_before`; `since`: created at or after."""
+        `unrewarded_only`: only episodes no other source rewarded, or that have shadow samples.
+        Episodes the grader gave up on are left out, unless that was before `failed_before`;
+        `since`: created at or after; `busy`: episodes whose shadow samples are still being drawn."""
         episodes = self._dicts(
             "SELECT e.episode_id, e.task_id, e.metadata FROM episodes e "
             "WHERE e.status = 'closed' AND e.closed_at <= now() - to_seconds($wait_s) "
             "AND (e.grade_failed_at IS NULL OR e.grade_failed_at < $failed_before::TIMESTAMPTZ) "
             "AND ($since::TIMESTAMPTZ IS NULL OR e.created_at >= $since::TIMESTAMPTZ) "
+            "AND e.episode_id NOT IN (SELECT unnest($busy::VARCHAR[])) "
             "AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.episode_id = e.episode_id AND f.source = $source "
             "                AND f.grader_version = $version) "
             "AND NOT ($unrewarded_only AND EXISTS (SELECT 1 FROM feedback f WHERE f.episode_id = e.episode_id "
-            "                                      AND f.source IS DISTINCT FROM $source)) "
+            "                                      AND f.source IS DISTINCT FROM $source) "
+            "         AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.episode_id = e.episode_id "
+            "                         AND s.shadow_of IS NOT NULL)) "
             "AND EXISTS (SELECT 1 FROM calls c WHERE c.episode_id = e.episode_id) "
             "ORDER BY e.closed_at, e.episode_id LIMIT $limit",
             {"wait_s": wait_s, "failed_before": failed_before, "since": since, "source": source, "version": version,
-             "unrewarded_only": unrewarded_only, "limit": limit})
+             "unrewarded_only": unrewarded_only, "limit": limit, "busy": list(busy)})
         return self._with_calls(episodes, source)
 
     def episodes_with_calls(self, episode_ids: list[str], source: str) -> list[dict[str, Any]]:
@@ -368,7 +381,8 @@ class Store:
         if not episodes:
             return []
         ids = [e["episode_id"] for e in episodes]
-        calls = self._dicts("SELECT call_id, episode_id, agent, endpoint, request, response, status FROM calls "
+        calls = self._dicts("SELECT call_id, episode_id, agent, seq, endpoint, request, response, status, shadow_of "
+                            "FROM calls "
                             "WHERE episode_id IN (SELECT unnest($ids)) ORDER BY seq", {"ids": ids})
         rewards = {row["episode_id"]: row["reward"] for row in self._dicts(
             "SELECT episode_id, arg_max(reward, created_at) AS reward FROM feedback "
@@ -378,6 +392,14 @@ class Store:
         for call in calls:
             by_id[call["episode_id"]]["calls"].append(call)
         return list(by_id.values())
+
+    def shadow_origin(self, call_id: str) -> dict[str, Any] | None:
+        """What deciding on a call's shadow samples needs: its `seq`, its episode's `task_id` and
+        whether that is an evaluation episode (`eval`); None if the call is not stored."""
+        found = self._dicts(f"SELECT c.seq, e.task_id, {IS_EVAL_EPISODE} AS eval FROM calls c "
+                            "JOIN episodes e USING (episode_id) WHERE c.call_id = $id AND c.shadow_of IS NULL",
+                            {"id": call_id})
+        return found[0] if found else None
 
     def adapter_rows(self) -> list[AdapterRow]:
         """The whole adapter registry, oldest first (read once at start-up)."""

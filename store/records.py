@@ -19,7 +19,8 @@ class EpisodeOpen:
 
 @dataclass(frozen=True)
 class CallRecord:
-    """One forwarded LLM call; `seq` is assigned by the store in arrival order."""
+    """One forwarded LLM call; `seq` is assigned by the store in arrival order (a shadow sample
+    brings its original's)."""
 
     call_id: str
     episode_id: str
@@ -51,6 +52,8 @@ class CallRecord:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     choices: int = 1  # n: only choice 0's tokens are recorded
+    shadow_of: str | None = None  # a shadow sample: the call it resamples (proxy/shadow.py)
+    seq: int | None = None  # a shadow sample's: its original's
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ CALLS = Table(
         Column("call_id", "VARCHAR", "id returned in X-Flywheel-Call", proto=True),
         Column("episode_id", "VARCHAR", "episode the call belongs to"),
         Column("agent", "VARCHAR", "agent that made the call", proto=True),
-        Column("seq", "INTEGER", "0-based order of the call within its episode", proto=True),
+        Column("seq", "INTEGER", "0-based order of the call within its episode (a shadow sample: its original's)",
+               proto=True),
         Column("created_at", "TIMESTAMPTZ", "when the proxy received the request", proto=True),
         Column("endpoint", "VARCHAR", "chat.completions | completions | responses (sent upstream as chat)"),
         Column("stream", "BOOLEAN", "client asked for SSE streaming"),
@@ -125,6 +126,8 @@ CALLS = Table(
                backfill="coalesce(TRY_CAST(request->>'repetition_penalty' AS DOUBLE), 1.0)"),
         Column("choices", "INTEGER", "n: choices asked for (the token columns hold choice 0's)", proto=True,
                backfill="coalesce(TRY_CAST(request->>'n' AS INTEGER), 1)"),
+        Column("shadow_of", "VARCHAR", "a shadow sample of this call (same prompt tokens and adapter, never shown "
+               "to a client; request is the original's); NULL for a client's call", proto=True),
     ),
     proto_message="Call",
 )

@@ -267,3 +267,37 @@ async def serve_process(upstream, tmp_path):
     yield start
     for process in started:
         process.stop()
+
+
+class GradingService:
+    """The team's grading service: records each request, scores each item by the length of its
+    last completion, and can be told to fail first."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.failures: list[int | dict] = []  # the next replies: a status, or a body that breaks the contract
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        if self.failures:
+            failure = self.failures.pop(0)
+            if isinstance(failure, int):
+                return web.json_response({"error": "down"}, status=failure)
+            return web.json_response(failure)
+        return web.json_response({"scores": [len(item["calls"][-1]["completion"]["content"]) / 10
+                                             for item in body["items"]]})
+
+    async def start(self) -> Running:
+        app = web.Application()
+        app.router.add_post("/grade", self.handle)
+        return await Running(app).start()
+
+
+@pytest.fixture
+async def service():
+    grading = GradingService()
+    server = await grading.start()
+    grading.url = f"{server.url}/grade"
+    yield grading
+    await server.stop()

@@ -1,13 +1,16 @@
 """An OpenAI-compatible upstream that answers like vLLM, for tests and bench/proxy.py.
 
 Deterministic: the reply to any request is `max_tokens` tokens " w0", " w1", ... with ids
-1000, 1001, ... (finish reason `length`), or without `max_tokens` 4 of them (`stop`); the prompt's token ids are 1..len(words of the prompt). Like
+1000, 1001, ... (finish reason `length`), or without `max_tokens` 4 of them (`stop`); the prompt's token ids are
+1..len(words of the prompt), or the prompt itself when it is token ids. A completion with `n`
+gives that many choices, choice k with k tokens fewer and ids 100 * k higher. Like
 vLLM it returns `prompt_token_ids`/`token_ids` only when `return_token_ids` is set and
 logprobs only when asked. With `tools` in the request (and tool_choice not "none") it
 answers with a call to the first tool; a whole chat answer takes its text from `app[REPLIES]`
 when a test queued some. Models named `fail-<status>` answer with that
 error status; the model `not-json` answers 200 with a plain-text body. A body field `fake_delay_ms` delays one answer. LoRA adapters can be loaded and unloaded as in vLLM; a name ending in
-`-v<N>` that is not loaded is a 404. It keeps the bodies it received in `app[RECEIVED]` for tests to inspect.
+`-v<N>` that is not loaded is a 404. A `priority` is a 400 once `app[PRIORITY_SCHEDULING]` is
+[False], as in vLLM without --scheduling-policy priority. It keeps the bodies it received in `app[RECEIVED]` for tests to inspect.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ DELAY_S = web.AppKey("delay_s", float)
 LOAD_FAILURES = web.AppKey("load_failures", list)  # [n]: the next n loads answer 500, as a vLLM still starting
 UNLOAD_DELAY_S = web.AppKey("unload_delay_s", list)  # [seconds] each unload takes (a list: settable in a test)
 TOOL_ARGS = ('{"city": ', '"Paris"}')
+PRIORITY_SCHEDULING = web.AppKey("priority_scheduling", list)  # [False]: a request `priority` is a 400, as in vLLM's fcfs
 REPLIES = web.AppKey("replies", list)  # texts the next whole chat answers carry, in order (a judge's JSON, ...)
 NO_RESPONSE_FORMAT = web.AppKey("no_response_format", list)  # [True]: refuse response_format, as servers without it
 
 
 def _prompt_ids(body: dict) -> list[int]:
+    if isinstance(body.get("prompt"), list) and all(isinstance(t, int) for t in body["prompt"]):
+        return list(body["prompt"])  # token ids, as vLLM takes them
     if "messages" in body:
         text = " ".join(str(m.get("content") or "") for m in body["messages"])
     else:
@@ -52,9 +58,10 @@ def _invalid(body: dict, chat: bool) -> str | None:
     return None
 
 
-def _tokens(body: dict) -> list[tuple[int, str, float]]:
+def _tokens(body: dict, choice: int = 0) -> list[tuple[int, str, float]]:
+    """Choice k of n: k tokens fewer, ids 100 * k higher (so the choices differ)."""
     n = min(body.get("max_tokens") or body.get("max_completion_tokens") or 4, 64)  # a model's length limit
-    return [(1000 + i, f" w{i}", -0.125 * (i + 1)) for i in range(n)]
+    return [(1000 + 100 * choice + i, f" w{i}", -0.125 * (i + 1)) for i in range(max(1, n - choice))]
 
 
 def _finish(body: dict) -> str:
@@ -98,12 +105,15 @@ def _whole(body: dict, chat: bool, reply: str | None = None) -> dict:
                "choices": [choice], "usage": usage,
                "prompt_token_ids": _prompt_ids(body) if ids else None}
     else:
-        choice = {"index": 0, "text": text, "finish_reason": _finish(body),
-                  "logprobs": _completion_logprobs(tokens) if body.get("logprobs") is not None else None,
-                  "token_ids": [i for i, _, _ in tokens] if ids else None,
-                  "prompt_token_ids": _prompt_ids(body) if ids else None}
+        choices = []
+        for k in range(body.get("n") or 1):
+            tokens = _tokens(body, k)
+            choices.append({"index": k, "text": "".join(t for _, t, _ in tokens), "finish_reason": _finish(body),
+                            "logprobs": _completion_logprobs(tokens) if body.get("logprobs") is not None else None,
+                            "token_ids": [i for i, _, _ in tokens] if ids else None,
+                            "prompt_token_ids": _prompt_ids(body) if ids else None})
         out = {"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
-               "choices": [choice], "usage": usage}
+               "choices": choices, "usage": usage}
     return out
 
 
@@ -172,6 +182,9 @@ def _handler(chat: bool):
                                                 "code": status}}, status=status)
         if model == "not-json":
             return web.Response(text="upstream garbage")
+        if body.get("priority") and not request.app[PRIORITY_SCHEDULING][0]:
+            return web.json_response({"error": {"message": "Got priority 10 but Priority scheduling is not enabled.",
+                                                "type": "BadRequestError", "code": 400}}, status=400)
         if body.get("response_format") and request.app[NO_RESPONSE_FORMAT][0]:
             return web.json_response({"error": {"message": "response_format is not supported", "code": 400}},
                                      status=400)
@@ -271,6 +284,7 @@ def make_app(delay_s: float = 0.0) -> web.Application:
     app[LOAD_FAILURES] = [0]
     app[REPLIES] = []
     app[NO_RESPONSE_FORMAT] = [False]
+    app[PRIORITY_SCHEDULING] = [True]
     app.router.add_post("/v1/load_lora_adapter", _load_lora)
     app.router.add_post("/v1/unload_lora_adapter", _unload_lora)
     app.router.add_post("/v1/chat/completions", _handler(chat=True))

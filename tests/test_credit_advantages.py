@@ -225,3 +225,49 @@ def test_gdpo_a_constant_dimension_adds_nothing_and_rolling_groups_keep_each_dim
     # correct constant: nothing; style V = [3, 3, 1, 5]: mean 3, sample std sqrt(8/3)
     spread = math.sqrt(8 / 3) + 1e-4
     assert [s.advantage for s in scored] == pytest.approx([-2 / spread, 2 / spread])
+
+
+def shadow(call_id, of, agent, seq, grade=None):
+    return pb.Call(call_id=call_id, agent=agent, seq=seq, adapter="base", prompt_token_ids=[1, 2],
+                   completion_token_ids=[20, 21], completion_logprobs=[-0.5, -0.5], finish_reason="stop",
+                   status=200, temperature=0.7, choices=1, shadow_of=of,
+                   rewards=[pb.Reward(reward=grade)] if grade is not None else [])
+
+
+def test_a_call_and_its_shadows_are_credited_with_their_grades_the_other_calls_with_the_episode():
+    ep = episode("e", "", 1.0, [call("a", "planner", 0, rewards=(0.5,)), call("b", "writer", 1),
+                                shadow("a1", "a", "planner", 0, 0.0), shadow("a2", "a", "planner", 0, 1.0),
+                                shadow("a3", "a", "planner", 0)])
+    transitions, skipped = assign(ep, CreditConfig(), agent_filter(".*"))
+    assert [(t.seq, t.reward, t.comparison) for t in transitions] == [
+        (0, 0.5, "a"), (1, 1.0, ""), (0, 0.0, "a"), (0, 1.0, "a")]
+    assert skipped == {"ungraded_shadow": 1}  # never guessed
+    # shadows are not steps of the episode: the discount counts the two client calls only
+    assert call_credits(ep, CreditConfig(mode="discounted", gamma=0.5)) == {"a": 1.0, "b": 1.0}
+
+
+def test_an_ungraded_call_keeps_the_episodes_credit_and_its_graded_shadows_still_compare():
+    ep = episode("e", "", 1.0, [call("a", "x", 0), shadow("a1", "a", "x", 0, 0.0), shadow("a2", "a", "x", 0, 1.0)])
+    transitions, _ = assign(ep, CreditConfig(), agent_filter(".*"))
+    assert [(t.reward, t.comparison) for t in transitions] == [(1.0, ""), (0.0, "a"), (1.0, "a")]
+
+
+def test_a_comparison_group_is_centred_on_itself_and_leaves_the_baseline_alone():
+    ep = episode("e", "", 1.0, [call("a", "x", 0, rewards=(0.5,)), call("b", "x", 1),
+                                shadow("a1", "a", "x", 0, 0.0), shadow("a2", "a", "x", 0, 1.0)])
+    transitions, _ = assign(ep, CreditConfig(), agent_filter(".*"))
+    baselines = {"x": Baseline(mean=0.25, var=0.0, seen=10)}
+    scored, stats = compute_advantages(transitions, AdvantageConfig(), baselines)
+    by_call = {(s.transition.seq, s.transition.reward, s.transition.comparison): s.advantage for s in scored}
+    spread = std([0.5, 0.0, 1.0]) + 1e-4
+    assert by_call == pytest.approx({(0, 0.5, "a"): 0.0, (0, 0.0, "a"): -0.5 / spread, (0, 1.0, "a"): 0.5 / spread,
+                                     (1, 1.0, ""): (1.0 - 0.25) / 0.25})  # b: the singleton baseline, std floor
+    assert stats.groups == 1
+    assert baselines["x"].seen == 11 and baselines["x"].mean == pytest.approx(0.25 + 0.1 * 0.75)  # b's episode only
+
+
+def test_a_comparison_group_whose_grades_agree_teaches_nothing():
+    ep = episode("e", "", 1.0, [call("a", "x", 0, rewards=(1.0,)), shadow("a1", "a", "x", 0, 1.0)])
+    transitions, _ = assign(ep, CreditConfig(), agent_filter(".*"))
+    scored, stats = compute_advantages(transitions, AdvantageConfig(), {})
+    assert scored == [] and stats.skipped == {"zero_variance_group": 2}

@@ -7,7 +7,6 @@ import json
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 
 from flywheel.commands import main
 from flywheel.proxy.agreement import agreement, ranks, spearman, wilson
@@ -37,40 +36,6 @@ def test_a_reply_that_cannot_be_used_is_an_error_never_a_zero(reply, problem):
 def test_posted_feedback_and_the_grade_mix_by_weight():
     assert mixed_reward(0.0, None, 0.25) == 0.0
     assert mixed_reward(0.0, 1.0, 0.25) == 0.25
-
-
-class GradingService:
-    """The team's grading service: records each request, scores each item by the length of its
-    last completion, and can be told to fail first."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.failures: list[int | dict] = []  # the next replies: a status, or a body that breaks the contract
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.requests.append(body)
-        if self.failures:
-            failure = self.failures.pop(0)
-            if isinstance(failure, int):
-                return web.json_response({"error": "down"}, status=failure)
-            return web.json_response(failure)
-        return web.json_response({"scores": [len(item["calls"][-1]["completion"]["content"]) / 10
-                                             for item in body["items"]]})
-
-    async def start(self) -> Running:
-        app = web.Application()
-        app.router.add_post("/grade", self.handle)
-        return await Running(app).start()
-
-
-@pytest.fixture
-async def service():
-    grading = GradingService()
-    server = await grading.start()
-    grading.url = f"{server.url}/grade"
-    yield grading
-    await server.stop()
 
 
 def _grader(service, **overrides) -> GraderConfig:
@@ -158,7 +123,7 @@ async def test_grading_every_episode_mixes_in_posted_feedback_and_holds_the_lear
     store = proxy.state.writer.store
     episode = await _episode(proxy, None, 3, reward=1.0)
     await proxy.state.writer.flush()
-    held = ("endpoint:rules", "1")
+    held = ("endpoint:rules", "1", True)
     assert store.episodes_to_push(10, 0.0, held) == []  # rewarded and closed, but not graded yet
     assert [e["episode_id"] for e in store.episodes_to_push(10, 0.0)] == [episode]
     assert await proxy.state.grader.grade_due("1") == 1
@@ -189,6 +154,10 @@ async def test_the_example_grading_service_scores_an_episode_by_the_examples_rul
                     item(task.expression, f"So.\nAnswer: {task.answer}"), item(task.expression, "Answer: -1"),
                     item(task.expression, f"Answer: {task.answer}", question="an unknown question")]}) as r:
                 assert (await r.json()) == {"scores": [1.0, 0.0, 0.0]}
+            planner_only = [dict(item(e, "unused"), calls=item(e, "unused")["calls"][:1], target_call="c1")
+                            for e in (task.expression, "1 + 1")]  # a comparison group of the planner's call
+            async with session.post(f"{app.url}/grade", json={"rubric": None, "items": planner_only}) as r:
+                assert (await r.json()) == {"scores": [1.0, float(task.answer == 2)]}
     finally:
         await app.stop()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,6 +16,7 @@ from aiohttp import web
 from flywheel.proxy.attribution import Attribution, attribute, new_id
 from flywheel.proxy.capture import CHAT, Capture, Wants, strip_unrequested, upstream_body
 from flywheel.proxy.errors import MAX_ERROR_CHARS, ApiError, error_body, error_response, read_json_object
+from flywheel.proxy.registry import Version
 from flywheel.proxy.responses import RESPONSES, ResponseEvents, chat_request, response_object
 from flywheel.proxy.sampling import Sampling, resolve
 from flywheel.proxy.state import STATE, ProxyState
@@ -44,6 +45,8 @@ class _Call:
     capture_error: str | None = None  # an error event the upstream sent inside the stream
     recorded: bool = False
     stream_response: web.StreamResponse | None = None  # once an SSE response to the client has begun
+    forward: dict = field(default_factory=dict)  # the body sent upstream
+    version: Version | None = None  # the adapter version it was routed to (None: the base model)
 
     def ids(self) -> dict[str, str]:
         return {"X-Flywheel-Episode": self.who.episode_id, "X-Flywheel-Call": self.call_id}
@@ -85,6 +88,11 @@ class _Call:
         await self.state.writer.put(record)  # if this wait is cancelled (the client left), the 499 is recorded
         self.recorded = True
         self._count(status)
+        if self.state.shadows is not None and status == 200 and error is None:
+            self.state.shadows.offer(
+                call_id=self.call_id, episode_id=self.who.episode_id, agent=self.who.agent, task_id=self.who.task_id,
+                endpoint=self.endpoint, request_json=self.request_json, client_model=self.model, capture=cap,
+                forward=self.forward, sampling=self.sampling, version=self.version)
         if self.state.tracer is not None:
             self.state.tracer.emit(record, self.trace_parent)
 
@@ -123,14 +131,13 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
         sampling=resolve(forward, state.config.sampling_defaults), events=events,
         trace_parent=state.tracer.parent(request.headers) if state.tracer is not None else None,
     )
-    headers = {"Content-Type": "application/json"}
-    if state.config.upstream_api_key:  # never the client's own key: that is Flywheel's to check
-        headers["Authorization"] = f"Bearer {state.config.upstream_api_key}"
+    headers = state.config.upstream_headers()
     if state.config.serve_model:
         forward["model"] = state.config.serve_model
-    version = state.registry.route(who.agent, forward.get("model"))
+    version = call.version = state.registry.route(who.agent, forward.get("model"))
     if version is not None:
         forward["model"] = version.served_name
+    call.forward = forward
     try:
         return await _exchange(request, call, forward, headers, wants)
     finally:
