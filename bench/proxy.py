@@ -6,7 +6,9 @@ once and one that takes 50 ms, at concurrency 1, 16 and 64, streaming and not, i
 throughput and p50/p99 latency direct and proxied, their ratios, and the proxy's CPU time
 per request (from /proc), counted until the calls' records are committed. Beside it, the fake upstream's CPU per request in the same
 interval: one aiohttp server answering from memory, the cost of one HTTP hop on this
-machine at that rate. Timings are noisy on shared machines: compare within a run, not runs.
+machine at that rate. Then, with the upstream at 50 ms, client latency with shadow samples off
+and on (K = 3, a budget of 50 requests/s): the shadows the proxy sent while the clients ran and
+what that did to their p50/p99. Timings are noisy on shared machines: compare within a run, not runs.
 
     python bench/proxy.py [--quick]
 """
@@ -139,6 +141,56 @@ def main() -> None:
                 proxy.wait(30)
                 upstream.terminate()
                 upstream.wait(30)
+    shadow_section(scale)
+
+
+SHADOW_SETTINGS = """\
+[grader]
+kind = "endpoint"
+url = "http://127.0.0.1:9/grade"
+shadow_samples = 3
+shadow_budget = 50.0
+"""
+
+
+def shadow_section(scale: float) -> None:
+    """Client latency through the proxy with shadow samples off and on, the upstream at 50 ms;
+    how many shadow requests went out during the load (the rest wait for a quiet upstream)."""
+    up_port = free_port()
+    upstream = spawn(["-m", "tests.fake_upstream", "--port", str(up_port), "--delay-ms", "50"], up_port)
+    print(f"\n{'shadows':>8} {'conc':>4} | {'rps':>6} {'p50':>9} {'p99':>9} | shadow requests sent during the load")
+    try:
+        for shadows in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                Path(tmp, "flywheel.toml").write_text(SHADOW_SETTINGS if shadows else "")
+                proxy_port = free_port()
+                proxy = spawn(["-m", "flywheel", "serve", "--upstream", f"http://127.0.0.1:{up_port}", "--port",
+                               str(proxy_port), "--db", f"{tmp}/bench.duckdb", "--config", f"{tmp}/flywheel.toml"],
+                              proxy_port)
+                try:
+                    for concurrency in (1, 16):
+                        before = shadows_sent(proxy_port)
+                        rps, latencies = asyncio.run(load(f"http://127.0.0.1:{proxy_port}/agents/bench/v1/chat/"
+                                                          "completions", concurrency,
+                                                          max(20, int(scale * REQUESTS[50][concurrency])), False))
+                        sent = shadows_sent(proxy_port) - before
+                        print(f"{'on' if shadows else 'off':>8} {concurrency:>4} | {rps:>6.0f} "
+                              f"{pct(latencies, 50):>7.2f}ms {pct(latencies, 99):>7.2f}ms | "
+                              f"{sent if shadows else '-'}", flush=True)
+                finally:
+                    proxy.terminate()
+                    proxy.wait(30)
+    finally:
+        upstream.terminate()
+        upstream.wait(30)
+
+
+def shadows_sent(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith('flywheel_shadow_samples_total{outcome="sampled"}'):
+                return int(float(line.split()[-1]))
+    return 0
 
 
 def print_row(row) -> None:

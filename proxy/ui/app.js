@@ -127,11 +127,12 @@ function episodes(result) {
   const rows = records(result);
   if (rows.length === 0) return el("p", {class: "hint"}, "no episodes yet");
   return el("div", {}, ...rows.map((e) => {
-    const calls = (e.calls || []).map((c) => el("tr", {}, el("td", {}, c.agent), el("td", {}, c.adapter || ""),
+    const calls = (e.calls || []).map((c) => el("tr", {}, el("td", {}, c.shadow ? `${c.agent} (shadow)` : c.agent),
+      el("td", {}, c.adapter || ""),
       el("td", {class: "text"}, c.prompt || ""), el("td", {class: "text"}, c.completion || ""),
       el("td", {}, c.credit === null ? "" : String(c.credit)), el("td", {}, `${c.status} · ${c.latency_ms} ms`)));
     const summary = `${e.started}  ${e.episode_id}  task ${e.task_id || "-"}  reward ${e.reward ?? "-"}  ` +
-      `${(e.calls || []).length} calls${e.eval ? "  (held-out)" : ""}`;
+      `${(e.calls || []).filter((c) => !c.shadow).length} calls${e.eval ? "  (held-out)" : ""}`;
     return el("details", {}, el("summary", {}, summary), el("table", {},
       el("thead", {}, el("tr", {}, ...["agent", "adapter", "prompt", "completion", "credit", "status"].map(
         (h) => el("th", {}, h)))), el("tbody", {}, ...calls)));
