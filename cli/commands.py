@@ -15,12 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-from flywheel.client import DEFAULT_URL, ProxyError, proxy_request, readiness
+from flywheel.client import DEFAULT_URL, ProxyError, fetch_via_proxy, proxy_request, readiness
 from flywheel.export import FORMATS, ExportError
 from flywheel.proxy.auth import InsecureConfig
 from flywheel.settings import ConfigError, load_config
 from flywheel.sql import StoreBusy
 from flywheel.store.sandbox import QueryError, ReadOnlyViolation
+from flywheel.store.summaries import LEARNABILITY
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -119,8 +120,9 @@ def _describe(event: dict) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    """The proxy's readiness (upstream, store writes, adapters, feed), the learner's state and the
-    grader's (episodes it gave up on); exits 1 when something is not ready."""
+    """The proxy's readiness (upstream, store writes, adapters, feed), the learner's state, the
+    grader's (episodes it gave up on) and each agent's learnability (with a warning when its
+    traffic cannot teach it); exits 1 when something is not ready."""
     ready = readiness(args.url)
     try:
         with proxy_request(args.url, "/v1/learner/status") as response:
@@ -132,7 +134,13 @@ def _status(args: argparse.Namespace) -> int:
             grader = json.load(response)
     except ProxyError as no_grader:
         grader = {"error": str(no_grader)}
-    print(json.dumps({"proxy": ready, "learner": learner, "grader": grader}, indent=1))
+    try:
+        found = fetch_via_proxy(LEARNABILITY, args.url)
+        learnability = [dict(zip(found["columns"], row)) for row in found["rows"]]
+    except ProxyError as unreadable:
+        learnability = {"error": str(unreadable)}
+    print(json.dumps({"proxy": ready, "learner": learner, "grader": grader, "learnability": learnability},
+                     indent=1, default=str))
     return 0 if ready["ready"] else 1
 
 

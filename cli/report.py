@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from flywheel.store.summaries import AGENTS, HELDOUT_BY_VERSION, TRAIN_BY_VERSION, TRAIN_RUNS
+from flywheel.store.summaries import (AGENTS, HELDOUT_BY_VERSION, INFRA_ERRORS_BY_VERSION, LEARNABILITY,
+                                      TRAIN_BY_VERSION, TRAIN_RUNS)
 
 Fetch = Callable[[str], dict]  # a query -> {"columns", "rows"}
 
@@ -44,6 +45,35 @@ def _plot_reward(result: dict, title: str, path: Path) -> None:
     ax.set_ylabel("mean reward (95% interval)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_infra_errors(result: dict, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    labels = _column(result, "served_by")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels)), 3.6))
+    ax.bar(range(len(labels)), _column(result, "infra_error_share"))
+    ax.set_xticks(range(len(labels)), [label.replace(" + ", "\n") for label in labels], fontsize=7)
+    ax.set_ylabel("share of episodes")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_learnability(result: dict, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    agents = _column(result, "agent")
+    fig, (flat, spread) = plt.subplots(1, 2, figsize=(10, 3.6))
+    flat.bar(agents, [v or 0 for v in _column(result, "flat_group_share")])
+    flat.set_title("share of groups with equal rewards")
+    spread.bar(agents, [v or 0 for v in _column(result, "reward_std")])
+    spread.set_title("reward std over episodes")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -108,6 +138,13 @@ SECTIONS = (
             "All other rewarded episodes, by the versions that served them.", "train_reward.png", _plot_reward),
     Section("Updates", TRAIN_RUNS, "One row per published adapter version (`train_runs`).", "updates.png",
             _plot_updates),
+    Section("Learnability", LEARNABILITY,
+            "Per agent: its groups (a task's rewarded attempts, or a call with its graded shadow samples), the "
+            "share whose rewards are all equal (they teach nothing), the spread of its rewards, and a warning "
+            "when nothing can teach it.", "learnability.png", _plot_learnability),
+    Section("Infrastructure failures per version", INFRA_ERRORS_BY_VERSION,
+            "Episodes a failed or timed-out upstream call, or the client (`infra_error`), marked as not the "
+            "model's doing: never trained on.", "infra_errors.png", _plot_infra_errors),
     Section("Agents", AGENTS, "Calls, tokens and latency per agent (`calls`).", "agents.png", _plot_agents),
 )
 

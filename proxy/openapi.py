@@ -81,10 +81,12 @@ SPEC = {
             "type": "object", "properties": {"agent": _NAME, "task": _NAME, "metadata": _OBJECT}})},
         "/v1/episodes/{episode}": {"get": _operation("an episode with its calls and feedback", 200, _OBJECT,
                                                      params=("episode",))},
-        "/v1/episodes/{episode}/feedback": {"post": _operation("post an outcome", 200, _OBJECT, {
-            "type": "object", "required": ["reward"], "properties": {
+        "/v1/episodes/{episode}/feedback": {"post": _operation(
+            "post an outcome (a reward, or infra_error: true for a failure outside the model)", 200, _OBJECT, {
+            "type": "object", "anyOf": [{"required": ["reward"]}, {"required": ["infra_error"]}], "properties": {
                 "reward": _NUMBER, "dims": {"type": "object", "additionalProperties": _NUMBER},
-                "call_id": {"type": "string"}, "source": {"type": "string"}, "idempotency_key": {"type": "string"}}},
+                "infra_error": {"type": "boolean"}, "call_id": {"type": "string"}, "source": {"type": "string"},
+                "idempotency_key": {"type": "string"}}},
             params=("episode",))},
         "/v1/episodes/{episode}/close": {"post": _operation("close an episode", 200, _OBJECT, _OBJECT,
                                                             params=("episode",))},

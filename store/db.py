@@ -29,6 +29,7 @@ from flywheel.store.records import (
     Feedback,
     FeedbackResult,
     GradeFailed,
+    InfraError,
     PassthroughRecord,
     StoreOp,
     StoreUnavailable,
@@ -140,6 +141,8 @@ class Store:
                 results.append(self._feedback(op))
             elif isinstance(op, EpisodeClose):
                 results.append(self._close(op))
+            elif isinstance(op, InfraError):
+                results.append(self._infra_error(op))
             elif isinstance(op, GradeFailed):
                 self.con.execute("UPDATE episodes SET grade_failed_at = ?, grade_error = ? WHERE episode_id = ?",
                                  [op.failed_at, op.error, op.episode_id])
@@ -219,6 +222,22 @@ class Store:
             self._episodes.move_to_end(call.episode_id)
             rows.append(row)
         self._insert_rows(CALLS, rows)
+        self._mark_infra_error([(f"the upstream failed call {c.call_id}: {c.status} {(c.error or '')[:200]}",
+                                 c.episode_id) for c in calls if c.status >= 500])
+
+    def _mark_infra_error(self, reasons: list[tuple[str, str]]) -> None:
+        """Episodes whose outcome says nothing about the model: (reason, episode id); the first reason stays."""
+        if reasons:
+            self.con.executemany("UPDATE episodes SET infra_error = ? WHERE episode_id = ? AND infra_error IS NULL",
+                                 reasons)
+
+    def _infra_error(self, op: InfraError) -> None | Exception:
+        try:
+            self._require_episode(op.episode_id)
+        except UnknownEpisode as missing:
+            return missing
+        self._mark_infra_error([(op.reason, op.episode_id)])
+        return None
 
     def _insert_rows(self, table: Table, rows: list[dict[str, Any]], suffix: str = "") -> list[tuple]:
         """Bulk insert through Arrow: ~20x faster than executemany for list columns."""
@@ -309,7 +328,8 @@ class Store:
                          busy: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Rewarded episodes the learner has not acknowledged: closed ones, and open ones whose
         last feedback is older than `quiet_s`. Each with its `calls` and `feedback` (raw values).
-        Evaluation episodes (metadata `{"eval": true}`) are never pushed: held-out data stays held out.
+        Evaluation episodes (metadata `{"eval": true}`) are never pushed: held-out data stays held out;
+        nor are those with an `infra_error`: their outcome is not the model's doing.
         `await_grade` (grader source, version, every): only episodes that grader has scored or given
         up on; all of them if `every`, else those with shadow samples (their grades are the point).
         `busy`: episodes whose shadow samples are still being drawn, left for later."""
@@ -323,6 +343,7 @@ class Store:
         source, version, _ = await_grade or (None, None, None)
         episodes = self._dicts(
             "SELECT e.* FROM episodes e WHERE e.pushed_at IS NULL AND e.quarantined_at IS NULL AND "
+            "e.infra_error IS NULL AND "
             f"e.reward IS NOT NULL AND {graded + ' AND ' if graded else ''}"
             f"NOT {IS_EVAL_EPISODE} AND e.episode_id NOT IN (SELECT unnest($busy::VARCHAR[])) AND "
             "(e.status = 'closed' OR (SELECT max(f.created_at) FROM feedback f WHERE f.episode_id = e.episode_id)"

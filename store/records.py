@@ -89,6 +89,14 @@ class Feedback:
 
 
 @dataclass(frozen=True)
+class InfraError:
+    """The client says an episode failed for reasons outside the model (a tool down, a crash)."""
+
+    episode_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class GradeFailed:
     """The grader gave up on an episode: its error stays visible and it is not graded again by itself."""
 
@@ -198,4 +206,4 @@ def approx_bytes(op: object) -> int:
 
 
 StoreOp = (EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined
-           | TrainRun | PassthroughRecord | GradeFailed)
+           | TrainRun | PassthroughRecord | GradeFailed | InfraError)

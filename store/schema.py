@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ EPISODES = Table(
         Column("push_error", "VARCHAR", "why it was quarantined"),
         Column("grade_failed_at", "TIMESTAMPTZ", "when the grader gave up on it (never graded again but by `flywheel grade`)"),
         Column("grade_error", "VARCHAR", "why the grader failed"),
+        Column("infra_error", "VARCHAR", "why its outcome is not the model's doing (a call the upstream failed or "
+               "timed out, or feedback \"infra_error\": true): never pushed to the learner"),
     ),
     proto_message="Episode",
 )

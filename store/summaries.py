@@ -25,6 +25,52 @@ FROM per_episode GROUP BY served_by ORDER BY min(started)
 HELDOUT_BY_VERSION = _REWARD_BY_VERSION.format(evaluation="true")
 TRAIN_BY_VERSION = _REWARD_BY_VERSION.format(evaluation="false")
 
+# Episodes whose outcome was not the model's doing (episodes.infra_error), by serving versions.
+INFRA_ERRORS_BY_VERSION = """
+WITH per_episode AS (
+  SELECT e.episode_id, e.infra_error IS NOT NULL AS infra, min(c.created_at) AS started,
+         string_agg(DISTINCT c.adapter, ' + ' ORDER BY c.adapter) AS served_by
+  FROM episodes e JOIN calls c USING (episode_id)
+  WHERE c.shadow_of IS NULL
+  GROUP BY e.episode_id, e.infra_error)
+SELECT served_by, count(*) AS episodes, count(*) FILTER (WHERE infra) AS infra_errors,
+       round(avg(infra::INTEGER), 3) AS infra_error_share, strftime(min(started), '%H:%M:%S') AS first_call
+FROM per_episode GROUP BY served_by ORDER BY min(started)
+"""
+
+# Whether each agent can learn from its traffic: its groups (a task's rewarded attempts, or a
+# call with its graded shadow samples), the share of them whose rewards are all equal (they
+# teach nothing), the spread of its episode rewards, and a warning when nothing can teach it.
+LEARNABILITY = f"""
+WITH agent_episodes AS (
+  SELECT DISTINCT c.agent, e.episode_id, e.task_id, e.reward
+  FROM episodes e JOIN calls c USING (episode_id)
+  WHERE e.reward IS NOT NULL AND e.infra_error IS NULL AND NOT {IS_EVAL_EPISODE} AND c.shadow_of IS NULL
+    AND c.agent <> 'flywheel-judge'),
+grades AS (SELECT call_id, arg_max(reward, created_at) AS grade FROM feedback WHERE call_id IS NOT NULL
+           GROUP BY call_id),
+groups AS (
+  SELECT agent, min(reward) = max(reward) AS flat FROM agent_episodes WHERE task_id IS NOT NULL
+  GROUP BY agent, task_id HAVING count(*) >= 2
+  UNION ALL
+  SELECT c.agent, min(g.grade) = max(g.grade) AS flat
+  FROM calls c JOIN grades g ON g.call_id = c.call_id
+  WHERE c.call_id IN (SELECT shadow_of FROM calls) OR c.shadow_of IS NOT NULL
+  GROUP BY c.agent, coalesce(c.shadow_of, c.call_id) HAVING count(*) >= 2),
+per_agent AS (
+  SELECT agent, count(*) AS groups, avg(flat::INTEGER) AS flat_share, bool_and(flat) AS all_flat
+  FROM groups GROUP BY agent)
+SELECT a.agent, count(*) AS episodes, coalesce(p.groups, 0) AS groups,
+       round(p.flat_share, 3) AS flat_group_share, round(avg(a.reward), 3) AS reward_mean,
+       round(stddev_samp(a.reward), 3) AS reward_std,
+       CASE WHEN p.groups IS NULL THEN 'no groups: it learns only against its running baseline (give repeated '
+                                       || 'attempts a task id, or turn on [grader] shadow_samples)'
+            WHEN p.all_flat THEN 'every group''s rewards are equal: nothing teaches it (the task is too hard or '
+                                 || 'too easy for it, or the reward takes one value)' END AS warning
+FROM agent_episodes a LEFT JOIN per_agent p USING (agent)
+GROUP BY a.agent, p.groups, p.flat_share, p.all_flat ORDER BY a.agent
+"""
+
 TRAIN_RUNS = """
 SELECT strftime(created_at, '%H:%M:%S') AS published, served_name, episodes, transitions, tokens,
        round(reward_mean, 3) AS reward_mean, round(loss, 4) AS loss, round(kl, 4) AS kl,

@@ -1,5 +1,6 @@
 """Episodes and outcomes: creation, feedback, idempotency, close, read-back, refusals."""
 
+import contextlib
 import json
 import math
 
@@ -112,3 +113,46 @@ def test_reward_must_be_finite_even_if_python_parses_it():
     with pytest.raises(ApiError):
         _finite_number(math.inf, "reward")
     assert _finite_number(3, "reward") == 3.0
+
+
+async def test_an_upstream_failure_mid_episode_marks_it_infra_error_and_it_is_never_pushed(proxy):
+    from flywheel.store.summaries import INFRA_ERRORS_BY_VERSION
+
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
+    episodes = []
+    for second_model in ("m", "fail-500"):  # the second episode's second call meets a failing upstream
+        _, created = await api(proxy, "POST", "/v1/episodes", {})
+        episode = created["episode_id"]
+        ids = {"X-Flywheel-Episode": episode}
+        await client.chat.completions.create(model="m", messages=MESSAGES, extra_headers=ids)
+        with contextlib.suppress(openai.InternalServerError):
+            await client.chat.completions.create(model=second_model, messages=MESSAGES, extra_headers=ids)
+        await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 0.0})
+        await api(proxy, "POST", f"/v1/episodes/{episode}/close")
+        episodes.append(episode)
+    await proxy.state.writer.flush()
+    [ok, failed] = [(await proxy.rows(f"SELECT infra_error FROM episodes WHERE episode_id = '{e}'"))[0]["infra_error"]
+                    for e in episodes]
+    assert ok is None and failed.startswith("the upstream failed call call-") and " 500 " in failed
+    pushable = proxy.state.writer.store.episodes_to_push(10, 0.0)
+    assert [e["episode_id"] for e in pushable] == [episodes[0]]  # the model is not blamed for the outage
+    [row] = await proxy.rows(INFRA_ERRORS_BY_VERSION)
+    assert (row["episodes"], row["infra_errors"], row["infra_error_share"]) == (2, 1, 0.5)
+
+
+async def test_a_client_reports_an_infra_error_with_or_without_a_reward(proxy):
+    _, first = await api(proxy, "POST", "/v1/episodes", {})
+    _, second = await api(proxy, "POST", "/v1/episodes", {})
+    status, reply = await api(proxy, "POST", f"/v1/episodes/{first['episode_id']}/feedback",
+                              {"infra_error": True, "source": "search tool down"})
+    assert status == 200 and reply["infra_error"] is True and reply["feedback_id"] is None
+    status, reply = await api(proxy, "POST", f"/v1/episodes/{second['episode_id']}/feedback",
+                              {"infra_error": True, "reward": 0.0})
+    assert status == 200 and reply["episode_reward"] == 0.0
+    rows = await proxy.rows("SELECT infra_error FROM episodes ORDER BY created_at")
+    assert [r["infra_error"] for r in rows] == ["reported by the client (search tool down)", "reported by the client"]
+    for body, status in (({"infra_error": "yes"}, 400), ({"infra_error": False}, 400)):
+        got, reply = await api(proxy, "POST", f"/v1/episodes/{first['episode_id']}/feedback", body)
+        assert got == status and "error" in reply
+    got, _ = await api(proxy, "POST", "/v1/episodes/ep-nope/feedback", {"infra_error": True})
+    assert got == 404

@@ -10,6 +10,7 @@ import pytest
 from flywheel.learner.advantages import AdvantageConfig, compute_advantages
 from flywheel.learner.credit import CreditConfig, agent_filter, assign
 from flywheel.store.proto_map import episode_proto
+from flywheel.store.summaries import LEARNABILITY
 from tests.conftest import eventually
 from tests.fake_upstream import LORA_CALLS, PRIORITY_SCHEDULING
 from tests.test_adapters import adapter_dir
@@ -73,6 +74,8 @@ async def test_a_one_off_call_gets_k_shadows_on_its_exact_prompt_graded_as_one_g
     for item in group_request["items"]:
         [called] = item["calls"]  # the episode up to the call compared: here, only it
         assert called["completion"]["content"] == responses[item["target_call"]]["choices"][0]["message"]["content"]
+    [learnable] = await proxy.rows(LEARNABILITY)  # the call and its shadows: one group, and it teaches
+    assert (learnable["groups"], learnable["flat_group_share"], learnable["warning"]) == (1, 0.0, None)
     grades = await proxy.rows("SELECT call_id, reward FROM feedback WHERE call_id IS NOT NULL")
     assert {g["call_id"]: g["reward"] for g in grades} == pytest.approx(
         {original: 1.5, **{s["call_id"]: len(s["completion_token_ids"]) * 0.3 for s in shadows}})

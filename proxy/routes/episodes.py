@@ -11,7 +11,7 @@ from aiohttp import web
 from flywheel.proxy.attribution import checked_name, new_id
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.state import STATE
-from flywheel.store.records import EpisodeClose, EpisodeOpen, Feedback, UnknownCall, UnknownEpisode
+from flywheel.store.records import EpisodeClose, EpisodeOpen, Feedback, InfraError, UnknownCall, UnknownEpisode
 
 
 def _now() -> datetime:
@@ -62,9 +62,25 @@ async def create_episode(request: web.Request) -> web.Response:
 
 
 async def post_feedback(request: web.Request) -> web.Response:
+    """A reward for the episode (or one call), and/or `"infra_error": true`: the episode failed
+    for reasons outside the model (a tool down, a crash), so it is never trained on."""
     body = await read_json_object(request)
+    infra_error = body.get("infra_error", False)
+    if not isinstance(infra_error, bool):
+        raise ApiError(400, "'infra_error' must be true or false", "invalid_field")
+    if infra_error:
+        episode_id = request.match_info["episode"]
+        source = _optional_str(body, "source")
+        reason = f"reported by the client ({source})" if source else "reported by the client"
+        try:
+            await _commit(request, InfraError(episode_id, reason))
+        except UnknownEpisode as missing:
+            raise ApiError(404, str(missing), "not_found") from None
+        if "reward" not in body:
+            return web.json_response({"feedback_id": None, "episode_id": episode_id, "duplicate": False,
+                                      "episode_reward": None, "infra_error": True})
     if "reward" not in body:
-        raise ApiError(400, "'reward' is required", "invalid_reward")
+        raise ApiError(400, "'reward' is required (or \"infra_error\": true)", "invalid_reward")
     reward = _finite_number(body["reward"], "reward")
     dims = body.get("dims")
     if dims is not None:
@@ -90,6 +106,7 @@ async def post_feedback(request: web.Request) -> web.Response:
         "episode_id": op.episode_id,
         "duplicate": result.duplicate,
         "episode_reward": result.episode_reward,
+        "infra_error": infra_error,
     })
 
 
