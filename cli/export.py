@@ -134,7 +134,8 @@ def sql_literal(value: str | int | datetime) -> str:
 
 def call_filter(selection: Selection) -> str:
     """SQL true for a call (alias `c`) that is exported."""
-    where = [f"c.endpoint IN ({', '.join(map(sql_literal, GENERATION_ENDPOINTS))})"]
+    # shadow samples are the proxy's, never a client's: they stay out (their grades still shape the credit)
+    where = [f"c.endpoint IN ({', '.join(map(sql_literal, GENERATION_ENDPOINTS))})", "c.shadow_of IS NULL"]
     if selection.since is not None:
         where.append(f"c.created_at >= {sql_literal(selection.since)}")
     if selection.agent is not None:
@@ -166,8 +167,8 @@ def calls_keyset(selection: Selection, episode_ids: str) -> Keyset:
                f"c.error, {exported} AS exported, CASE WHEN {exported} THEN c.request::VARCHAR END AS request, "
                f"CASE WHEN {exported} THEN (c.response->'choices'->0)::VARCHAR END AS choice")
     return Keyset(columns, "calls c JOIN episodes e ON e.episode_id = c.episode_id",
-                  f"c.episode_id IN ({episode_ids})", ("e.created_at", "c.episode_id", "c.seq"),
-                  ("episode_created_at", "episode_id", "seq"))
+                  f"c.episode_id IN ({episode_ids})", ("e.created_at", "c.episode_id", "c.seq", "c.call_id"),
+                  ("episode_created_at", "episode_id", "seq", "call_id"))
 
 
 def feedback_keyset(episode_ids: str) -> Keyset:
@@ -213,11 +214,11 @@ def _every_agent(agent: str) -> bool:
     return True
 
 
-def call_credits(episode: dict, calls: list[dict], feedback: list[dict], config: CreditConfig) -> dict[int, float]:
-    """seq -> credit, for the calls the learner's credit rule credits in this episode (every
+def call_credits(episode: dict, calls: list[dict], feedback: list[dict], config: CreditConfig) -> dict[str, float]:
+    """call id -> credit, for the calls the learner's credit rule credits in this episode (every
     agent counted as trained)."""
     transitions, _ = assign(episode_proto({**episode, "calls": calls, "feedback": feedback}), config, _every_agent)
-    return {transition.seq: transition.reward for transition in transitions}
+    return {transition.call_id: transition.reward for transition in transitions}
 
 
 def _text(value: Any) -> str | None:
@@ -277,7 +278,7 @@ def episode_exports(fetch: Fetch, selection: Selection, credit: CreditConfig,
         for episode_id, group in groupby(calls, key=lambda call: call["episode_id"]):
             episode, episode_calls = by_id[episode_id], list(group)
             credits = call_credits(episode, episode_calls, feedback.get(episode_id, []), credit)
-            rows = [call_row(c, episode, credits.get(c["seq"])) for c in episode_calls if c["exported"]]
+            rows = [call_row(c, episode, credits.get(c["call_id"])) for c in episode_calls if c["exported"]]
             yield episode_row(episode, len(rows)), rows
 
 

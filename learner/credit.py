@@ -32,6 +32,7 @@ class Transition:
     reward: float  # the credit this call receives
     dims: Mapping[str, float] = field(default_factory=dict)  # the credit of each named dimension, when asked for
     comparison: str = ""  # the call whose comparison group (it and its shadow samples) this is scored in
+    call_id: str = ""  # the call it was made from
 
 
 @dataclass(frozen=True)
@@ -138,17 +139,19 @@ def dimension(name: str) -> Callable[[pb.Reward], float]:
 
 def comparison_credits(episode: pb.Episode, config: CreditConfig,
                        value: Callable[[pb.Reward], float] | None = None) -> dict[str, tuple[str, float]]:
-    """call id -> (comparison group, credit) for each call with shadow samples and each shadow,
-    when the grader scored it: the group is named by the original's call id and the credit is
-    `value` (default: `scalar_reward`) of the call's latest call-level reward (its grade)."""
+    """call id -> (comparison group, credit) for each call with shadow samples and each shadow
+    the grader scored: the group is named by the original's call id, the credit is `value`
+    (default: `scalar_reward`) of the member's grade, its latest call-level reward from the
+    source that graded the shadows (a client's own feedback on the original is not a grade)."""
     value = value or (lambda reward: scalar_reward(reward, config.dim_weights))
-    shadowed = {c.shadow_of for c in episode.calls if c.shadow_of}
+    graders = {c.shadow_of: latest(c.rewards).source for c in episode.calls if c.shadow_of and c.rewards}
     credits = {}
     for call in episode.calls:
-        group = call.shadow_of or (call.call_id if call.call_id in shadowed else "")
-        grade = latest(call.rewards)
-        if group and grade is not None:
-            credits[call.call_id] = (group, value(grade))
+        group = call.shadow_of or call.call_id
+        if group in graders:
+            grade = latest(r for r in call.rewards if r.source == graders[group])
+            if grade is not None:
+                credits[call.call_id] = (group, value(grade))
     return credits
 
 
@@ -156,29 +159,38 @@ def assign(episode: pb.Episode, config: CreditConfig, trains: Callable[[str], bo
            dims: Sequence[str] = ()) -> tuple[list[Transition], Counter]:
     """Transitions of the trained agents' calls, and a count of the calls skipped, by reason;
     each also carries the credit of every dimension named in `dims`, by the same rule. A call in
-    a comparison group takes its grade (`comparison_credits`); one whose grade is missing keeps
-    the episode's credit, a shadow whose grade is missing is skipped (`ungraded_shadow`)."""
+    a comparison group takes its grade (`comparison_credits`) when at least one other member is
+    trained too; otherwise an original keeps the episode's credit, and a shadow is skipped
+    (`ungraded_shadow`: not graded, or nothing left to compare it with)."""
     credits = call_credits(episode, config)
     compared = comparison_credits(episode, config)
-    dim_credits = {name: {**call_credits(episode, config, dimension(name)),
-                          **{i: c for i, (_, c) in comparison_credits(episode, config, dimension(name)).items()}}
-                   for name in dims}
-    transitions, skipped = [], Counter()
+    episode_dims = {name: call_credits(episode, config, dimension(name)) for name in dims}
+    compared_dims = {name: comparison_credits(episode, config, dimension(name)) for name in dims}
+    trained, skipped = [], Counter()
     for call in episode.calls:
         if not trains(call.agent):
             continue
-        reason = skip_reason(call, config) or ("ungraded_shadow" if call.shadow_of and call.call_id not in compared
-                                               else None)
+        reason = skip_reason(call, config)
         if reason is not None:
             skipped[reason] += 1
-            continue
-        group, credit = compared.get(call.call_id, ("", credits.get(call.call_id, 0.0)))
+        else:
+            trained.append(call)
+    members = Counter(compared[c.call_id][0] for c in trained if c.call_id in compared)
+    transitions = []
+    for call in trained:
+        group, credit = compared.get(call.call_id, ("", 0.0))
+        if members[group] < 2:
+            if call.shadow_of:
+                skipped["ungraded_shadow"] += 1
+                continue
+            group, credit = "", credits[call.call_id]
         transitions.append(Transition(
-            episode_id=episode.episode_id, task_id=episode.task_id, agent=call.agent, seq=call.seq,
-            adapter=call.adapter, prompt_ids=tuple(call.prompt_token_ids),
+            call_id=call.call_id, episode_id=episode.episode_id, task_id=episode.task_id, agent=call.agent,
+            seq=call.seq, adapter=call.adapter, prompt_ids=tuple(call.prompt_token_ids),
             completion_ids=tuple(call.completion_token_ids), behavior_logprobs=tuple(call.completion_logprobs),
             temperature=call.temperature or 1.0, reward=credit,
-            dims={name: by_call[call.call_id] for name, by_call in dim_credits.items()},
+            dims={name: compared_dims[name][call.call_id][1] if group else episode_dims[name][call.call_id]
+                  for name in dims},
             comparison=group,
         ))
     return transitions, skipped

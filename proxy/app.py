@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import re
 import resource
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -68,10 +69,7 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web
         raise ValueError("[grader] kind = \"endpoint\" needs a url")
     if grader.kind == "judge" and not (grader.judge_model or config.base_model):
         raise ValueError("[grader] kind = \"judge\" needs judge_model, or [proxy] base_model (flywheel up sets it)")
-    if grader.shadow_samples and grader.kind == "feedback":
-        raise ValueError("[grader] shadow_samples needs a grader to score them: kind = \"endpoint\" or \"judge\"")
-    if grader.shadow_samples < 0 or grader.shadow_budget <= 0:
-        raise ValueError("[grader] shadow_samples must be 0 or more and shadow_budget more than 0")
+    _check_shadows(grader)
     if config.otel_endpoint:
         try:
             import flywheel.proxy.tracing  # noqa: F401
@@ -91,6 +89,26 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web
     app[ROUTE_ACCESS] = access
     app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _shadows, _grader, _feed, _tracer, _state])
     return app
+
+
+def _check_shadows(grader: GraderConfig) -> None:
+    """`[grader] shadow_*` settings that can work, when shadow samples are on; ValueError otherwise."""
+    if grader.shadow_samples < 0:
+        raise ValueError("[grader] shadow_samples must be 0 (off) or more")
+    if not grader.shadow_samples:
+        return
+    if grader.kind == "feedback":
+        raise ValueError("[grader] shadow_samples needs a grader to score them: kind = \"endpoint\" or \"judge\"")
+    positive = {"shadow_budget": grader.shadow_budget, "shadow_busy": grader.shadow_busy,
+                "shadow_max_wait_s": grader.shadow_max_wait_s, "shadow_queue": grader.shadow_queue,
+                "shadow_max_tokens": grader.shadow_max_tokens}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"[grader] {name} must be more than 0, got {value}")
+    try:
+        re.compile(grader.shadow_agents)
+    except re.error as bad:
+        raise ValueError(f"[grader] shadow_agents is not a regex: {bad}") from None
 
 
 def _routes():
@@ -183,9 +201,13 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
     # the feedback alone), else for those with shadow samples (which only the grader scores)
     await_grade = (grader.source, grader.config.version, grader.config.apply_to == "all") if grader else None
     shadows = app.get(SHADOWS)
+
+    def busy() -> list[str]:
+        """Episodes not to push yet: their shadows still to come, or their grades being written."""
+        return (shadows.busy_episodes() if shadows else []) + (list(grader.grading) if grader else [])
+
     feed = Feed(app[WRITER], channel, config.learner, config.push_after_s, config.push_batch, config.push_interval_s,
-                config.max_message_bytes, config.learner_token, await_grade,
-                shadows.busy_episodes if shadows else list)
+                config.max_message_bytes, config.learner_token, await_grade, busy)
     app[FEED] = feed
     feeding = asyncio.get_running_loop().create_task(feed.run())
     yield

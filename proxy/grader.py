@@ -219,6 +219,7 @@ class Grader:
         self.source = scorer.source
         self.counts = GradeCounts()
         self.passing = asyncio.Lock()
+        self.grading: set[str] = set()  # episodes whose grades are being written: the feed waits for all of them
     async def run(self) -> None:
         """Grade what is due, forever, pausing `poll_s` whenever nothing was; a failing store or
         service never ends the loop."""
@@ -273,14 +274,18 @@ class Grader:
             return
         now = datetime.now(timezone.utc)
         posted = {e["episode_id"]: e["feedback_reward"] for e in group}
-        for item, score in zip((item for items in requests for item in items), (s for ss in scores for s in ss)):
-            episode_id, call_id = item["episode_id"], item["target_call"]
-            reward = score if call_id else mixed_reward(score, posted[episode_id], self.config.feedback_weight)
-            dims = {"grade": score, **({"feedback": posted[episode_id]}
-                                       if posted[episode_id] is not None and not call_id else {})}
-            await self.writer.submit(Feedback(
-                feedback_id=new_id("fb"), episode_id=episode_id, call_id=call_id, created_at=now, reward=reward,
-                dims=json.dumps(dims), source=self.source, grader_version=version))
+        self.grading.update(posted)
+        try:
+            for item, score in zip((item for items in requests for item in items), (s for ss in scores for s in ss)):
+                episode_id, call_id = item["episode_id"], item["target_call"]
+                reward = score if call_id else mixed_reward(score, posted[episode_id], self.config.feedback_weight)
+                dims = {"grade": score, **({"feedback": posted[episode_id]}
+                                           if posted[episode_id] is not None and not call_id else {})}
+                await self.writer.submit(Feedback(
+                    feedback_id=new_id("fb"), episode_id=episode_id, call_id=call_id, created_at=now, reward=reward,
+                    dims=json.dumps(dims), source=self.source, grader_version=version))
+        finally:
+            self.grading.difference_update(posted)
         self.counts.graded += len(group)
 
     async def _scores(self, items: list[dict]) -> list[float]:

@@ -185,15 +185,22 @@ class ShadowSampler:
                         continue
                     next_send = time.monotonic() + 1 / self.config.shadow_budget
                     await self._slots.acquire()
-                except BaseException:
+                except asyncio.CancelledError:
                     self._finish(job)
                     raise
+                except Exception:  # the store's errors: this call is not resampled, the next ones are
+                    log.exception("shadow samples of %s: cannot prepare them", job.call_id)
+                    self._count("failed")
+                    self._finish(job)
+                    continue
                 task = asyncio.get_running_loop().create_task(self._sample(job, seq))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         finally:
-            for task in list(self._tasks):
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each releases what its job held
             while self.queue:
                 self._finish(self.queue.popleft())
 
@@ -236,7 +243,6 @@ class ShadowSampler:
         return not self._waited_too_long(job)
 
     async def _sample(self, job: ShadowJob, seq: int) -> None:
-        self.in_flight += 1
         started = time.perf_counter()
         try:
             capture = await self._ask(job)
@@ -244,19 +250,22 @@ class ShadowSampler:
                 for record in shadow_records(job, capture, seq, (time.perf_counter() - started) * 1000):
                     await self.writer.put(record)
                 # committed before the episode stops being busy, so the grader finds every shadow
-                await self.writer.flush(self.timeout_s)
+                while not await self.writer.flush(self.timeout_s):
+                    log.warning("shadow samples of %s: the store has not committed them yet", job.call_id)
                 self._count("sampled")
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("shadow samples of %s failed", job.call_id)
             self._count("failed")
         finally:
-            self.in_flight -= 1
             self._slots.release()
             self._finish(job)
 
     async def _ask(self, job: ShadowJob) -> Capture | None:
         """The upstream's completions, captured; None (counted, logged) when it did not give them."""
         body = dict(job.body, **({"priority": self.priority} if self.priority else {}))
+        self.in_flight += 1  # counted apart from the clients' calls upstream (`_quiet`)
         try:
             async with asyncio.timeout(self.timeout_s):
                 response = await self.upstream.post("/completions", orjson.dumps(body), self.headers)
@@ -268,6 +277,8 @@ class ShadowSampler:
             log.warning("shadow samples of %s: upstream unreachable or slow: %s", job.call_id, failure)
             self._count("failed")
             return None
+        finally:
+            self.in_flight -= 1
         if response.status == 400 and self.priority and b"priority" in raw.lower():
             log.warning("the upstream refuses request priorities (start vLLM with --scheduling-policy priority): "
                         "shadow samples are sent without one from now on")

@@ -337,9 +337,9 @@ class Store:
                   "AND g.source = $source AND g.grader_version = $version))")
         if await_grade is None:
             graded = ""
-        elif not await_grade[2]:
-            graded = f"(NOT EXISTS (SELECT 1 FROM calls s WHERE s.episode_id = e.episode_id AND s.shadow_of IS NOT NULL) " \
-                     f"OR {graded})"
+        elif not await_grade[2]:  # an open episode is pushed once quiet (the grader grades closed ones only)
+            graded = f"(e.status <> 'closed' OR NOT EXISTS (SELECT 1 FROM calls s WHERE s.episode_id = e.episode_id " \
+                     f"AND s.shadow_of IS NOT NULL) OR {graded})"
         source, version, _ = await_grade or (None, None, None)
         episodes = self._dicts(
             "SELECT e.* FROM episodes e WHERE e.pushed_at IS NULL AND e.quarantined_at IS NULL AND "

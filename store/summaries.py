@@ -54,8 +54,9 @@ groups AS (
   GROUP BY agent, task_id HAVING count(*) >= 2
   UNION ALL
   SELECT c.agent, min(g.grade) = max(g.grade) AS flat
-  FROM calls c JOIN grades g ON g.call_id = c.call_id
-  WHERE c.call_id IN (SELECT shadow_of FROM calls) OR c.shadow_of IS NOT NULL
+  FROM calls c JOIN grades g ON g.call_id = c.call_id JOIN episodes e ON e.episode_id = c.episode_id
+  WHERE (c.call_id IN (SELECT shadow_of FROM calls) OR c.shadow_of IS NOT NULL)
+    AND e.infra_error IS NULL AND NOT {IS_EVAL_EPISODE}
   GROUP BY c.agent, coalesce(c.shadow_of, c.call_id) HAVING count(*) >= 2),
 per_agent AS (
   SELECT agent, count(*) AS groups, avg(flat::INTEGER) AS flat_share, bool_and(flat) AS all_flat

@@ -227,11 +227,11 @@ def test_gdpo_a_constant_dimension_adds_nothing_and_rolling_groups_keep_each_dim
     assert [s.advantage for s in scored] == pytest.approx([-2 / spread, 2 / spread])
 
 
-def shadow(call_id, of, agent, seq, grade=None):
+def shadow(call_id, of, agent, seq, grade=None, n_tokens=2, source=""):
     return pb.Call(call_id=call_id, agent=agent, seq=seq, adapter="base", prompt_token_ids=[1, 2],
-                   completion_token_ids=[20, 21], completion_logprobs=[-0.5, -0.5], finish_reason="stop",
-                   status=200, temperature=0.7, choices=1, shadow_of=of,
-                   rewards=[pb.Reward(reward=grade)] if grade is not None else [])
+                   completion_token_ids=list(range(20, 20 + n_tokens)), completion_logprobs=[-0.5] * n_tokens,
+                   finish_reason="stop", status=200, temperature=0.7, choices=1, shadow_of=of,
+                   rewards=[pb.Reward(reward=grade, source=source)] if grade is not None else [])
 
 
 def test_a_call_and_its_shadows_are_credited_with_their_grades_the_other_calls_with_the_episode():
@@ -271,3 +271,20 @@ def test_a_comparison_group_whose_grades_agree_teaches_nothing():
     transitions, _ = assign(ep, CreditConfig(), agent_filter(".*"))
     scored, stats = compute_advantages(transitions, AdvantageConfig(), {})
     assert scored == [] and stats.skipped == {"zero_variance_group": 2}
+
+
+def test_a_lone_graded_member_compares_with_nothing_and_a_clients_feedback_is_not_a_grade():
+    lone = episode("e", "", 1.0, [call("a", "x", 0), shadow("a1", "a", "x", 0, 0.0),  # a: its grading failed
+                                  shadow("a2", "a", "x", 0, 1.0, n_tokens=40)])  # a2: too long to train
+    transitions, skipped = assign(lone, CreditConfig(max_tokens=30), agent_filter(".*"))
+    assert [(t.call_id, t.reward, t.comparison) for t in transitions] == [("a", 1.0, "")]  # the episode's credit
+    assert skipped == {"too_long": 1, "ungraded_shadow": 1}
+    graded = [pb.Reward(reward=g, source="endpoint:rules") for g in (0.25,)]
+    client = pb.Call(**{**_fields(call("a", "x", 0)), "rewards": [*graded, pb.Reward(reward=1.0, source="user")]})
+    ep = episode("e", "", 1.0, [client, shadow("a1", "a", "x", 0, 0.75, source="endpoint:rules")])
+    transitions, _ = assign(ep, CreditConfig(), agent_filter(".*"))
+    assert [(t.call_id, t.reward, t.comparison) for t in transitions] == [("a", 0.25, "a"), ("a1", 0.75, "a")]
+
+
+def _fields(message) -> dict:
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}

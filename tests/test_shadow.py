@@ -202,3 +202,36 @@ async def test_the_newest_calls_go_first_and_a_full_queue_drops_the_oldest(start
     await slow
     shadows = await _rows(proxy, "SELECT shadow_of FROM calls WHERE shadow_of IS NOT NULL ORDER BY created_at", 9)
     assert [s["shadow_of"] for s in shadows[::3]] == [first, newest, older]
+
+
+@pytest.mark.parametrize("setting, value", [("shadow_queue", 0), ("shadow_busy", 0), ("shadow_max_wait_s", 0),
+                                            ("shadow_budget", 0), ("shadow_max_tokens", 0), ("shadow_agents", "(")])
+def test_shadow_settings_that_cannot_work_are_refused_at_start(setting, value):
+    from flywheel.proxy.app import build_app
+    from flywheel.proxy.config import ProxyConfig
+    from flywheel.proxy.grader import GraderConfig
+
+    with pytest.raises(ValueError, match=setting):
+        build_app(ProxyConfig(), GraderConfig(kind="endpoint", url="http://x", shadow_samples=3, **{setting: value}))
+    build_app(ProxyConfig(), GraderConfig(**{setting: value}))  # off: nothing to check
+
+
+async def test_a_store_error_preparing_one_call_does_not_stop_the_sampler(start_proxy, upstream, service,
+                                                                          monkeypatch):
+    proxy = await start_proxy(grader=_shadowing(service))
+    store, calls = proxy.state.writer.store, []
+    original = store.shadow_origin
+
+    def flaky(call_id):
+        calls.append(call_id)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return original(call_id)
+
+    monkeypatch.setattr(store, "shadow_origin", flaky)
+    first = await _call(proxy, await _episode(proxy))
+    await eventually(lambda: _counted(proxy, "failed"), 5, "the first call's failure")
+    second = await _call(proxy, await _episode(proxy))
+    shadows = await _rows(proxy, SHADOWS, 3)
+    assert {s["shadow_of"] for s in shadows} == {second} and first in calls
+    assert proxy.state.shadows.busy_episodes() == []
