@@ -2,7 +2,7 @@
 
 Deterministic: the reply to any request is `max_tokens` tokens " w0", " w1", ... with ids
 1000, 1001, ... (finish reason `length`), or without `max_tokens` 4 of them (`stop`); the prompt's token ids are
-1..len(words of the prompt), or the prompt itself when it is token ids. A completion with `n`
+1..len(words of the prompt), or the prompt itself when it is token ids. A completion with `n` (up to 16)
 gives that many choices, choice k with k tokens fewer and ids 100 * k higher. Like
 vLLM it returns `prompt_token_ids`/`token_ids` only when `return_token_ids` is set and
 logprobs only when asked. With `tools` in the request (and tool_choice not "none") it
@@ -106,7 +106,7 @@ def _whole(body: dict, chat: bool, reply: str | None = None) -> dict:
                "prompt_token_ids": _prompt_ids(body) if ids else None}
     else:
         choices = []
-        for k in range(body.get("n") or 1):
+        for k in range(min(int(body.get("n") or 1), 16)):  # a server's own limit on choices
             tokens = _tokens(body, k)
             choices.append({"index": k, "text": "".join(t for _, t, _ in tokens), "finish_reason": _finish(body),
                             "logprobs": _completion_logprobs(tokens) if body.get("logprobs") is not None else None,
