@@ -34,6 +34,21 @@ def _column(result: dict, name: str) -> list:
     return [row[index] for row in result["rows"]]
 
 
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _versions_axis(ax, labels: list[str], ylabel: str, title: str) -> None:
+    """One tick per serving combination, its versions one a line."""
+    ax.set_xticks(range(len(labels)), [label.replace(" + ", "\n") for label in labels], fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
 def _plot_reward(result: dict, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -41,13 +56,9 @@ def _plot_reward(result: dict, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels)), 3.6))
     ax.errorbar(range(len(labels)), _column(result, "mean_reward"), yerr=_column(result, "ci95"), fmt="o-",
                 capsize=4)
-    ax.set_xticks(range(len(labels)), [label.replace(" + ", "\n") for label in labels], fontsize=7)
-    ax.set_ylabel("mean reward (95% interval)")
-    ax.set_title(title)
+    _versions_axis(ax, labels, "mean reward (95% interval)", title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_infra_errors(result: dict, title: str, path: Path) -> None:
@@ -56,13 +67,9 @@ def _plot_infra_errors(result: dict, title: str, path: Path) -> None:
     labels = _column(result, "served_by")
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels)), 3.6))
     ax.bar(range(len(labels)), _column(result, "infra_error_share"))
-    ax.set_xticks(range(len(labels)), [label.replace(" + ", "\n") for label in labels], fontsize=7)
-    ax.set_ylabel("share of episodes")
-    ax.set_title(title)
+    _versions_axis(ax, labels, "share of episodes", title)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_learnability(result: dict, title: str, path: Path) -> None:
@@ -74,9 +81,7 @@ def _plot_learnability(result: dict, title: str, path: Path) -> None:
     flat.set_title("share of groups with equal rewards")
     spread.bar(agents, [v or 0 for v in _column(result, "reward_std")])
     spread.set_title("reward std over episodes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_updates(result: dict, title: str, path: Path) -> None:
@@ -98,9 +103,7 @@ def _plot_updates(result: dict, title: str, path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_agents(result: dict, title: str, path: Path) -> None:
@@ -116,9 +119,7 @@ def _plot_agents(result: dict, title: str, path: Path) -> None:
     latency.set_xticks(list(x), agents)
     latency.set_title("latency per agent, ms")
     latency.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 @dataclass(frozen=True)
