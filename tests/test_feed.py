@@ -5,7 +5,7 @@ import asyncio
 import openai
 
 from flywheel.learner.config import LearnerConfig
-from tests.conftest import free_port, wait_buffered
+from tests.conftest import eventually, free_port, wait_buffered
 from tests.test_feedback import api
 
 
@@ -49,8 +49,12 @@ async def test_an_episode_over_the_message_limit_is_quarantined_and_the_rest_are
     again = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=0.05, max_message_bytes=4096)
     await _episode(again, "d-small", 10)
     await wait_buffered(server, 3)
-    assert (await again.rows("SELECT count(*) AS n FROM episodes WHERE pushed_at IS NULL AND push_error IS NULL"))[0][
-        "n"] == 0
+
+    async def all_marked() -> bool:  # the learner has it; the proxy marks it pushed once the ack is in
+        return (await again.rows("SELECT count(*) AS n FROM episodes WHERE pushed_at IS NULL AND push_error IS NULL")
+                )[0]["n"] == 0
+
+    await eventually(all_marked, 10, "every delivered episode marked pushed")
 
 
 async def test_an_episode_the_learner_refuses_is_found_and_quarantined_alone(start_proxy, start_learner, tmp_path):

@@ -22,7 +22,9 @@ def _decodes_to(tokenizer, row, text):
     assert row["status"] == 200, row["error"]
     assert len(row["completion_logprobs"]) == len(row["completion_token_ids"]) == row["completion_tokens"]
     assert all(lp <= 0 for lp in row["completion_logprobs"])
-    assert tokenizer.decode(row["completion_token_ids"], skip_special_tokens=True) == text
+    decoded = tokenizer.decode(row["completion_token_ids"], skip_special_tokens=True)
+    # a completion cut at max_tokens inside a character: vLLM holds its first bytes back, decode shows U+FFFD
+    assert decoded == text or (row["finish_reason"] == "length" and decoded.rstrip("\ufffd").rstrip() == text.rstrip())
 
 
 async def test_chat_token_ids_decode_to_the_returned_text_streamed_and_not(real_proxy, tokenizer):
