@@ -28,10 +28,12 @@ def _serve(args: argparse.Namespace) -> int:
     from flywheel.proxy.app import run
     from flywheel.proxy.config import ProxyConfig
 
+    from flywheel.proxy.canary import PromotionConfig
     from flywheel.proxy.grader import GraderConfig
 
     config = load_config(ProxyConfig, "proxy", args.config, vars(args))
-    run(config, load_config(GraderConfig, "grader", args.config, {}))
+    run(config, load_config(GraderConfig, "grader", args.config, {}),
+        load_config(PromotionConfig, "promotion", args.config, {}))
     return 0
 
 
@@ -100,7 +102,8 @@ def _grade(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     failed = False
-    with proxy_request(args.url, "/v1/learner/train", {"wait": args.wait}, timeout_s=3600) as response:
+    with proxy_request(args.url, "/v1/learner/train", {"wait": args.wait, "force": args.force},
+                       timeout_s=3600) as response:
         for line in response:
             event = json.loads(line)
             failed |= "error" in event
@@ -120,8 +123,9 @@ def _describe(event: dict) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    """The proxy's readiness (upstream, store writes, adapters, feed), the learner's state, the
-    grader's (episodes it gave up on) and each agent's learnability (with a warning when its
+    """The proxy's readiness (upstream, store writes, adapters, feed), the learner's state (with
+    updates its guards hold back), the grader's (episodes it gave up on), each agent's rollout
+    (candidate and its comparison, the latest decision) and each agent's learnability (with a warning when its
     traffic cannot teach it); exits 1 when something is not ready."""
     ready = readiness(args.url)
     try:
@@ -135,13 +139,34 @@ def _status(args: argparse.Namespace) -> int:
     except ProxyError as no_grader:
         grader = {"error": str(no_grader)}
     try:
+        with proxy_request(args.url, "/v1/adapters") as response:
+            rollout = rollout_summary(json.load(response))
+    except ProxyError as unreadable:
+        rollout = {"error": str(unreadable)}
+    try:
         found = fetch_via_proxy(LEARNABILITY, args.url)
         learnability = [dict(zip(found["columns"], row)) for row in found["rows"]]
     except ProxyError as unreadable:
         learnability = {"error": str(unreadable)}
-    print(json.dumps({"proxy": ready, "learner": learner, "grader": grader, "learnability": learnability},
-                     indent=1, default=str))
+    print(json.dumps({"proxy": ready, "learner": learner, "grader": grader, "rollout": rollout,
+                      "learnability": learnability}, indent=1, default=str))
     return 0 if ready["ready"] else 1
+
+
+def rollout_summary(listing: dict) -> dict:
+    """Per agent: the version serving, the candidate with its comparison (episodes, mean reward and
+    interval on each side), and the latest decision with its reason."""
+    out = {}
+    for agent, versions in listing["agents"].items():
+        history = versions["history"]
+        candidate = next((v for v in history if v["served_name"] == versions["candidate"]), None)
+        decided = [v for v in history if v.get("decided_at")]
+        latest = max(decided, key=lambda v: v["decided_at"], default=None)
+        out[agent] = {"current": versions["current"], "candidate": versions["candidate"],
+                      "comparison": (candidate["comparison"] or {}).get("canary") if candidate else None,
+                      "last_decision": {k: latest[k] for k in ("served_name", "state", "reason", "decided_at")}
+                      if latest else None}
+    return out
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
@@ -225,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="ask the learner for an update now")
     train.add_argument("--wait", action="store_true", help="wait for the update and print its metrics")
     train.add_argument("--json", action="store_true", help="print events as JSON")
+    train.add_argument("--force", action="store_true",
+                       help="publish the versions the learner's guards held back ([learner.guards]), then train")
     train.add_argument("--url", default=DEFAULT_URL, help="the proxy")
     train.set_defaults(run=_train)
 

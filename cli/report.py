@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from flywheel.store.summaries import (AGENTS, HELDOUT_BY_VERSION, INFRA_ERRORS_BY_VERSION, LEARNABILITY,
-                                      TRAIN_BY_VERSION, TRAIN_RUNS)
+from flywheel.store.summaries import (AGENTS, CANDIDATES, HELDOUT_BY_VERSION, INFRA_ERRORS_BY_VERSION,
+                                      LEARNABILITY, TRAIN_BY_VERSION, TRAIN_RUNS)
 
 Fetch = Callable[[str], dict]  # a query -> {"columns", "rows"}
 
@@ -88,21 +88,40 @@ def _plot_updates(result: dict, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    names = _column(result, "served_name")
-    agents = sorted({name.rsplit("-v", 1)[0] for name in names})
+    names = [name or "" for name in _column(result, "served_name")]  # "": held by a guard, no version
+    agents = sorted({name.rsplit("-v", 1)[0] for name in names if name})
     metrics = ("reward_mean", "loss", "kl", "clip_fraction", "entropy", "tokens_per_s")
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
     for ax, metric in zip(axes.flat, metrics):
         values = _column(result, metric)
         for agent in agents:
             points = [(int(n.rsplit("-v", 1)[1]), v) for n, v in zip(names, values)
-                      if n.rsplit("-v", 1)[0] == agent and v is not None]
+                      if n and n.rsplit("-v", 1)[0] == agent and v is not None]
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=agent)
         ax.set_title(metric)
         ax.set_xlabel("version")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def _plot_candidates(result: dict, title: str, path: Path) -> None:
+    """Each candidate beside the version it was tested against: mean reward and interval."""
+    import matplotlib.pyplot as plt
+
+    names = _column(result, "served_name")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(names)), 3.6))
+    for side, offset, colour in (("candidate", -0.12, "tab:orange"), ("active", 0.12, "tab:blue")):
+        means = [m or 0 for m in _column(result, f"{side}_mean")]
+        low = [m - (lo if lo is not None else m) for m, lo in zip(means, _column(result, f"{side}_low"))]
+        high = [(hi if hi is not None else m) - m for m, hi in zip(means, _column(result, f"{side}_high"))]
+        ax.errorbar([i + offset for i in range(len(names))], means, yerr=[low, high], fmt="o", capsize=4,
+                    color=colour, label=side if side == "candidate" else "tested against")
+    labels = [f"{n}\n{s}" for n, s in zip(names, _column(result, "status"))]
+    _versions_axis(ax, labels, "mean reward (interval)", title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     _save(fig, path)
 
 
@@ -137,8 +156,11 @@ SECTIONS = (
             "mean and 95% interval.", "heldout_reward.png", _plot_reward),
     Section("Training traffic reward per version", TRAIN_BY_VERSION,
             "All other rewarded episodes, by the versions that served them.", "train_reward.png", _plot_reward),
-    Section("Updates", TRAIN_RUNS, "One row per published adapter version (`train_runs`).", "updates.png",
-            _plot_updates),
+    Section("Updates", TRAIN_RUNS, "One row per learner update (`train_runs`): a published version, or one "
+            "held back by a guard (`held` says which).", "updates.png", _plot_updates),
+    Section("Canary candidates", CANDIDATES,
+            "Each candidate's live comparison with the version it was tested against, and the decision "
+            "(`[promotion]`).", "candidates.png", _plot_candidates),
     Section("Learnability", LEARNABILITY,
             "Per agent: its groups (a task's rewarded attempts, or a call with its graded shadow samples), the "
             "share whose rewards are all equal (they teach nothing), the spread of its rewards, and a warning "

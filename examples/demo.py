@@ -47,8 +47,10 @@ def flywheel_up(args: argparse.Namespace, log_path: Path, timeout_s: float = 900
     """`flywheel up` in the background until the proxy answers; stopped with Ctrl-C's signal on exit."""
     log = log_path.open("w")
     settings = ["--config", args.config] if args.config else []
-    # the learner is told how many attempts make a task's group, as a user running G attempts would
-    env = {**os.environ, "FLYWHEEL_LEARNER_GROUP_SIZE": str(args.group_size)}
+    # the learner is told how many attempts make a task's group, as a user running G attempts would;
+    # its versions go live at once ([promotion] mode = "direct"): the demo measures learning, and its
+    # held-out rounds score every version; a canary would hold most of its traffic on the older one
+    env = {**os.environ, "FLYWHEEL_LEARNER_GROUP_SIZE": str(args.group_size), "FLYWHEEL_PROMOTION_MODE": "direct"}
     proc = subprocess.Popen([sys.executable, "-m", "flywheel", "up", "--db", args.db, "--learner-state",
                              args.learner_state, "--port", str(args.port), "--vllm-port", str(args.vllm_port),
                              "--learner-port", str(args.learner_port), *settings],

@@ -18,6 +18,7 @@ from typing import Literal
 
 from flywheel.learner.advantages import AdvantageConfig
 from flywheel.learner.credit import CreditConfig
+from flywheel.learner.guards import GuardConfig
 from flywheel.learner.loss import LossConfig
 from flywheel.learner.trainer import TrainerConfig
 
@@ -71,3 +72,4 @@ class LearnerConfig:
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)

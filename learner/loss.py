@@ -47,6 +47,12 @@ def k3_kl(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def policy_kl(before_logp_BTV: torch.Tensor, after_logp_BTV: torch.Tensor) -> torch.Tensor:
+    """Exact per-position KL(before || after) = sum_v p_before(v) (log p_before(v) - log p_after(v)),
+    over the whole vocabulary (not a sampled-token estimate): how far one step moved the policy."""
+    return (before_logp_BTV.exp() * (before_logp_BTV - after_logp_BTV)).sum(-1)
+
+
 def truncated_is_weight(old_logp_BT: torch.Tensor, behavior_logp_BT: torch.Tensor, cap: float) -> torch.Tensor:
     """min(pi_old / pi_behaviour, cap): corrects for tokens sampled by an older adapter
     version, or by vLLM's slightly different numerics (Yao et al., TRL's vllm IS correction)."""

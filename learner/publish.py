@@ -51,6 +51,18 @@ class Publisher:
         record = self.latest.get(agent)
         return record.version if record else 0
 
+    async def record_held(self, metrics: pb.UpdateMetrics) -> None:
+        """Record in `train_runs` an update the guards held back (it has no version); raises PublishError."""
+        body = {"train_run": MessageToDict(metrics, preserving_proto_field_name=True,
+                                           always_print_fields_with_no_presence=True)}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60), headers=self.headers) as session:
+            try:
+                async with session.post(f"{self.proxy_url}/v1/learner/runs", json=body) as response:
+                    if response.status != 201:
+                        raise PublishError(f"proxy refused the held update's record: {await response.text()}")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as failure:
+                raise PublishError(f"proxy at {self.proxy_url} unreachable: {failure!r}") from None
+
     async def publish(self, directory: Path, agents: list[str], metrics: pb.UpdateMetrics) -> list[pb.AdapterPublished]:
         """Register `directory` as the next version of each of `agents`; raises PublishError."""
         events = []

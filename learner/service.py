@@ -35,7 +35,8 @@ class Servicer(pb_grpc.LearnerServicer):
 
     async def Train(self, request, context):
         events: asyncio.Queue = asyncio.Queue()
-        task = asyncio.get_running_loop().create_task(self.learner.update("on demand", events.put_nowait))
+        task = asyncio.get_running_loop().create_task(self.learner.update("on demand", events.put_nowait,
+                                                                              force=request.force))
         while not (task.done() and events.empty()):
             try:
                 yield await asyncio.wait_for(events.get(), timeout=0.5)

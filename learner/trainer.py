@@ -28,6 +28,7 @@ from flywheel.learner.loss import (
     aggregate,
     k3_kl,
     per_token_loss,
+    policy_kl,
     truncated_is_weight,
 )
 
@@ -90,6 +91,7 @@ class UpdateStats:
     grad_norm: float = 0.0
     mismatch_mean: float = 0.0
     mismatch_max: float = 0.0
+    step_kl: float = 0.0
     seconds: float = 0.0
 
     @property
@@ -179,6 +181,23 @@ class PolicyTrainer:
 
         Logits divided by the call's sampling temperature, as vLLM's processed logprobs are.
         """
+        logits_BTV = self._completion_logits(mb)
+        lse_BT = torch.logsumexp(logits_BTV, dim=-1)
+        logp_BT = logits_BTV.gather(-1, mb.completion_ids_BT.unsqueeze(-1)).squeeze(-1) - lse_BT
+        entropy_BT = None
+        if with_entropy:
+            with torch.no_grad():
+                probs_BTV = torch.exp(logits_BTV - lse_BT.unsqueeze(-1))
+                entropy_BT = lse_BT - (probs_BTV * logits_BTV).sum(-1)
+        return logp_BT, entropy_BT
+
+    def _policy_BTV(self, mb: MicroBatch) -> torch.Tensor:
+        """The policy's whole next-token distribution (log-probs) at each completion position, no grad."""
+        with torch.no_grad():
+            return torch.log_softmax(self._completion_logits(mb), dim=-1)
+
+    def _completion_logits(self, mb: MicroBatch) -> torch.Tensor:
+        """(B, T, V) fp32 logits at the completion positions, divided by each call's temperature."""
         inner = self.model.base_model.model  # the causal LM with LoRA layers injected
         T = mb.completion_ids_BT.shape[1]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -190,14 +209,7 @@ class PolicyTrainer:
         logits_BTV = logits_BTV.float()
         if bool((mb.temperature_B != 1).any()):
             logits_BTV = logits_BTV / mb.temperature_B[:, None, None]
-        lse_BT = torch.logsumexp(logits_BTV, dim=-1)
-        logp_BT = logits_BTV.gather(-1, mb.completion_ids_BT.unsqueeze(-1)).squeeze(-1) - lse_BT
-        entropy_BT = None
-        if with_entropy:
-            with torch.no_grad():
-                probs_BTV = torch.exp(logits_BTV - lse_BT.unsqueeze(-1))
-                entropy_BT = lse_BT - (probs_BTV * logits_BTV).sum(-1)
-        return logp_BT, entropy_BT
+        return logits_BTV
 
     def score(self, name: str, items: Sequence[Scored]) -> list[list[float]]:
         """The learner's log-probs of each item's completion under adapter `name` (no grad)."""
@@ -244,6 +256,7 @@ class PolicyTrainer:
         norm = Normalizer(sequences=len(items), tokens=tokens, max_completion_len=loss_config.dr_grpo_length)
         stats, sums = UpdateStats(tokens=tokens), Counter()
         old_logps: list[torch.Tensor] = []
+        before_BTV = self._policy_BTV(batches[0]) if batches else None  # for the step's KL
         for epoch in range(config.ppo_epochs):
             for i, mb in enumerate(batches):
                 mask_BT = mb.completion_mask_BT.bool()
@@ -278,6 +291,10 @@ class PolicyTrainer:
             stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if batches:  # how far the step moved the policy, on the first micro-batch
+            kl_BT = policy_kl(before_BTV, self._policy_BTV(batches[0]))
+            stats.step_kl = float(kl_BT[batches[0].completion_mask_BT.bool()].mean())
+            del before_BTV
         passes = config.ppo_epochs
         stats.loss = sums["loss"] / passes
         stats.clip_fraction = sums["clipped"] / max(tokens * passes, 1)

@@ -13,7 +13,10 @@ a worker thread, so the gRPC server keeps answering. It is transactional:
   again), also after a restart;
 - the episodes are consumed, and the agents' baselines (`baselines.json`) and the tasks'
   latest returns (`task_returns.json`, the rolling groups) advance, only once every
-  version of the update is published.
+  version of the update is published;
+- an adapter whose update crosses a `[learner.guards]` limit is kept but not published: it
+  is recorded as held (`guards.json`, `train_runs.held`) until the next update within the
+  limits publishes, or `force` publishes it as it is.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from flywheel.learner.buffer import EpisodeBuffer
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.credit import Transition, agent_filter, assign
 from flywheel.learner.durable import write_json
+from flywheel.learner.guards import UpdateSignals, crossed
 from flywheel.learner.publish import PublishError, Publisher
 from flywheel.protos import flywheel_pb2 as pb
 
 log = logging.getLogger("flywheel.learner")
 
 _VERSION = re.compile(r"-v(\d+)$")
+_FORCED = "published by --force despite: "  # train_runs.held of a held version published by hand
 
 Emit = Callable[[pb.TrainEvent], None]
 
@@ -132,6 +137,10 @@ class Learner:
             self.task_returns_file.read_text()) if self.task_returns_file.exists() else {})
         self.pending_file = self.state_dir / "pending.json"
         self.pending = PendingUpdate(**json.loads(self.pending_file.read_text())) if self.pending_file.exists() else None
+        self.guards_file = self.state_dir / "guards.json"
+        guards = json.loads(self.guards_file.read_text()) if self.guards_file.exists() else {}
+        self.held: dict[str, dict] = guards.get("held", {})  # agent -> {"directory", "metrics", "reason"}
+        self.first_lengths: dict[str, float] = guards.get("first_lengths", {})  # adapter -> mean completion length
         self.trainer = None  # loaded on the first update: start-up stays fast
         self.updates = 0
         self.last_update = time.time()
@@ -177,12 +186,15 @@ class Learner:
 
     # ---- updates ------------------------------------------------------------
 
-    async def update(self, reason: str, emit: Emit | None = None) -> list[pb.AdapterPublished]:
+    async def update(self, reason: str, emit: Emit | None = None, force: bool = False) -> list[pb.AdapterPublished]:
         """Train on what is ready and publish it; raises PublishError if publishing fails (the
-        trained versions stay pending and are published by the next call)."""
+        trained versions stay pending and are published by the next call). `force`: publish the
+        versions the guards held back instead."""
         emit = emit or (lambda event: None)
         async with self.training:
             try:
+                if force and self.held and self.pending is None:
+                    return await self._publish_held(emit)
                 return await self._update(reason, emit)
             except Exception as failure:
                 self.last_error = f"{type(failure).__name__}: {failure}"
@@ -229,12 +241,18 @@ class Learner:
                     emit(pb.TrainEvent(error=f"{adapter}: {refused}; not trained, not published"))
                     continue
                 metrics = _metrics(adapter, batch, stats, plan.skipped)
+                mean_length = stats.tokens / len(batch.scored)
+                metrics.held = "; ".join(crossed(UpdateSignals(
+                    stats.step_kl, stats.entropy, mean_length, self.first_lengths.setdefault(adapter, mean_length),
+                    stats.grad_norm, stats.clip_fraction), self.config.guards))
                 emit(pb.TrainEvent(metrics=metrics))
+                if metrics.held:
+                    emit(pb.TrainEvent(error=f"{adapter}: update kept, not published: {metrics.held}"))
                 agents = sorted({s.transition.agent for s in batch.scored}) if self.config.shared_adapter else [adapter]
                 number = max(self.publisher.version(a) for a in agents) + 1
                 directory = await asyncio.to_thread(
                     self.trainer.save, adapter,
-                    self.state_dir / "adapters" / adapter / f"update-{int(time.time())}-{number}")
+                    self.state_dir / "adapters" / adapter / f"update-{time.time_ns()}-{number}")
                 publishes += [{"agent": a, "directory": str(directory),
                                "metrics": MessageToDict(metrics, preserving_proto_field_name=True)} for a in agents]
         except BaseException:
@@ -248,9 +266,17 @@ class Learner:
         while self.pending.publishes:
             entry = self.pending.publishes[0]
             metrics = ParseDict(entry["metrics"], pb.UpdateMetrics())
-            for event in await self.publisher.publish(Path(entry["directory"]), [entry["agent"]], metrics):
-                published.append(event)
-                emit(pb.TrainEvent(published=event))
+            if metrics.held and not metrics.held.startswith(_FORCED):
+                await self.publisher.record_held(metrics)
+                self.held[entry["agent"]] = {"directory": entry["directory"], "metrics": entry["metrics"],
+                                             "reason": metrics.held}
+                log.warning("%s: update kept, not published: %s", entry["agent"], metrics.held)
+            else:
+                for event in await self.publisher.publish(Path(entry["directory"]), [entry["agent"]], metrics):
+                    published.append(event)
+                    emit(pb.TrainEvent(published=event))
+                self.held.pop(entry["agent"], None)  # the published version carries any held step
+            self._write_guards()
             self.pending.publishes.pop(0)
             self._set_pending(self.pending)
         self._consume(self.pending)
@@ -259,6 +285,19 @@ class Learner:
         self.last_update = time.time()
         self.last_error = ""
         return published
+
+    async def _publish_held(self, emit: Emit) -> list[pb.AdapterPublished]:
+        """The versions the guards held back, published as they are (`flywheel train --force`)."""
+        publishes = [{"agent": agent, "directory": entry["directory"],
+                      "metrics": {**entry["metrics"], "held": f"{_FORCED}{entry['reason']}"}}
+                     for agent, entry in sorted(self.held.items())]
+        emit(pb.TrainEvent(progress=f"publishing {len(publishes)} held version(s) (--force)"))
+        self._set_pending(PendingUpdate([], {a: asdict(b) for a, b in self.baselines.items()}, publishes,
+                                        self.task_returns.values))
+        return await self._publish_pending(emit)
+
+    def _write_guards(self) -> None:
+        write_json(self.guards_file, {"held": self.held, "first_lengths": self.first_lengths})
 
     def _consume(self, update: PendingUpdate) -> None:
         """The update's episodes are used: they leave the buffer, and the baselines and task
@@ -281,6 +320,7 @@ class Learner:
 
         trainer = PolicyTrainer(self.model_dir, self.config.trainer, self.config.loss)
         latest = {agent: record.path for agent, record in self.publisher.latest.items()}
+        latest |= {agent: entry["directory"] for agent, entry in self.held.items()}  # trained after those
         for entry in self.pending.publishes if self.pending else ():  # trained, not yet published: newer
             latest[entry["agent"]] = entry["directory"]
         for agent, path in latest.items():
@@ -332,6 +372,7 @@ class Learner:
             buffered_episodes=len(self.buffer.pending), episodes_received=self.buffer.received, updates=self.updates,
             training=self.training.locked(), waiting_episodes=plan.waiting,
             pending_publishes=len(self.pending.publishes) if self.pending else 0, last_error=self.last_error,
+            held={agent: entry["reason"] for agent, entry in self.held.items()},
             agents=[pb.AgentStatus(
                 agent=a, version=self.publisher.version(a),
                 buffered_transitions=sum(1 for b in plan.batches.values() for s in b.scored if s.transition.agent == a),
@@ -350,7 +391,7 @@ def _metrics(adapter: str, batch: AdapterBatch, stats, skipped: Counter) -> pb.U
         clip_fraction=stats.clip_fraction, kl=stats.kl, entropy=stats.entropy,
         tokens_per_s=stats.tokens_per_s, grad_norm=stats.grad_norm,
         logprob_mismatch_mean=stats.mismatch_mean, logprob_mismatch_max=stats.mismatch_max,
-        seconds=stats.seconds, skipped=dict(skipped))
+        seconds=stats.seconds, skipped=dict(skipped), step_kl=stats.step_kl)
 
 
 def _read_baselines(path: Path) -> dict[str, Baseline]:

@@ -1,7 +1,7 @@
 """The proxy's aiohttp application: routes, one cleanup context per resource, and `run`.
 
 Resources open in order (store writer, upstream pool, admin client, adapter registry,
-learner feed), each under its own AppKey, and close in reverse; one that fails to open
+rollout, shadow sampler, grader, learner feed), each under its own AppKey, and close in reverse; one that fails to open
 closes the ones already open. `ProxyState` is assembled last, complete.
 """
 
@@ -21,6 +21,7 @@ from aiohttp import web
 
 from flywheel.proxy.admin import UpstreamAdmin, upstream_base
 from flywheel.proxy.auth import ROUTE_ACCESS, Access, check_bind, guard_middleware, is_loopback
+from flywheel.proxy.canary import PromotionConfig
 from flywheel.proxy.capture import CHAT, COMPLETIONS
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.errors import ApiError, error_middleware
@@ -31,6 +32,7 @@ from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_mi
 from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
+from flywheel.proxy.rollout import Rollout
 from flywheel.proxy.routes import adapters, episodes, grading, learner, sql, ui
 from flywheel.proxy.routes.completions import completion_handler, stored_response_handler
 from flywheel.proxy.routes.passthrough import FORWARDED, forward_handler, model_handler, models_handler
@@ -55,13 +57,16 @@ FEED = web.AppKey("flywheel_feed", Feed)
 GRADER_CONFIG = web.AppKey("flywheel_grader_config", GraderConfig)
 GRADER = web.AppKey("flywheel_grader", Grader)
 SHADOWS = web.AppKey("flywheel_shadows", ShadowSampler)
+PROMOTION = web.AppKey("flywheel_promotion", PromotionConfig)
+ROLLOUT = web.AppKey("flywheel_rollout", Rollout)
 TRACER: web.AppKey["CallTracer"] = web.AppKey("flywheel_tracer")
 
 # Attribution by base_url: every OpenAI route is also served under these prefixes.
 _PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
 
 
-def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web.Application:
+def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig(),
+              promotion: PromotionConfig = PromotionConfig()) -> web.Application:
     """The proxy for `config` (and `[grader]`); raises ValueError for settings it cannot serve
     with (InsecureConfig for keys or a bind address that would expose the store)."""
     check_bind(config)
@@ -70,6 +75,7 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web
     if grader.kind == "judge" and not (grader.judge_model or config.base_model):
         raise ValueError("[grader] kind = \"judge\" needs judge_model, or [proxy] base_model (flywheel up sets it)")
     _check_shadows(grader)
+    promotion.check()
     if config.otel_endpoint:
         try:
             import flywheel.proxy.tracing  # noqa: F401
@@ -82,12 +88,14 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> web
                           client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[GRADER_CONFIG] = grader
+    app[PROMOTION] = promotion
     app[METRICS] = metrics
     access: dict = {}
     for method, path, handler, needs in _routes():
         access[app.router.add_route(method, path, handler)] = needs
     app[ROUTE_ACCESS] = access
-    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _shadows, _grader, _feed, _tracer, _state])
+    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _rollout, _shadows, _grader, _feed, _tracer,
+                            _state])
     return app
 
 
@@ -131,8 +139,11 @@ def _routes():
     yield "GET", "/v1/adapters", adapters.list_adapters, Access.ADMIN
     yield "POST", "/v1/adapters", adapters.register_adapter, Access.ADMIN
     yield "POST", "/v1/adapters/{agent}/rollback", adapters.rollback_adapter, Access.ADMIN
+    yield "POST", "/v1/adapters/{agent}/promote", adapters.promote_candidate, Access.ADMIN
+    yield "POST", "/v1/adapters/{agent}/reject", adapters.reject_candidate, Access.ADMIN
     yield "POST", "/v1/learner/train", learner.train, Access.ADMIN
     yield "GET", "/v1/learner/status", learner.status, Access.ADMIN
+    yield "POST", "/v1/learner/runs", learner.record_held_run, Access.ADMIN
     yield "GET", "/v1/grader", grading.status, Access.ADMIN
     yield "POST", "/v1/grader/regrade", grading.regrade, Access.ADMIN
     yield "POST", "/v1/grader/calibrate", grading.calibrate, Access.ADMIN
@@ -176,7 +187,9 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     """The adapter registry, restored from the store and reloaded into vLLM in the background,
     then kept loaded there (a restarted vLLM gets its adapters back)."""
     config, writer = app[CONFIG], app[WRITER]
-    registry = Registry(writer, app[ADMIN], config.base_model or None, config.max_lora_rank, config.adapter_roots)
+    promotion = app[PROMOTION]
+    registry = Registry(writer, app[ADMIN], config.base_model or None, config.max_lora_rank, config.adapter_roots,
+                        promotion.canary_fraction, promotion.seed)
     app[REGISTRY] = registry
     rows = await writer.read(writer.store.adapter_rows)
 
@@ -187,6 +200,14 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     keeping = asyncio.get_running_loop().create_task(restore_then_watch())
     yield
     await _cancel(keeping)
+
+
+async def _rollout(app: web.Application) -> AsyncIterator[None]:
+    """Candidates decided and newly active versions watched, in the background."""
+    app[ROLLOUT] = rollout = Rollout(app[PROMOTION], app[REGISTRY], app[WRITER], app[METRICS])
+    deciding = asyncio.get_running_loop().create_task(rollout.run())
+    yield
+    await _cancel(deciding)
 
 
 async def _feed(app: web.Application) -> AsyncIterator[None]:
@@ -268,7 +289,8 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[METRICS].watch(app[WRITER], app.get(FEED))
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM], admin=app[ADMIN],
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
-                            tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS))
+                            tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS),
+                            rollout=app[ROLLOUT])
     log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
     if not (config.api_keys or config.admin_keys):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,
@@ -315,9 +337,10 @@ async def _ready(request: web.Request) -> web.Response:
     return web.json_response({"ready": ready, "degraded": degraded, "checks": checks}, status=200 if ready else 503)
 
 
-def run(config: ProxyConfig, grader: GraderConfig = GraderConfig()) -> None:
+def run(config: ProxyConfig, grader: GraderConfig = GraderConfig(),
+        promotion: PromotionConfig = PromotionConfig()) -> None:
     _raise_file_limit()
-    app = build_app(config, grader)
+    app = build_app(config, grader, promotion)
     app.on_startup.append(_tune_gc)  # after the resources open: their objects are long-lived too
     if config.memory_headroom_mb:
         app.on_startup.append(lambda _: _cap_address_space(config.memory_headroom_mb))

@@ -140,9 +140,10 @@ class Feed:
                 "pushed_episodes": self.pushed, "quarantined_episodes": self.quarantined,
                 "last_success": self.last_success}
 
-    def train(self, wait: bool) -> AsyncIterator[pb.TrainEvent]:
-        """An update now: its events as the learner streams them (every one with `wait`)."""
-        return self.stub.Train(pb.TrainRequest(wait=wait), metadata=self.metadata)
+    def train(self, wait: bool, force: bool = False) -> AsyncIterator[pb.TrainEvent]:
+        """An update now: its events as the learner streams them (every one with `wait`); `force`
+        publishes what the learner's guards held back first."""
+        return self.stub.Train(pb.TrainRequest(wait=wait, force=force), metadata=self.metadata)
 
     async def status(self) -> pb.LearnerStatus:
         return await self.stub.Status(pb.StatusRequest(), timeout=10, metadata=self.metadata)

@@ -33,7 +33,8 @@ class Metrics:
                               buckets=_LATENCY_S, registry=r)
         self.tokens = Counter("flywheel_tokens", "tokens by agent and kind (prompt, completion)",
                               ["agent", "kind"], registry=r)
-        self.adapter_swaps = Counter("flywheel_adapter_swaps", "adapter versions put live (register, rollback)",
+        self.adapter_swaps = Counter("flywheel_adapter_swaps", "adapter registry changes (register, candidate, "
+                                     "promote, reject, rollback; auto_promote, auto_reject, auto_rollback by the rollout)",
                                      ["agent", "reason"], registry=r)
         self.shadows = Counter("flywheel_shadow_samples", "calls offered for shadow samples, by outcome "
                                "(sampled, failed, dropped_queue_full, dropped_waited, skipped_task, skipped_eval, "

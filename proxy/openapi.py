@@ -97,14 +97,20 @@ SPEC = {
                 "query": {"type": "string"}, "max_rows": {"type": "integer", "minimum": 0}}}, admin=True)},
         "/v1/adapters": {
             "get": _operation("adapter versions per agent", 200, _OBJECT, admin=True),
-            "post": _operation("register (hot-swap in) an adapter version", 201, _OBJECT, {
+            "post": _operation("register an adapter version: active at once, or a canary candidate", 201, _OBJECT, {
                 "type": "object", "required": ["agent", "path"], "properties": {
                     "agent": _NAME, "path": {"type": "string"}, "base_model": {"type": "string"},
-                    "train_run": _OBJECT}}, admin=True)},
-        "/v1/adapters/{agent}/rollback": {"post": _operation("roll an agent back one version", 200, _OBJECT,
-                                                             _OBJECT, params=("agent",), admin=True)},
+                    "canary": {"type": "boolean"}, "train_run": _OBJECT}}, admin=True)},
+        **{f"/v1/adapters/{{agent}}/{action}": {"post": _operation(summary, 200, _OBJECT, {
+            "type": "object", "properties": {"reason": {"type": "string"}}}, params=("agent",), admin=True)}
+           for action, summary in (("rollback", "roll an agent back one version"),
+                                   ("promote", "make the agent's candidate active now"),
+                                   ("reject", "take the agent's candidate off its canary slice"))},
         "/v1/learner/train": {"post": _operation("an update now (NDJSON events)", 200, _OBJECT, {
-            "type": "object", "properties": {"wait": {"type": "boolean"}}}, admin=True)},
+            "type": "object", "properties": {"wait": {"type": "boolean"}, "force": {"type": "boolean"}}},
+            admin=True)},
+        "/v1/learner/runs": {"post": _operation("record an update the learner's guards held back", 201, _OBJECT, {
+            "type": "object", "required": ["train_run"], "properties": {"train_run": _OBJECT}}, admin=True)},
         "/v1/learner/status": {"get": _operation("the learner's buffer and the feed", 200, _OBJECT, admin=True)},
         "/v1/grader": {"get": _operation("the grading service: counts and episodes it gave up on", 200, _OBJECT,
                                          admin=True)},

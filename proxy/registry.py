@@ -3,8 +3,11 @@
 Registering loads the PEFT directory into vLLM under a new name `{agent}-v{N}` (a name is
 never reused: vLLM keeps serving the old weights under a reused name) and then routes the
 agent's calls to it by rewriting `model`. Each agent keeps two versions loaded: `active`
-and `standby` (the rollback target). Older versions are `retired` and unloaded once no
-call is in flight on them, so calls finish on the version they started on. The registry
+and `standby` (the rollback target), and a third while one is a `candidate` (on a canary
+slice of new episodes, until `flywheel.proxy.rollout` promotes or rejects it). Older versions
+are `retired` (rejected ones `rejected`) and unloaded once no call is in flight on them, so
+calls finish on the version they started on. An episode stays on the version its first call
+of the agent went to while that version is active, a candidate or the standby. The registry
 lives in the store's `adapters` table; a restarted proxy reloads it into vLLM.
 
 Recovery: a version vLLM refuses to load at restore is marked `failed` and its agent falls
@@ -21,18 +24,24 @@ import dataclasses
 import json
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from flywheel.proxy.admin import UpstreamAdmin
+from flywheel.proxy.canary import in_canary
 from flywheel.proxy.errors import ApiError
 from flywheel.store.records import AdapterRow
 from flywheel.store.writer import BatchWriter
 
 log = logging.getLogger("flywheel.adapters")
 
-ACTIVE, STANDBY, RETIRED, ROLLED_BACK, FAILED = "active", "standby", "retired", "rolled_back", "failed"
+CANDIDATE, ACTIVE, STANDBY = "candidate", "active", "standby"
+RETIRED, ROLLED_BACK, REJECTED, FAILED = "retired", "rolled_back", "rejected", "failed"
+_UNSERVED = (RETIRED, ROLLED_BACK, REJECTED)  # unloaded once no call is in flight on them
+_PINNABLE = (ACTIVE, CANDIDATE, STANDBY)  # an episode begun on one of these stays on it
+_MAX_PINS = 100_000  # episodes whose version is remembered; the oldest are forgotten first
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _WEIGHTS = "adapter_model.safetensors"
 
@@ -83,7 +92,7 @@ def validate_adapter_dir(path: str, max_rank: int, roots: tuple[str, ...]) -> Pa
 
 class Registry:
     def __init__(self, writer: BatchWriter, vllm: UpstreamAdmin, default_base_model: str | None, max_lora_rank: int,
-                 adapter_roots: tuple[str, ...] = ()):
+                 adapter_roots: tuple[str, ...] = (), canary_fraction: float = 0.2, canary_seed: int = 0):
         self._writer = writer
         self._vllm = vllm
         self.default_base_model = default_base_model
@@ -91,6 +100,9 @@ class Registry:
         self.adapter_roots = adapter_roots
         self.versions: dict[str, list[Version]] = {}  # agent -> versions, oldest first
         self.active: dict[str, Version] = {}
+        self.candidates: dict[str, Version] = {}  # agent -> its undecided candidate
+        self.canary_fraction, self.canary_seed = canary_fraction, canary_seed
+        self._pins: OrderedDict[tuple[str, str], Version | None] = OrderedDict()  # (agent, episode) -> version
         self._lock = asyncio.Lock()  # one registry change at a time
         self._name_locks: dict[str, asyncio.Lock] = {}  # one load or unload of a name at a time
         self.restored = False  # every active and standby version was loaded (or marked failed) at start
@@ -99,15 +111,34 @@ class Registry:
 
     # ---- the hot path -------------------------------------------------------
 
-    def route(self, agent: str, requested_model: str | None) -> Version | None:
+    def route(self, agent: str, requested_model: str | None, episode_id: str) -> Version | None:
         """The version to serve this call with (counted in flight), or None for the base model."""
-        version = self.active.get(agent)
-        if version is None:
+        active, candidate = self.active.get(agent), self.candidates.get(agent)
+        serving = active or candidate
+        if serving is None:
             return None
-        base = version.row.base_model
+        base = serving.row.base_model
         if base is not None and requested_model not in (None, base):
             return None  # the client asked for another model: leave it alone
-        version.in_flight += 1
+        version = self._episode_version(agent, episode_id, active, candidate)
+        if version is not None:
+            version.in_flight += 1
+        return version
+
+    def _episode_version(self, agent: str, episode_id: str, active: Version | None,
+                         candidate: Version | None) -> Version | None:
+        """The version the episode began on, if it still serves; else the canary slice's pick, remembered."""
+        key = (agent, episode_id)
+        if key in self._pins:
+            pinned = self._pins[key]
+            if pinned is None and active is None or pinned is not None and pinned.loaded \
+                    and pinned.row.status in _PINNABLE:
+                return pinned
+        version = candidate if candidate is not None and (
+            in_canary(episode_id, self.canary_seed, self.canary_fraction)) else active
+        self._pins[key] = version
+        if len(self._pins) > _MAX_PINS:
+            self._pins.popitem(last=False)
         return version
 
     def hold(self, version: Version) -> None:
@@ -116,22 +147,25 @@ class Registry:
 
     def release(self, version: Version) -> None:
         version.in_flight -= 1
-        if version.in_flight == 0 and version.row.status in (RETIRED, ROLLED_BACK) and version.loaded:
+        if version.in_flight == 0 and version.row.status in _UNSERVED and version.loaded:
             asyncio.get_running_loop().create_task(self._unload(version))
 
     # ---- changes ------------------------------------------------------------
 
-    async def register(self, agent: str, path: str, base_model: str | None) -> Version:
+    async def register(self, agent: str, path: str, base_model: str | None, canary: bool = False) -> Version:
+        """A new version: active at once, or with `canary` a candidate on the canary slice (replacing
+        an undecided older candidate, which is rejected)."""
         if not _AGENT_NAME.match(agent):
             raise ApiError(400, f"agent name {agent!r} must match {_AGENT_NAME.pattern}", "invalid_agent")
         directory = await asyncio.to_thread(validate_adapter_dir, path, self.max_lora_rank, self.adapter_roots)
         async with self._lock:
             history = self.versions.get(agent, [])
             number = max((v.row.version for v in history), default=0) + 1
+            now = datetime.now(timezone.utc)
             new = Version(AdapterRow(
                 served_name=f"{agent}-v{number}", agent=agent, version=number, path=str(directory),
-                base_model=base_model or self.default_base_model, created_at=datetime.now(timezone.utc),
-                status=ACTIVE,
+                base_model=base_model or self.default_base_model, created_at=now,
+                status=CANDIDATE if canary else ACTIVE, live_at=None if canary else now,
             ))
             await self._load(new)
             try:  # live only once persisted: a version the store does not have must never serve
@@ -142,16 +176,67 @@ class Registry:
                                "store_unavailable") from None
             history.append(new)
             self.versions[agent] = history
-            for older in reversed(history[:-1]):
-                if older.row.status == ACTIVE:
-                    await self._set_status(older, STANDBY)
-                elif older.row.status == STANDBY:
-                    await self._set_status(older, RETIRED)
-            self.active[agent] = new  # from here on the agent's calls go to the new version
+            older = self.candidates.pop(agent, None)
+            if older is not None:
+                await self._decide(older, REJECTED, f"replaced by {new.served_name} before a decision")
+            if canary:
+                self.candidates[agent] = new  # from here on the canary slice of new episodes goes to it
+            else:
+                await self._make_active(new)
             self._unload_idle(agent)
             return new
 
-    async def rollback(self, agent: str) -> Version | None:
+    async def promote(self, agent: str, reason: str, comparison: str | None = None) -> Version:
+        """The agent's candidate becomes active; the active one becomes the standby."""
+        async with self._lock:
+            candidate = self._candidate(agent)
+            now = datetime.now(timezone.utc)
+            candidate.row = dataclasses.replace(candidate.row, live_at=now, decided_at=now, reason=reason,
+                                                comparison=comparison or candidate.row.comparison)
+            del self.candidates[agent]
+            await self._make_active(candidate)
+            self._unload_idle(agent)
+            return candidate
+
+    async def reject(self, agent: str, reason: str, comparison: str | None = None) -> Version:
+        """The agent's candidate stops serving new episodes (calls in flight finish on it) and is unloaded."""
+        async with self._lock:
+            candidate = self._candidate(agent)
+            if comparison is not None:
+                candidate.row = dataclasses.replace(candidate.row, comparison=comparison)
+            del self.candidates[agent]
+            await self._decide(candidate, REJECTED, reason)
+            self._unload_idle(agent)
+            return candidate
+
+    async def record(self, version: Version, comparison: str) -> None:
+        """Keep the latest comparison (or watch) of a version in its row."""
+        version.row = dataclasses.replace(version.row, comparison=comparison)
+        await self._persist(version)
+
+    def _candidate(self, agent: str) -> Version:
+        if agent not in self.candidates:
+            raise ApiError(409, f"agent {agent!r} has no candidate to decide on", "no_candidate")
+        return self.candidates[agent]
+
+    async def _make_active(self, new: Version) -> None:
+        """`new` serves the agent from here on; the active version becomes the standby, the standby retires."""
+        before = self.active.get(new.row.agent)
+        changed = [new]
+        new.row = dataclasses.replace(new.row, status=ACTIVE, live_at=new.row.live_at or datetime.now(timezone.utc))
+        for older in self.versions[new.row.agent]:
+            if older is before or older.row.status == STANDBY and older is not new:
+                older.row = dataclasses.replace(older.row, status=STANDBY if older is before else RETIRED)
+                changed.append(older)
+        self.active[new.row.agent] = new  # routed and shown at once, whole; persisted next
+        for version in changed:
+            await self._persist(version)
+
+    async def _decide(self, version: Version, status: str, reason: str) -> None:
+        version.row = dataclasses.replace(version.row, decided_at=datetime.now(timezone.utc), reason=reason)
+        await self._set_status(version, status)
+
+    async def rollback(self, agent: str, reason: str = "rolled back by hand") -> Version | None:
         """Back to the standby version (or the base model); returns what now serves."""
         async with self._lock:
             current = self.active.get(agent)
@@ -166,8 +251,9 @@ class Registry:
                 del self.active[agent]
             else:
                 self.active[agent] = target
-            await self._set_status(current, ROLLED_BACK)
+            await self._decide(current, ROLLED_BACK, reason)
             if target is not None:
+                target.row = dataclasses.replace(target.row, live_at=datetime.now(timezone.utc))
                 await self._set_status(target, ACTIVE)
                 below = next((v for v in reversed(history)
                               if v.row.status == RETIRED and v.row.version < target.row.version), None)
@@ -187,6 +273,8 @@ class Registry:
             self.versions.setdefault(row.agent, []).append(version)
             if row.status == ACTIVE:
                 self.active[row.agent] = version
+            elif row.status == CANDIDATE:
+                self.candidates[row.agent] = version
         for agent in list(self.versions):
             async with self._lock:
                 await self._restore_agent(agent)
@@ -195,8 +283,12 @@ class Registry:
             log.info("restored adapters: %s", {a: v.served_name for a, v in self.active.items()})
 
     async def _restore_agent(self, agent: str) -> None:
-        for version in [v for v in self.versions[agent] if v.row.status in (ACTIVE, STANDBY)]:
-            if await self._load_or_fail(version) or self.active.get(agent) is not version:
+        for version in [v for v in self.versions[agent] if v.row.status in (ACTIVE, STANDBY, CANDIDATE)]:
+            if await self._load_or_fail(version):
+                continue
+            if self.candidates.get(agent) is version:
+                del self.candidates[agent]
+            if self.active.get(agent) is not version:
                 continue
             fallback = None
             for older in reversed(self.versions[agent]):
@@ -249,7 +341,7 @@ class Registry:
             return []
         listed = {model.get("id") for model in json.loads(body).get("data", [])}
         lost = [v for vs in self.versions.values() for v in vs if v.served_name not in listed and (
-            v.row.status == ACTIVE or (v.row.status == STANDBY and (v.loaded or v.served_name in self._lost)))]
+            v.row.status in (ACTIVE, CANDIDATE) or (v.row.status == STANDBY and (v.loaded or v.served_name in self._lost)))]
         reloaded = []
         for version in lost:
             log.warning("vLLM lost %s (restarted?): loading it again", version.served_name)
@@ -276,7 +368,9 @@ class Registry:
         return {"agents": {
             agent: {
                 "current": self.active[agent].served_name if agent in self.active else None,
-                "history": [{**row_json(v.row), "in_flight": v.in_flight, "loaded": v.loaded} for v in versions],
+                "candidate": self.candidates[agent].served_name if agent in self.candidates else None,
+                "history": [{**row_json(v.row), "state": v.row.status, "in_flight": v.in_flight, "loaded": v.loaded}
+                            for v in versions],
             }
             for agent, versions in sorted(self.versions.items())
         }}
@@ -290,7 +384,7 @@ class Registry:
 
     def _unload_idle(self, agent: str) -> None:
         for version in self.versions[agent]:
-            if version.loaded and version.in_flight == 0 and version.row.status in (RETIRED, ROLLED_BACK):
+            if version.loaded and version.in_flight == 0 and version.row.status in _UNSERVED:
                 asyncio.get_running_loop().create_task(self._unload(version))
 
     def _name_lock(self, version: Version) -> asyncio.Lock:
@@ -331,7 +425,7 @@ class Registry:
         """Unload a version no call uses and nothing needs (re-checked under the name's lock, so an
         unload queued before a rollback revived the version does nothing); `force`: regardless."""
         async with self._name_lock(version):
-            needed = (version.in_flight or version.row.status not in (RETIRED, ROLLED_BACK, FAILED)
+            needed = (version.in_flight or version.row.status not in (*_UNSERVED, FAILED)
                       or self.active.get(version.row.agent) is version)
             if not version.loaded or (needed and not force):
                 return
@@ -345,4 +439,6 @@ class Registry:
 
 
 def row_json(row: AdapterRow) -> dict:
-    return {**dataclasses.asdict(row), "created_at": row.created_at.isoformat()}
+    fields = dataclasses.asdict(row)
+    return {**fields, **{name: value.isoformat() for name, value in fields.items() if isinstance(value, datetime)},
+            "comparison": json.loads(row.comparison) if row.comparison else None}

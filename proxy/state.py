@@ -19,6 +19,7 @@ from flywheel.proxy.feed import Feed
 from flywheel.proxy.grader import Grader
 from flywheel.proxy.metrics import Metrics
 from flywheel.proxy.registry import Registry
+from flywheel.proxy.rollout import Rollout
 from flywheel.proxy.shadow import ShadowSampler
 from flywheel.proxy.upstream import UpstreamPool
 from flywheel.store.writer import BatchWriter
@@ -39,6 +40,7 @@ class ProxyState:
     tracer: "CallTracer | None"  # one OpenTelemetry span per LLM call; None unless otel_endpoint is set
     grader: Grader | None  # scores closed episodes through the grading service; None with [grader] kind = "feedback"
     shadows: ShadowSampler | None  # resamples one-off calls for comparison groups; None unless shadow_samples is set
+    rollout: Rollout  # decides candidates and watches newly active versions ([promotion])
 
     def require_writable_store(self) -> None:
         """A 503 at once while the store cannot write, for requests acknowledged only once committed

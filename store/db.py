@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from flywheel.store.records import (
     AdapterRow,
+    ServedReward,
     CallRecord,
     EpisodeClose,
     EpisodeOpen,
@@ -160,7 +161,9 @@ class Store:
                 results.append(None)
             elif isinstance(op, AdapterRow):
                 self._insert_rows(ADAPTERS, [asdict(op)],
-                                  "ON CONFLICT (served_name) DO UPDATE SET status = excluded.status")
+                                  "ON CONFLICT (served_name) DO UPDATE SET status = excluded.status, live_at = excluded.live_at, "
+                                  "decided_at = excluded.decided_at, reason = excluded.reason, "
+                                  "comparison = excluded.comparison")
                 results.append(None)
             else:
                 results.append(None)
@@ -421,6 +424,22 @@ class Store:
                             "JOIN episodes e USING (episode_id) WHERE c.call_id = $id AND c.shadow_of IS NULL",
                             {"id": call_id})
         return found[0] if found else None
+
+    def version_rewards(self, agent: str, since: datetime) -> list[ServedReward]:
+        """(model or adapter served, reward, is eval) of each rewarded episode opened since `since`
+        whose calls of `agent` all went to one model or adapter, oldest first: the outcomes a canary
+        comparison or a watch weighs. Episodes with an infra_error (the outcome is not the model's) and shadow samples
+        (never seen by a client) do not count."""
+        rows = self._dicts(f"""
+            SELECT any_value(c.adapter) AS adapter, any_value(e.reward) AS reward,
+                   any_value({IS_EVAL_EPISODE}) AS is_eval, any_value(e.created_at) AS created_at
+            FROM episodes e JOIN calls c USING (episode_id)
+            WHERE c.agent = $agent AND c.shadow_of IS NULL AND e.created_at >= $since
+              AND e.reward IS NOT NULL AND e.infra_error IS NULL
+            GROUP BY e.episode_id
+            HAVING count(DISTINCT c.adapter) = 1
+            ORDER BY min(c.created_at)""", {"agent": agent, "since": since})
+        return [ServedReward(row["adapter"], row["reward"], bool(row["is_eval"]), row["created_at"]) for row in rows]
 
     def adapter_rows(self) -> list[AdapterRow]:
         """The whole adapter registry, oldest first (read once at start-up)."""

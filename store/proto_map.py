@@ -61,12 +61,14 @@ def episode_proto(row: dict[str, Any]) -> pb.Episode:
     return episode
 
 
-_RUN_IDENTITY = ("run_id", "created_at", "served_name", "agent", "version", "skipped")
+_RUN_IDENTITY = ("run_id", "created_at", "served_name", "agent", "version", "skipped", "held")
 
 
-def train_run_record(metrics: dict, row: AdapterRow, run_id: str, created_at: datetime) -> TrainRun:
-    """A `train_runs` row from the learner's UpdateMetrics (as JSON) and the adapter version it produced."""
+def train_run_record(metrics: dict, row: AdapterRow | None, run_id: str, created_at: datetime) -> TrainRun:
+    """A `train_runs` row from the learner's UpdateMetrics (as JSON) and the adapter version it
+    produced (None: an update a guard held back, which produced none)."""
     numeric = {f.name: (int if f.type == "int" else float)(metrics.get(f.name) or 0)  # int64 arrives as text
                for f in dataclasses.fields(TrainRun) if f.name not in _RUN_IDENTITY}
-    return TrainRun(run_id=run_id, created_at=created_at, served_name=row.served_name, agent=row.agent,
-                    version=row.version, skipped=json.dumps(metrics.get("skipped") or {}), **numeric)
+    return TrainRun(run_id=run_id, created_at=created_at, served_name=row.served_name if row else None,
+                    agent=row.agent if row else str(metrics.get("agent", "")), version=row.version if row else None,
+                    skipped=json.dumps(metrics.get("skipped") or {}), held=metrics.get("held") or None, **numeric)

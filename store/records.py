@@ -122,6 +122,20 @@ class AdapterRow:
     base_model: str | None
     created_at: datetime
     status: str
+    live_at: datetime | None = None
+    decided_at: datetime | None = None
+    reason: str | None = None
+    comparison: str | None = None  # JSON text
+
+
+@dataclass(frozen=True)
+class ServedReward:
+    """A rewarded episode, the one model or adapter that served an agent's calls in it, and when it began."""
+
+    adapter: str
+    reward: float
+    is_eval: bool
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -144,13 +158,13 @@ class EpisodesPushed:
 
 @dataclass(frozen=True)
 class TrainRun:
-    """One learner update, as published: a row of `train_runs` (columns in store/schema.py)."""
+    """One learner update, as published or held: a row of `train_runs` (columns in store/schema.py)."""
 
     run_id: str
     created_at: datetime
-    served_name: str
+    served_name: str | None  # None: held by a guard
     agent: str
-    version: int
+    version: int | None
     episodes: int
     transitions: int
     tokens: int
@@ -167,6 +181,8 @@ class TrainRun:
     logprob_mismatch_max: float
     seconds: float
     skipped: str  # JSON {reason: count}
+    step_kl: float
+    held: str | None  # the guards it crossed; None: published
 
 
 @dataclass(frozen=True)

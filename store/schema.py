@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,13 @@ ADAPTERS = Table(
         Column("path", "VARCHAR", "PEFT adapter directory vLLM loads it from"),
         Column("base_model", "VARCHAR", "served name of the base model it applies to"),
         Column("created_at", "TIMESTAMPTZ", "when it was registered"),
-        Column("status", "VARCHAR", "active | standby (rollback target) | retired | rolled_back | failed (would not load)"),
+        Column("status", "VARCHAR", "candidate (on a canary slice) | active | standby (rollback target) | retired | "
+               "rolled_back | rejected (a candidate that lost) | failed (would not load)"),
+        Column("live_at", "TIMESTAMPTZ", "when it began serving the agent's traffic as active (NULL: never)"),
+        Column("decided_at", "TIMESTAMPTZ", "when it was promoted, rejected or rolled back"),
+        Column("reason", "VARCHAR", "why it was promoted, rejected or rolled back (by hand, or the test's outcome)"),
+        Column("comparison", "JSON", "the latest canary comparison or post-promotion watch: episodes, mean reward "
+               "and interval on each side, the difference's interval, look, basis (eval or live episodes)"),
     ),
 )
 
@@ -184,8 +190,8 @@ TRAIN_RUNS = Table(
     "train_runs",
     (
         Column("run_id", "VARCHAR", "generated id", primary_key=True),
-        Column("created_at", "TIMESTAMPTZ", "when the update was published"),
-        Column("served_name", "VARCHAR", "adapter version it produced"),
+        Column("created_at", "TIMESTAMPTZ", "when the update was published (or held)"),
+        Column("served_name", "VARCHAR", "adapter version it produced (NULL: held by a guard)"),
         Column("agent", "VARCHAR", "agent whose adapter was trained", proto=True),
         Column("version", "INTEGER", "adapter version number it produced", proto=True),
         Column("episodes", "INTEGER", "episodes the update learned from", proto=True),
@@ -204,6 +210,10 @@ TRAIN_RUNS = Table(
         Column("logprob_mismatch_max", "DOUBLE", "largest |learner - vLLM| logprob", proto=True),
         Column("seconds", "DOUBLE", "wall time of the update", proto=True),
         Column("skipped", "JSON", "transitions not trained on, by reason", proto=True),
+        Column("step_kl", "DOUBLE", "KL(policy before the step || after) per token, on the first micro-batch",
+               proto=True),
+        Column("held", "VARCHAR", "the [learner.guards] limits it crossed: kept by the learner, not published "
+               "(served_name NULL); NULL: published; 'published by --force despite: ...': published by hand", proto=True),
     ),
     proto_message="UpdateMetrics",
 )

@@ -73,11 +73,28 @@ GROUP BY a.agent, p.groups, p.flat_share, p.all_flat ORDER BY a.agent
 """
 
 TRAIN_RUNS = """
-SELECT strftime(created_at, '%H:%M:%S') AS published, served_name, episodes, transitions, tokens,
+SELECT strftime(created_at, '%H:%M:%S') AS published, served_name, agent, episodes, transitions, tokens,
        round(reward_mean, 3) AS reward_mean, round(loss, 4) AS loss, round(kl, 4) AS kl,
-       round(clip_fraction, 4) AS clip_fraction, round(entropy, 3) AS entropy, round(grad_norm, 3) AS grad_norm,
-       round(tokens_per_s) AS tokens_per_s, round(seconds, 1) AS seconds
+       round(step_kl, 5) AS step_kl, round(clip_fraction, 4) AS clip_fraction, round(entropy, 3) AS entropy,
+       round(grad_norm, 3) AS grad_norm, round(tokens_per_s) AS tokens_per_s, round(seconds, 1) AS seconds, held
 FROM train_runs ORDER BY created_at, agent
+"""
+
+# Each canary candidate's comparison with the version it was tested against (adapters.comparison):
+# episodes, mean reward and interval on each side, the difference's interval, and the decision.
+CANDIDATES = """
+SELECT served_name, agent, status, comparison->>'$.canary.against' AS against,
+       comparison->>'$.canary.basis' AS basis,
+       TRY_CAST(comparison->>'$.canary.new.episodes' AS INTEGER) AS candidate_episodes,
+       TRY_CAST(comparison->>'$.canary.new.mean_reward' AS DOUBLE) AS candidate_mean,
+       TRY_CAST(comparison->>'$.canary.new.interval[0]' AS DOUBLE) AS candidate_low,
+       TRY_CAST(comparison->>'$.canary.new.interval[1]' AS DOUBLE) AS candidate_high,
+       TRY_CAST(comparison->>'$.canary.old.episodes' AS INTEGER) AS active_episodes,
+       TRY_CAST(comparison->>'$.canary.old.mean_reward' AS DOUBLE) AS active_mean,
+       TRY_CAST(comparison->>'$.canary.old.interval[0]' AS DOUBLE) AS active_low,
+       TRY_CAST(comparison->>'$.canary.old.interval[1]' AS DOUBLE) AS active_high,
+       round(epoch(decided_at) - epoch(created_at)) AS decided_after_s, reason
+FROM adapters WHERE (comparison->'$.canary') IS NOT NULL ORDER BY created_at
 """
 
 # Client calls per agent; shadow samples (never seen by a client) counted apart, out of the other columns.

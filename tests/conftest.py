@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from flywheel.proxy.app import build_app
+from flywheel.proxy.canary import PromotionConfig
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.grader import GraderConfig
 from flywheel.proxy.state import STATE
@@ -42,8 +43,9 @@ class Running:
 
 
 class Proxy(Running):
-    def __init__(self, config: ProxyConfig, grader: GraderConfig = GraderConfig()):
-        super().__init__(build_app(config, grader), config.port)
+    def __init__(self, config: ProxyConfig, grader: GraderConfig = GraderConfig(),
+                 promotion: PromotionConfig = PromotionConfig()):
+        super().__init__(build_app(config, grader, promotion), config.port)
         self.config = config
 
     @property
@@ -75,10 +77,11 @@ async def start_proxy(upstream, db_path):
     """Factory: start a proxy in front of the fake upstream (settings overridable)."""
     started: list[Proxy] = []
 
-    async def start(grader: GraderConfig = GraderConfig(), **overrides) -> Proxy:
+    async def start(grader: GraderConfig = GraderConfig(), promotion: PromotionConfig = PromotionConfig(),
+                    **overrides) -> Proxy:
         config = dataclasses.replace(ProxyConfig(upstream=upstream.url, db=db_path, port=0,
                                                  adapter_roots=(str(Path(db_path).parent),)), **overrides)
-        proxy = await Proxy(config, grader).start()
+        proxy = await Proxy(config, grader, promotion).start()
         started.append(proxy)
         return proxy
 

@@ -16,9 +16,12 @@ from flywheel.learner.credit import CreditConfig
 from flywheel.learner.trainer import TrainerConfig
 from flywheel.protos import flywheel_pb2 as pb
 from flywheel.protos import flywheel_pb2_grpc as pb_grpc
+from flywheel.proxy.canary import PromotionConfig
 from tests.conftest import free_port, wait_buffered
 from tests.fake_upstream import LORAS
 from tests.test_feedback import api
+
+DIRECT = PromotionConfig(mode="direct")  # the learner's versions go live at once: hot-swap is tested here
 
 
 TINY_TRAINER = TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32")
@@ -50,7 +53,7 @@ async def run_episodes(proxy, tasks: dict[str, list[float]]) -> None:
 async def test_episodes_flow_train_publish_and_survive_a_learner_restart(start_proxy, start_learner, upstream,
                                                                        tiny_model, tmp_path):
     address = f"127.0.0.1:{free_port()}"
-    proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=0.05)
+    proxy = await start_proxy(promotion=DIRECT, learner=address, push_after_s=0.0, push_interval_s=0.05)
     config = LearnerConfig(model=tiny_model, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"),
                            min_episodes=1000, group_size=4, trainer=TINY_TRAINER,
                            credit=CreditConfig(skip_truncated=False))

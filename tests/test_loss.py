@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flywheel.learner.loss import LossConfig, Normalizer, aggregate, k3_kl, per_token_loss, truncated_is_weight
+from flywheel.learner.loss import (LossConfig, Normalizer, aggregate, k3_kl, per_token_loss, policy_kl,
+                                   truncated_is_weight)
 
 
 def test_clipping_takes_the_pessimistic_term():
@@ -33,6 +34,14 @@ def test_k3_kl_and_importance_weight():
     assert k3_kl(logp, logp).item() == 0.0
     weight = truncated_is_weight(torch.tensor([-1.0, 0.0]), torch.tensor([-1.5, -3.0]), cap=2.0)
     torch.testing.assert_close(weight, torch.tensor([math.exp(0.5), 2.0]))
+
+
+def test_policy_kl_is_exact_over_the_vocabulary():
+    before = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))  # (B=1, T=1, V=3)
+    after = torch.log(torch.tensor([[[0.25, 0.25, 0.5]]]))
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(1.0) + 0.25 * math.log(0.25 / 0.5)
+    assert policy_kl(before, after).item() == pytest.approx(expected)  # 0.25 ln 2
+    assert policy_kl(before, before).item() == 0.0
 
 
 def test_kl_is_added_after_the_importance_weight():

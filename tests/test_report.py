@@ -21,7 +21,7 @@ async def test_report_from_the_store_file(start_proxy, db_path, tmp_path, capsys
         await episode(proxy, "solver", reward, evaluation=True)
     await episode(proxy, "solver", 0.5, evaluation=False)
     status, _ = await api(proxy, "POST", "/v1/adapters", {
-        "agent": "solver", "path": adapter_dir(tmp_path),
+        "agent": "solver", "path": adapter_dir(tmp_path), "canary": False,
         "train_run": {"agent": "solver", "loss": 0.25, "reward_mean": 0.5, "tokens": "40", "tokens_per_s": 9.5}})
     assert status == 201
     for reward in (1.0, 1.0, 1.0, 0.0):
@@ -36,7 +36,7 @@ async def test_report_from_the_store_file(start_proxy, db_path, tmp_path, capsys
     assert "| base | 4 | 0.25 | 0.49 |" in text
     assert "| solver-v1 | 4 | 0.75 | 0.49 |" in text
     assert "| base | 1 | 0.5 | 0.0 |" in text  # training traffic, apart from the evaluation
-    assert "| solver-v1 | 0 | 0 | 40 | 0.5 | 0.25 | 0.0 |" in text  # the update's metrics
+    assert "| solver-v1 | solver | 0 | 0 | 40 | 0.5 | 0.25 | 0.0 |" in text  # the update's metrics
     for png in ("heldout_reward.png", "train_reward.png", "updates.png", "agents.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in text
     assert read_db(db_path, "SELECT count(*) AS n FROM calls") == [{"n": 9}]

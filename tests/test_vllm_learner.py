@@ -13,8 +13,11 @@ from flywheel.learner.config import LearnerConfig
 from flywheel.learner.credit import CreditConfig, agent_filter, assign
 from flywheel.learner.trainer import PolicyTrainer, TrainerConfig
 from flywheel.store.proto_map import episode_proto
+from flywheel.proxy.canary import PromotionConfig
 from tests.conftest import free_port, wait_buffered
 from tests.test_feedback import api
+
+DIRECT = PromotionConfig(mode="direct")  # the learner's versions go live at once: hot-swap is tested here
 
 pytestmark = pytest.mark.vllm
 
@@ -60,7 +63,7 @@ async def test_learner_logprobs_match_vllm(real_proxy, smollm2):
 
 async def test_loop_episodes_update_hot_swap_and_learner_restart(start_proxy, start_learner, vllm, smollm2, tmp_path):
     address = f"127.0.0.1:{free_port()}"
-    proxy = await start_proxy(upstream=vllm.url, base_model="smollm2", learner=address, push_after_s=0.0,
+    proxy = await start_proxy(promotion=DIRECT, upstream=vllm.url, base_model="smollm2", learner=address, push_after_s=0.0,
                               push_interval_s=0.05)
     config = LearnerConfig(model=smollm2, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "learner"),
                            min_episodes=1000, group_size=2, credit=CreditConfig(skip_truncated=False),

@@ -1,4 +1,5 @@
-"""`/v1/adapters`: list, register (hot-swap in) and roll back adapter versions."""
+"""`/v1/adapters`: list, register (hot-swap in, or as a canary candidate), promote, reject and roll
+back adapter versions."""
 
 from __future__ import annotations
 
@@ -30,10 +31,15 @@ async def register_adapter(request: web.Request) -> web.Response:
     if train_run is not None and not isinstance(train_run, dict):
         raise ApiError(400, "'train_run' must be an object of update metrics", "invalid_field")
     state = request.app[STATE]
+    canary = body.get("canary")
+    if canary is None:  # the learner's publishes (they carry their train run) follow [promotion] mode
+        canary = train_run is not None and state.rollout.config.mode == "canary"
+    if not isinstance(canary, bool):
+        raise ApiError(400, "'canary' must be true or false", "invalid_field")
     state.require_writable_store()  # a version that cannot be recorded never goes live
     # shielded: a client that hangs up mid-registration leaves the registry whole, not half-changed
-    version = await asyncio.shield(state.registry.register(agent, path, base_model))
-    state.metrics.adapter_swaps.labels(agent, "register").inc()
+    version = await asyncio.shield(state.registry.register(agent, path, base_model, canary))
+    state.metrics.adapter_swaps.labels(agent, "candidate" if canary else "register").inc()
     if train_run is not None:
         await state.writer.submit(train_run_record(train_run, version.row, new_id("run"), datetime.now(timezone.utc)))
     return web.json_response(row_json(version.row), status=201)
@@ -42,6 +48,34 @@ async def register_adapter(request: web.Request) -> web.Response:
 async def rollback_adapter(request: web.Request) -> web.Response:
     agent = request.match_info["agent"]
     state = request.app[STATE]
-    target = await asyncio.shield(state.registry.rollback(agent))
+    target = await asyncio.shield(state.registry.rollback(agent, await _reason(request, "rolled back by hand")))
     state.metrics.adapter_swaps.labels(agent, "rollback").inc()
     return web.json_response({"agent": agent, "current": target.served_name if target else None})
+
+
+async def promote_candidate(request: web.Request) -> web.Response:
+    """The agent's candidate made active now, whatever its comparison says."""
+    agent = request.match_info["agent"]
+    state = request.app[STATE]
+    version = await asyncio.shield(state.registry.promote(agent, await _reason(request, "promoted by hand")))
+    state.metrics.adapter_swaps.labels(agent, "promote").inc()
+    return web.json_response(row_json(version.row))
+
+
+async def reject_candidate(request: web.Request) -> web.Response:
+    """The agent's candidate taken off its canary slice now."""
+    agent = request.match_info["agent"]
+    state = request.app[STATE]
+    version = await asyncio.shield(state.registry.reject(agent, await _reason(request, "rejected by hand")))
+    state.metrics.adapter_swaps.labels(agent, "reject").inc()
+    return web.json_response(row_json(version.row))
+
+
+async def _reason(request: web.Request, default: str) -> str:
+    """The optional {"reason": "..."} of a decision by hand, kept in the version's row."""
+    if not await request.read():
+        return default
+    reason = (await read_json_object(request)).get("reason", default)
+    if not isinstance(reason, str):
+        raise ApiError(400, "'reason' must be a string", "invalid_field")
+    return reason if reason == default else f"{default}: {reason}"

@@ -134,7 +134,7 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     headers = state.config.upstream_headers()
     if state.config.serve_model:
         forward["model"] = state.config.serve_model
-    version = call.version = state.registry.route(who.agent, forward.get("model"))
+    version = call.version = state.registry.route(who.agent, forward.get("model"), who.episode_id)
     if version is not None:
         forward["model"] = version.served_name
     call.forward = forward

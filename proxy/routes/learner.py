@@ -1,16 +1,21 @@
-"""`POST /v1/learner/train` and `GET /v1/learner/status`: the learner, reached through the proxy."""
+"""`POST /v1/learner/train`, `GET /v1/learner/status`: the learner, reached through the proxy;
+`POST /v1/learner/runs`: the learner records an update its guards held back (published ones are
+recorded with their version, by `POST /v1/adapters`)."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import grpc
 from aiohttp import web
 from google.protobuf.json_format import MessageToDict
 
+from flywheel.proxy.attribution import new_id
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.feed import Feed
 from flywheel.proxy.state import STATE
+from flywheel.store.proto_map import train_run_record
 
 
 _QUARANTINED = ("SELECT episode_id, quarantined_at, push_error FROM episodes WHERE quarantined_at IS NOT NULL "
@@ -35,7 +40,7 @@ async def train(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     try:
         await feed.push_ready()  # everything ready goes into this update
-        events = feed.train(wait=bool(body.get("wait")))
+        events = feed.train(wait=bool(body.get("wait")), force=bool(body.get("force")))
         await response.prepare(request)
         async for event in events:
             await response.write(json.dumps(_as_dict(event)).encode() + b"\n")
@@ -59,3 +64,17 @@ async def status(request: web.Request) -> web.Response:
     except grpc.aio.AioRpcError as failure:
         out["learner_error"] = f"{failure.code().name}: {failure.details()}"
     return web.json_response(out)
+
+
+async def record_held_run(request: web.Request) -> web.Response:
+    """{"train_run": UpdateMetrics as JSON, with "held": why}: a `train_runs` row without a version."""
+    run = (await read_json_object(request)).get("train_run")
+    if not isinstance(run, dict) or not isinstance(run.get("held"), str) or not run["held"] \
+            or not isinstance(run.get("agent"), str):
+        raise ApiError(400, "'train_run' must be an object of update metrics with 'agent' and 'held' (why)",
+                       "invalid_field")
+    state = request.app[STATE]
+    state.require_writable_store()
+    record = train_run_record(run, None, new_id("run"), datetime.now(timezone.utc))
+    await state.writer.submit(record)
+    return web.json_response({"run_id": record.run_id}, status=201)
