@@ -7,7 +7,8 @@ and `standby` (the rollback target), and a third while one is a `candidate` (on 
 slice of new episodes, until `flywheel.proxy.rollout` promotes or rejects it). Older versions
 are `retired` (rejected ones `rejected`) and unloaded once no call is in flight on them, so
 calls finish on the version they started on. An episode stays on the version its first call
-of the agent went to while that version is active, a candidate or the standby. The registry
+of the agent went to while that version is active, a candidate or the standby (a rejected
+or rolled-back version serves no new call, so episodes open on it move to what serves). The registry
 lives in the store's `adapters` table; a restarted proxy reloads it into vLLM.
 
 Recovery: a version vLLM refuses to load at restore is marked `failed` and its agent falls
@@ -131,15 +132,18 @@ class Registry:
         key = (agent, episode_id)
         if key in self._pins:
             pinned = self._pins[key]
-            if pinned is None and active is None or pinned is not None and pinned.loaded \
-                    and pinned.row.status in _PINNABLE:
-                return pinned
+            if pinned is None and (active is None or not self._has_standby(agent)) or pinned is not None \
+                    and pinned.loaded and pinned.row.status in _PINNABLE:
+                return pinned  # the base model is the standby while no version is
         version = candidate if candidate is not None and (
             in_canary(episode_id, self.canary_seed, self.canary_fraction)) else active
         self._pins[key] = version
         if len(self._pins) > _MAX_PINS:
             self._pins.popitem(last=False)
         return version
+
+    def _has_standby(self, agent: str) -> bool:
+        return any(v.row.status == STANDBY for v in self.versions.get(agent, ()))
 
     def hold(self, version: Version) -> None:
         """Keep a version loaded for work still to be done on it (shadow samples); `release` it after."""

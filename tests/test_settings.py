@@ -38,6 +38,26 @@ target_modules = ["q_proj", "v_proj"]
     assert config.advantages.scale == "none"
 
 
+def test_the_rollout_and_the_guards_are_sections_of_their_own(tmp_path, monkeypatch):
+    from flywheel.proxy.canary import PromotionConfig
+
+    path = write(tmp_path, """
+[promotion]
+canary_fraction = 0.1
+min_episodes = 50
+[learner.guards]
+max_kl = 0.5
+""")
+    monkeypatch.setenv("FLYWHEEL_PROMOTION_MODE", "direct")
+    promotion = load_config(PromotionConfig, "promotion", path, {})
+    assert (promotion.mode, promotion.canary_fraction, promotion.min_episodes, promotion.margin) == (
+        "direct", 0.1, 50, 0.1)
+    assert load_config(LearnerConfig, "learner", path, {}).guards.max_kl == 0.5
+    monkeypatch.delenv("FLYWHEEL_PROMOTION_MODE")
+    with pytest.raises(ConfigError, match="mode must be one of canary, direct"):
+        load_config(PromotionConfig, "promotion", write(tmp_path, '[promotion]\nmode = "yolo"'), {})
+
+
 @pytest.mark.parametrize("text, message", [
     ('[learner.loss]\nloss_type = "drgrpo"', "loss_type must be one of dapo, grpo, dr_grpo; got 'drgrpo'"),
     ('[learner.credit]\nmode = "same"', "mode must be one of identical, discounted"),
