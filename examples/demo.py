@@ -48,9 +48,10 @@ def flywheel_up(args: argparse.Namespace, log_path: Path, timeout_s: float = 900
     log = log_path.open("w")
     settings = ["--config", args.config] if args.config else []
     # the learner is told how many attempts make a task's group, as a user running G attempts would;
-    # its versions go live at once ([promotion] mode = "direct"): the demo measures learning, and its
-    # held-out rounds score every version; a canary would hold most of its traffic on the older one
-    env = {**os.environ, "FLYWHEEL_LEARNER_GROUP_SIZE": str(args.group_size), "FLYWHEEL_PROMOTION_MODE": "direct"}
+    # its versions go live at once unless --promotion-mode canary: the demo measures learning, and its
+    # held-out rounds score every version; a canary holds most of the traffic on the older one
+    env = {**os.environ, "FLYWHEEL_LEARNER_GROUP_SIZE": str(args.group_size),
+           "FLYWHEEL_PROMOTION_MODE": args.promotion_mode}
     proc = subprocess.Popen([sys.executable, "-m", "flywheel", "up", "--db", args.db, "--learner-state",
                              args.learner_state, "--port", str(args.port), "--vllm-port", str(args.vllm_port),
                              "--learner-port", str(args.learner_port), *settings],
@@ -232,6 +233,8 @@ def main() -> None:
                         help="K > 0: train episodes post no reward; the example's grading service scores them "
                              "([grader] kind = endpoint) and each one-off call gets K shadow samples")
     parser.add_argument("--grader-port", dest="grader_port", type=int, default=8402)
+    parser.add_argument("--promotion-mode", dest="promotion_mode", choices=("direct", "canary"), default="direct",
+                        help="how the learner's versions go live ([promotion] mode; Flywheel's default is canary)")
     parser.add_argument("--db", default="demo.duckdb")
     parser.add_argument("--learner-state", dest="learner_state", default="demo-learner")
     parser.add_argument("--report", default="demo-report", help="where flywheel report writes")

@@ -53,6 +53,7 @@ def split_sides(rewards: list[ServedReward], new: str, is_old, min_episodes: int
 
 
 def comparison_json(sides: Sides, new: Arm, old: Arm, verdict, confidence: float, look: int, kind: str) -> dict:
+    """The sides as they stand, and the latest look's verdict (callers keep an earlier one when there is none)."""
     z = NormalDist().inv_cdf((1 + confidence) / 2)
     side = lambda a: {"episodes": a.episodes, "mean_reward": round(a.mean, 4),  # noqa: E731
                       "interval": [round(x, 4) for x in a.interval(z)]}
@@ -106,7 +107,7 @@ class Rollout:
             verdict = non_inferiority(new, old, config.margin, look_alpha(look, 1 - config.confidence),
                                       last=look == config.max_looks - 1)
             done = reached
-        body = comparison_json(sides, new, old, verdict, config.confidence, done, "canary") | {
+        body = previous | comparison_json(sides, new, old, verdict, config.confidence, done, "canary") | {
             "looks_done": done, "canary_fraction": self.registry.canary_fraction,
             "against": active.served_name if active else "base model"}
         waited = (datetime.now(timezone.utc) - candidate.row.created_at).total_seconds()
@@ -156,7 +157,7 @@ class Rollout:
             if reached > done:
                 verdict = watch_verdict(new, old, config.margin, look_alpha(reached - 1, 1 - config.confidence))
                 done = reached
-        body = comparison_json(sides, new, old, verdict, config.confidence, done, "watch") | {
+        body = previous | comparison_json(sides, new, old, verdict, config.confidence, done, "watch") | {
             "looks_done": done, "against": predecessor.served_name if predecessor else "base model",
             "since": live_at.isoformat() if live_at else None, "ended": ended or len(old_rewards) < config.min_episodes}
         if len(old_rewards) < config.min_episodes:

@@ -7,6 +7,7 @@ import asyncio
 
 import aiohttp
 
+from flywheel.report import write_report
 from flywheel.proxy.canary import PromotionConfig
 from flywheel.store.summaries import CANDIDATES
 from tests.conftest import eventually
@@ -114,6 +115,10 @@ async def test_a_candidate_that_does_worse_is_rejected_and_the_agent_stays_on_it
     assert summary["candidate_episodes"] == canary["new"]["episodes"]
     assert summary["candidate_low"] <= summary["candidate_mean"] <= summary["candidate_high"]
     assert summary["active_mean"] == canary["old"]["mean_reward"]
+    await proxy.state.writer.flush()
+    report = write_report(lambda sql: proxy.state.writer.store.query(sql, 10_000, 30), tmp_path / "report", "test")
+    assert "## Canary candidates" in report.read_text() and "| s-v2 | s | rejected | s-v1 | live |" in report.read_text()
+    assert (tmp_path / "report" / "candidates.png").read_bytes()[:4] == b"\x89PNG"
     await eventually(lambda: "s-v2" not in upstream.app[LORAS], 5, "the rejected version unloaded")
     async with aiohttp.ClientSession() as session:  # new episodes all go to the active version
         before = traffic.count
