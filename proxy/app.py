@@ -139,8 +139,8 @@ def _routes():
     yield "GET", "/v1/adapters", adapters.list_adapters, Access.ADMIN
     yield "POST", "/v1/adapters", adapters.register_adapter, Access.ADMIN
     yield "POST", "/v1/adapters/{agent}/rollback", adapters.rollback_adapter, Access.ADMIN
-    yield "POST", "/v1/adapters/{agent}/promote", adapters.promote_candidate, Access.ADMIN
-    yield "POST", "/v1/adapters/{agent}/reject", adapters.reject_candidate, Access.ADMIN
+    yield "POST", "/v1/adapters/{agent}/promote", adapters.decide_candidate("promote"), Access.ADMIN
+    yield "POST", "/v1/adapters/{agent}/reject", adapters.decide_candidate("reject"), Access.ADMIN
     yield "POST", "/v1/learner/train", learner.train, Access.ADMIN
     yield "GET", "/v1/learner/status", learner.status, Access.ADMIN
     yield "POST", "/v1/learner/runs", learner.record_held_run, Access.ADMIN

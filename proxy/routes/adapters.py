@@ -53,22 +53,20 @@ async def rollback_adapter(request: web.Request) -> web.Response:
     return web.json_response({"agent": agent, "current": target.served_name if target else None})
 
 
-async def promote_candidate(request: web.Request) -> web.Response:
-    """The agent's candidate made active now, whatever its comparison says."""
-    agent = request.match_info["agent"]
-    state = request.app[STATE]
-    version = await asyncio.shield(state.registry.promote(agent, await _reason(request, "promoted by hand")))
-    state.metrics.adapter_swaps.labels(agent, "promote").inc()
-    return web.json_response(row_json(version.row))
+def decide_candidate(action: str):
+    """`promote`: the agent's candidate made active now, whatever its comparison says; `reject`:
+    taken off its canary slice now."""
+    done = {"promote": "promoted", "reject": "rejected"}[action]
 
+    async def decide(request: web.Request) -> web.Response:
+        agent = request.match_info["agent"]
+        state = request.app[STATE]
+        registry_change = state.registry.promote if action == "promote" else state.registry.reject
+        version = await asyncio.shield(registry_change(agent, await _reason(request, f"{done} by hand")))
+        state.metrics.adapter_swaps.labels(agent, action).inc()
+        return web.json_response(row_json(version.row))
 
-async def reject_candidate(request: web.Request) -> web.Response:
-    """The agent's candidate taken off its canary slice now."""
-    agent = request.match_info["agent"]
-    state = request.app[STATE]
-    version = await asyncio.shield(state.registry.reject(agent, await _reason(request, "rejected by hand")))
-    state.metrics.adapter_swaps.labels(agent, "reject").inc()
-    return web.json_response(row_json(version.row))
+    return decide
 
 
 async def _reason(request: web.Request, default: str) -> str:
