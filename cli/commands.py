@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the logging proxy in front of an OpenAI-compatible server")
-    serve.add_argument("--upstream", help="upstream base URL, e.g. http://127.0.0.1:8000")
+    serve.add_argument("--upstream", action="append",
+                       help="upstream base URL, e.g. http://127.0.0.1:8000; repeat it for several vLLM replicas")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb)")

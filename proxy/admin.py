@@ -32,7 +32,7 @@ class UpstreamAdmin:
             async with self.session.post(f"{self.base}/{route}", json=payload) as response:
                 return response.status, await response.text()
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as failure:
-            raise self._unreachable(failure) from None
+            raise self.unreachable(failure) from None
 
     async def get(self, route: str) -> tuple[int, bytes, str]:
         """GET {base}/{route}: (status, body, content type); a 502 ApiError when unreachable."""
@@ -40,7 +40,7 @@ class UpstreamAdmin:
             async with self.session.get(f"{self.base}/{route}") as response:
                 return response.status, await response.read(), response.content_type
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as failure:
-            raise self._unreachable(failure) from None
+            raise self.unreachable(failure) from None
 
     async def forward(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes, str]:
         """`method` `path` (from the upstream's root, e.g. /tokenize) with a JSON body as it came:
@@ -51,9 +51,9 @@ class UpstreamAdmin:
             async with self.session.request(method, root + path, data=body, headers=headers) as response:
                 return response.status, await response.read(), response.content_type
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as failure:
-            raise self._unreachable(failure) from None
+            raise self.unreachable(failure) from None
 
-    def _unreachable(self, failure: Exception) -> ApiError:
+    def unreachable(self, failure: Exception | str) -> ApiError:
         return ApiError(502, f"upstream {self.upstream} unreachable: {failure}", "upstream_unreachable")
 
     async def close(self) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 import grpc
 from aiohttp import web
 
-from flywheel.proxy.admin import UpstreamAdmin, upstream_base
+from flywheel.proxy.admin import upstream_base
 from flywheel.proxy.auth import ROUTE_ACCESS, Access, check_bind, guard_middleware, is_loopback
 from flywheel.proxy.canary import PromotionConfig
 from flywheel.proxy.capture import CHAT, COMPLETIONS
@@ -39,7 +39,7 @@ from flywheel.proxy.routes.passthrough import FORWARDED, forward_handler, model_
 from flywheel.proxy.sampling import checked_defaults
 from flywheel.proxy.shadow import ShadowSampler
 from flywheel.proxy.state import STATE, ProxyState
-from flywheel.proxy.upstream import UpstreamPool
+from flywheel.proxy.replicas import Replica, Replicas
 from flywheel.store.db import Store, StoreLimits
 from flywheel.store.writer import BatchWriter
 
@@ -50,8 +50,7 @@ log = logging.getLogger("flywheel.proxy")
 
 CONFIG = web.AppKey("flywheel_config", ProxyConfig)
 WRITER = web.AppKey("flywheel_writer", BatchWriter)
-UPSTREAM = web.AppKey("flywheel_upstream", UpstreamPool)
-ADMIN = web.AppKey("flywheel_admin", UpstreamAdmin)
+UPSTREAM = web.AppKey("flywheel_upstream", Replicas)
 REGISTRY = web.AppKey("flywheel_registry", Registry)
 FEED = web.AppKey("flywheel_feed", Feed)
 GRADER_CONFIG = web.AppKey("flywheel_grader_config", GraderConfig)
@@ -94,7 +93,7 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig(),
     for method, path, handler, needs in _routes():
         access[app.router.add_route(method, path, handler)] = needs
     app[ROUTE_ACCESS] = access
-    app.cleanup_ctx.extend([_writer, _upstream, _admin, _registry, _rollout, _shadows, _grader, _feed, _tracer,
+    app.cleanup_ctx.extend([_writer, _upstream, _registry, _rollout, _shadows, _grader, _feed, _tracer,
                             _state])
     return app
 
@@ -169,18 +168,12 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    """The vLLM replicas: connection pools for the calls, admin clients for adapters and models."""
     config = app[CONFIG]
-    app[UPSTREAM] = pool = UpstreamPool(upstream_base(config.upstream),
-                                        max_connections=config.upstream_max_connections)
+    app[UPSTREAM] = replicas = Replicas(config.upstream, config.upstream_timeout_s, config.upstream_api_key,
+                                        config.upstream_max_connections)
     yield
-    await pool.close()
-
-
-async def _admin(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    app[ADMIN] = admin = UpstreamAdmin(config.upstream, config.upstream_timeout_s, config.upstream_api_key)
-    yield
-    await admin.close()
+    await replicas.close()
 
 
 async def _registry(app: web.Application) -> AsyncIterator[None]:
@@ -188,7 +181,7 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     then kept loaded there (a restarted vLLM gets its adapters back)."""
     config, writer = app[CONFIG], app[WRITER]
     promotion = app[PROMOTION]
-    registry = Registry(writer, app[ADMIN], config.base_model or None, config.max_lora_rank, config.adapter_roots,
+    registry = Registry(writer, app[UPSTREAM], config.base_model or None, config.max_lora_rank, config.adapter_roots,
                         promotion.canary_fraction, promotion.seed)
     app[REGISTRY] = registry
     rows = await writer.read(writer.store.adapter_rows)
@@ -261,7 +254,7 @@ async def _grader(app: web.Application) -> AsyncIterator[None]:
         scorer: Scorer = EndpointScorer(config, session)
     else:  # the judge: on the upstream unless told otherwise, with the upstream's key there
         session = http_session(config, "" if config.judge_url else proxy.upstream_api_key)
-        scorer = JudgeScorer(config, session, config.judge_url or upstream_base(proxy.upstream),
+        scorer = JudgeScorer(config, session, config.judge_url or upstream_base(proxy.upstream[0]),
                              config.judge_model or proxy.base_model, app[WRITER])
     shadows = app.get(SHADOWS)
     app[GRADER] = grader = Grader(config, app[WRITER], scorer, shadows.busy_episodes if shadows else list)
@@ -286,12 +279,12 @@ async def _tracer(app: web.Application) -> AsyncIterator[None]:
 
 async def _state(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    app[METRICS].watch(app[WRITER], app.get(FEED))
-    app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM], admin=app[ADMIN],
+    app[METRICS].watch(app[WRITER], app.get(FEED), app[UPSTREAM])
+    app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM],
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
                             tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS),
                             rollout=app[ROLLOUT])
-    log.info("proxy up: upstream %s, store %s, learner %s", config.upstream, config.db, config.learner or "none")
+    log.info("proxy up: upstream %s, store %s, learner %s", ", ".join(config.upstream), config.db, config.learner or "none")
     if not (config.api_keys or config.admin_keys):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,
                     " (loopback only)" if is_loopback(config.host) else " (--insecure)")
@@ -320,11 +313,10 @@ async def _ready(request: web.Request) -> web.Response:
     `degraded` and does not make the proxy unready: agents are served all the same."""
     state = request.app[STATE]
     checks: dict[str, dict] = {}
-    try:
-        status, _, _ = await asyncio.wait_for(state.admin.get("models"), 5)
-        checks["upstream"] = {"ok": status == 200, "detail": f"GET /v1/models: {status}"}
-    except (ApiError, TimeoutError) as down:
-        checks["upstream"] = {"ok": False, "detail": getattr(down, "message", "no answer within 5 s")}
+    answers = await asyncio.gather(*(_answers(replica) for replica in state.upstream.replicas))
+    checks["upstream"] = {"ok": any(ok for ok, _ in answers),
+                          "detail": "; ".join(f"{r.url}: {detail}" for r, (_, detail) in zip(state.upstream.replicas, answers))
+                          if len(answers) > 1 else answers[0][1]}
     checks["store"] = {"ok": state.writer.failing is None, "detail": state.writer.failing or "writes",
                        "queued_records": state.writer.pending, "lag_s": round(state.writer.lag_s, 3),
                        "dropped_records": state.writer.dropped}
@@ -335,6 +327,15 @@ async def _ready(request: web.Request) -> web.Response:
     ready = all(check["ok"] for name, check in checks.items() if name not in optional)
     degraded = sorted(name for name, check in checks.items() if name in optional and not check["ok"])
     return web.json_response({"ready": ready, "degraded": degraded, "checks": checks}, status=200 if ready else 503)
+
+
+async def _answers(replica: Replica) -> tuple[bool, str]:
+    """Whether a replica lists its models within 5 s, and what it said."""
+    try:
+        await asyncio.wait_for(replica.models(), 5)
+        return True, "GET /v1/models: 200" + ("" if replica.live else " (joining: loading adapters)")
+    except (ApiError, TimeoutError) as down:
+        return False, getattr(down, "message", "no answer within 5 s")
 
 
 def run(config: ProxyConfig, grader: GraderConfig = GraderConfig(),

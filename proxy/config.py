@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    # OpenAI-compatible server to forward to, e.g. http://127.0.0.1:8000 (vLLM); /v1 is optional
-    upstream: str = "http://127.0.0.1:8000"
+    # OpenAI-compatible servers to forward to, e.g. http://127.0.0.1:8000 (vLLM); /v1 is optional.
+    # Several (a TOML list, comma-separated in FLYWHEEL_PROXY_UPSTREAM, --upstream repeated) are
+    # replicas of one model: each episode sticks to one (rendezvous hashing), failing over to the next
+    upstream: tuple[str, ...] = ("http://127.0.0.1:8000",)
     # address the proxy listens on; without keys only a loopback address is allowed (see `insecure`)
     host: str = "127.0.0.1"
     port: int = 8400
@@ -104,6 +106,10 @@ class ProxyConfig:
     otel_endpoint: str = ""
     # put prompts and completions into the spans (gen_ai.input.messages / gen_ai.output.messages)
     otel_content: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.upstream, str):  # ProxyConfig(upstream="http://...") from code: one replica
+            object.__setattr__(self, "upstream", (self.upstream,))
 
     def upstream_headers(self) -> dict[str, str]:
         """What every LLM call sends upstream besides its body: the upstream's key, never a client's

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from flywheel.proxy.feed import Feed
+from flywheel.proxy.replicas import Replicas
 from flywheel.store.writer import BatchWriter
 
 _LATENCY_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -42,17 +43,17 @@ class Metrics:
         self.sql_refused = Counter("flywheel_sql_refused", "SQL queries refused or failed, by reason",
                                    ["reason"], registry=r)
 
-    def watch(self, writer: BatchWriter, feed: Feed | None) -> None:
-        """Report the writer's and the feed's state at each scrape."""
-        self.registry.register(_StateCollector(writer, feed))
+    def watch(self, writer: BatchWriter, feed: Feed | None, replicas: Replicas) -> None:
+        """Report the writer's, the feed's and the upstream replicas' state at each scrape."""
+        self.registry.register(_StateCollector(writer, feed, replicas))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _StateCollector:
-    def __init__(self, writer: BatchWriter, feed: Feed | None):
-        self.writer, self.feed = writer, feed
+    def __init__(self, writer: BatchWriter, feed: Feed | None, replicas: Replicas):
+        self.writer, self.feed, self.replicas = writer, feed, replicas
 
     def collect(self):
         w = self.writer
@@ -66,6 +67,14 @@ class _StateCollector:
         yield CounterMetricFamily("flywheel_records_dropped", "records not kept (serve_without_store)",
                                   value=w.dropped)
         yield CounterMetricFamily("flywheel_records_committed", "records committed to the store", value=w.committed)
+        live = GaugeMetricFamily("flywheel_upstream_live", "1 while a replica takes new episodes", labels=["upstream"])
+        busy = GaugeMetricFamily("flywheel_upstream_in_progress", "LLM calls in progress on a replica",
+                                 labels=["upstream"])
+        for replica in self.replicas.replicas:
+            live.add_metric([replica.url], 1 if replica.live else 0)
+            busy.add_metric([replica.url], replica.pool.in_progress)
+        yield live
+        yield busy
         if self.feed is not None:
             f = self.feed
             yield GaugeMetricFamily("flywheel_feed_lag_seconds", "seconds since the feed last reached the learner",

@@ -11,6 +11,10 @@ of the agent went to while that version is active, a candidate or the standby (a
 or rolled-back version serves no new call, so episodes open on it move to what serves). The registry
 lives in the store's `adapters` table; a restarted proxy reloads it into vLLM.
 
+With several vLLM replicas (`flywheel.proxy.replicas`) a version is loaded into every live one
+before it is routed, and a replica that joins or returns is given every routable version
+before it takes new episodes (`sync`, each `adapter_check_s`).
+
 Recovery: a version vLLM refuses to load at restore is marked `failed` and its agent falls
 back to its newest loadable version (or the base model); a restarted vLLM (the proxy polls
 its model list) gets every loaded version back; loads and unloads of one name never overlap;
@@ -30,9 +34,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flywheel.proxy.admin import UpstreamAdmin
 from flywheel.proxy.canary import in_canary
 from flywheel.proxy.errors import ApiError
+from flywheel.proxy.replicas import Replica, Replicas
 from flywheel.store.records import AdapterRow
 from flywheel.store.writer import BatchWriter
 
@@ -92,10 +96,10 @@ def validate_adapter_dir(path: str, max_rank: int, roots: tuple[str, ...]) -> Pa
 
 
 class Registry:
-    def __init__(self, writer: BatchWriter, vllm: UpstreamAdmin, default_base_model: str | None, max_lora_rank: int,
+    def __init__(self, writer: BatchWriter, replicas: Replicas, default_base_model: str | None, max_lora_rank: int,
                  adapter_roots: tuple[str, ...] = (), canary_fraction: float = 0.2, canary_seed: int = 0):
         self._writer = writer
-        self._vllm = vllm
+        self._replicas = replicas
         self.default_base_model = default_base_model
         self.max_lora_rank = max_lora_rank
         self.adapter_roots = adapter_roots
@@ -107,8 +111,9 @@ class Registry:
         self._lock = asyncio.Lock()  # one registry change at a time
         self._name_locks: dict[str, asyncio.Lock] = {}  # one load or unload of a name at a time
         self.restored = False  # every active and standby version was loaded (or marked failed) at start
-        self.reloads = 0  # versions loaded again after vLLM lost them (a restart)
-        self._lost: set[str] = set()  # names vLLM lost whose reload has not succeeded yet
+        self.reloads = 0  # versions loaded again into a replica that had lost them (a restart)
+        # being registered: loaded into the replicas, not yet in `versions`; a replica syncing now gets them too
+        self._incoming: dict[str, Version] = {}
 
     # ---- the hot path -------------------------------------------------------
 
@@ -171,15 +176,19 @@ class Registry:
                 base_model=base_model or self.default_base_model, created_at=now,
                 status=CANDIDATE if canary else ACTIVE, live_at=None if canary else now,
             ))
-            await self._load(new)
-            try:  # live only once persisted: a version the store does not have must never serve
-                await self._persist(new)
-            except Exception as failure:
-                await self._unload(new, force=True)
-                raise ApiError(503, f"{new.served_name} loaded but could not be recorded ({failure}); not put live",
-                               "store_unavailable") from None
-            history.append(new)
-            self.versions[agent] = history
+            self._incoming[new.served_name] = new
+            try:
+                await self._load(new)
+                try:  # live only once persisted: a version the store does not have must never serve
+                    await self._persist(new)
+                except Exception as failure:
+                    await self._unload(new, force=True)
+                    raise ApiError(503, f"{new.served_name} loaded but could not be recorded ({failure}); "
+                                        "not put live", "store_unavailable") from None
+                history.append(new)
+                self.versions[agent] = history
+            finally:
+                del self._incoming[new.served_name]
             older = self.candidates.pop(agent, None)
             if older is not None:
                 await self._decide(older, REJECTED, f"replaced by {new.served_name} before a decision")
@@ -326,40 +335,55 @@ class Registry:
                 await self._set_status(version, FAILED)
                 return False
 
-    async def watch_upstream(self, interval_s: float) -> None:
-        """Forever: load again whatever vLLM lost (it restarted) of the versions it should hold."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.reload_lost()
-            except ApiError as failure:  # vLLM down: the next round tries again
-                log.debug("adapter check: %s", failure.message)
-            except Exception:  # a bad answer must not end the watch
-                log.exception("adapter check failed")
+    # ---- the vLLM replicas ---------------------------------------------------
 
-    async def reload_lost(self) -> list[str]:
-        """Active versions, and standby ones that were loaded, that vLLM does not list: loaded
-        again. A version whose reload fails is tried again at the next check."""
-        status, body, _ = await self._vllm.get("models")
-        if status != 200:
-            return []
-        listed = {model.get("id") for model in json.loads(body).get("data", [])}
-        lost = [v for vs in self.versions.values() for v in vs if v.served_name not in listed and (
-            v.row.status in (ACTIVE, CANDIDATE) or (v.row.status == STANDBY and (v.loaded or v.served_name in self._lost)))]
-        reloaded = []
-        for version in lost:
-            log.warning("vLLM lost %s (restarted?): loading it again", version.served_name)
-            version.loaded = False
-            self._lost.add(version.served_name)  # until it loads: a failed try is tried again next time
-            try:
-                await self._load(version)
-            except ApiError as failure:
-                log.warning("reloading %s: %s", version.served_name, failure.message)
-                continue
-            self._lost.discard(version.served_name)
-            self.reloads += 1
-            reloaded.append(version.served_name)
-        return reloaded
+    def _routable(self) -> list[Version]:
+        """What every live replica must hold: the versions that serve, may serve next (a loaded
+        standby) or are being registered."""
+        held = {v.served_name: v for vs in self.versions.values() for v in vs
+                if v.row.status in (ACTIVE, CANDIDATE) or (v.row.status == STANDBY and v.loaded)}
+        return [*held.values(), *(v for name, v in self._incoming.items() if name not in held)]
+
+    async def watch_upstream(self, interval_s: float) -> None:
+        """Forever: sync every replica (a restarted or returning vLLM gets its adapters back)."""
+        while True:
+            await asyncio.gather(*(self._sync_logged(replica) for replica in self._replicas.replicas))
+            await asyncio.sleep(interval_s)
+
+    async def _sync_logged(self, replica: Replica) -> None:
+        try:
+            await self.sync(replica)
+        except Exception:  # a bad answer must not end the watch
+            log.exception("adapter check of %s failed", replica.url)
+
+    async def sync(self, replica: Replica) -> None:
+        """Look at a replica's model list: down if it does not answer; else load whatever it lacks
+        of the routable versions, unload what it holds of those no longer served, and mark it live.
+        The last look and `live` happen in one step, so a version registered meanwhile is not missed
+        (it is `_incoming` from before its first load until it is in `versions`)."""
+        try:
+            listed = await replica.models()
+            while missing := [v for v in self._routable() if v.served_name not in listed]:
+                for version in missing:
+                    async with self._name_lock(version):
+                        await self._load_on(replica, version)
+                    if version.served_name in replica.held:
+                        log.warning("vLLM at %s had lost %s (restarted?): loaded it again", replica.url,
+                                    version.served_name)
+                        self.reloads += 1
+                    replica.held.add(version.served_name)
+                    listed.add(version.served_name)
+        except ApiError as failure:
+            self._replicas.mark_down(replica, failure.message)
+            return
+        self._replicas.mark_live(replica)
+        for version in [v for vs in self.versions.values() for v in vs if v.served_name in listed and not v.loaded
+                        and v.in_flight == 0 and v.row.status in (*_UNSERVED, FAILED)]:
+            await self._unload_from(replica, version)  # left from before a proxy restart, or missed while down
+
+    async def reload_lost(self) -> None:
+        """Sync every replica now (what `watch_upstream` does each round)."""
+        await asyncio.gather(*(self.sync(replica) for replica in self._replicas.replicas))
 
     def restore_detail(self) -> str:
         failed = [v.served_name for vs in self.versions.values() for v in vs if v.row.status == FAILED]
@@ -395,51 +419,87 @@ class Registry:
         return self._name_locks.setdefault(version.served_name, asyncio.Lock())
 
     async def _load(self, version: Version) -> None:
+        """Into every live replica (every replica while none is), and into any that goes live
+        meanwhile, before anything routes to it. A refusal anywhere unloads it again and is
+        raised; replicas that cannot be reached are marked down (they get it when they return);
+        none reached is a 502."""
         async with self._name_lock(version):
             if version.loaded:
                 return
-            status, text = await self._post_load(version)
-            if status != 200 and "has already been loaded" in text:
-                if await self._loaded_path(version) == version.row.path:  # ours, from before a proxy restart
-                    version.loaded = True
-                    return
-                # loaded by someone else, or from another directory: its weights are not ours
-                log.warning("%s was already in vLLM: replacing it with %s", version.served_name, version.row.path)
-                await self._vllm.post("unload_lora_adapter", {"lora_name": version.served_name})
-                status, text = await self._post_load(version)
-            if status != 200:
-                raise ApiError(502 if status >= 500 else 400,
-                               f"vLLM refused to load {version.served_name} from {version.row.path}: {text}",
-                               "adapter_load_failed")
+            tried: list[Replica] = []
+            loaded: list[Replica] = []
+            unreachable: ApiError | None = None
+            refusal: BaseException | None = None
+            while fresh := [r for r in (self._replicas.live() or self._replicas.replicas) if r not in tried]:
+                tried += fresh
+                results = await asyncio.gather(*(self._load_on(r, version) for r in fresh), return_exceptions=True)
+                for replica, result in zip(fresh, results):
+                    if result is None:
+                        loaded.append(replica)
+                        replica.held.add(version.served_name)
+                    elif isinstance(result, ApiError) and result.status == 502:
+                        self._replicas.mark_down(replica, result.message)
+                        unreachable = result
+                    else:
+                        refusal = result
+            if refusal is not None or not loaded:
+                for replica in loaded:
+                    await self._unload_from(replica, version)
+                raise refusal or unreachable
             version.loaded = True
 
-    async def _loaded_path(self, version: Version) -> str | None:
+    async def _load_on(self, replica: Replica, version: Version) -> None:
+        status, text = await self._post_load(replica, version)
+        if status != 200 and "has already been loaded" in text:
+            if await self._loaded_path(replica, version) == version.row.path:  # ours, from before a proxy restart
+                return
+            # loaded by someone else, or from another directory: its weights are not ours
+            log.warning("%s was already in vLLM at %s: replacing it with %s", version.served_name, replica.url,
+                        version.row.path)
+            await replica.admin.post("unload_lora_adapter", {"lora_name": version.served_name})
+            status, text = await self._post_load(replica, version)
+        if status != 200:
+            raise ApiError(502 if status >= 500 else 400,
+                           f"vLLM at {replica.url} refused to load {version.served_name} from {version.row.path}: "
+                           f"{text}", "adapter_load_failed")
+
+    @staticmethod
+    async def _loaded_path(replica: Replica, version: Version) -> str | None:
         """The directory vLLM loaded `version`'s name from (its model card's `root`), if it lists it."""
-        status, body, _ = await self._vllm.get("models")
+        status, body, _ = await replica.admin.get("models")
         if status != 200:
             return None
         cards = json.loads(body).get("data", [])
         return next((card.get("root") for card in cards if card.get("id") == version.served_name), None)
 
-    async def _post_load(self, version: Version) -> tuple[int, str]:
-        return await self._vllm.post("load_lora_adapter",
-                                     {"lora_name": version.served_name, "lora_path": version.row.path})
+    @staticmethod
+    async def _post_load(replica: Replica, version: Version) -> tuple[int, str]:
+        return await replica.admin.post("load_lora_adapter",
+                                        {"lora_name": version.served_name, "lora_path": version.row.path})
 
     async def _unload(self, version: Version, force: bool = False) -> None:
         """Unload a version no call uses and nothing needs (re-checked under the name's lock, so an
-        unload queued before a rollback revived the version does nothing); `force`: regardless."""
+        unload queued before a rollback revived the version does nothing); `force`: regardless.
+        Replicas down now are cleaned when they return (`sync`)."""
         async with self._name_lock(version):
             needed = (version.in_flight or version.row.status not in (*_UNSERVED, FAILED)
                       or self.active.get(version.row.agent) is version)
             if not version.loaded or (needed and not force):
                 return
             version.loaded = False
-            try:
-                status, text = await self._vllm.post("unload_lora_adapter", {"lora_name": version.served_name})
-                if status != 200:
-                    log.warning("vLLM did not unload %s: %s", version.served_name, text)
-            except ApiError as failure:
-                log.warning("unloading %s: %s", version.served_name, failure.message)
+            for replica in self._replicas.replicas:
+                if replica.up:
+                    await self._unload_from(replica, version)
+
+    @staticmethod
+    async def _unload_from(replica: Replica, version: Version) -> None:
+        replica.held.discard(version.served_name)
+        try:
+            status, text = await replica.admin.post("unload_lora_adapter", {"lora_name": version.served_name})
+            if status != 200:
+                log.warning("vLLM at %s did not unload %s: %s", replica.url, version.served_name, text)
+        except ApiError as failure:
+            log.warning("unloading %s from %s: %s", version.served_name, replica.url, failure.message)
 
 
 def row_json(row: AdapterRow) -> dict:

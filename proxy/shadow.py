@@ -44,7 +44,8 @@ from flywheel.proxy.attribution import new_id
 from flywheel.proxy.capture import COMPLETIONS, Capture, upstream_body
 from flywheel.proxy.errors import MAX_ERROR_CHARS
 from flywheel.proxy.sampling import Sampling
-from flywheel.proxy.upstream import UpstreamError, UpstreamPool
+from flywheel.proxy.replicas import Replicas
+from flywheel.proxy.upstream import UpstreamError
 from flywheel.store.records import CallRecord
 from flywheel.store.writer import BatchWriter
 
@@ -117,7 +118,7 @@ class ShadowSampler:
     """Takes answered client calls (`offer`, on the hot path: no I/O) and samples their shadows
     in the background (`run`), within the budget."""
 
-    def __init__(self, config: "GraderConfig", writer: BatchWriter, upstream: UpstreamPool, headers: dict[str, str],
+    def __init__(self, config: "GraderConfig", writer: BatchWriter, upstream: Replicas, headers: dict[str, str],
                  registry: "Registry", metrics: "Metrics", timeout_s: float):
         self.config = config
         self.writer = writer
@@ -268,7 +269,7 @@ class ShadowSampler:
         self.in_flight += 1  # counted apart from the clients' calls upstream (`_quiet`)
         try:
             async with asyncio.timeout(self.timeout_s):
-                response = await self.upstream.post("/completions", orjson.dumps(body), self.headers)
+                response = await self.upstream.post(job.episode_id, "/completions", orjson.dumps(body), self.headers)
                 try:
                     raw = await response.read()
                 finally:

@@ -12,16 +12,15 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from flywheel.proxy.admin import UpstreamAdmin
 from flywheel.proxy.config import ProxyConfig
 from flywheel.proxy.errors import ApiError
 from flywheel.proxy.feed import Feed
 from flywheel.proxy.grader import Grader
 from flywheel.proxy.metrics import Metrics
 from flywheel.proxy.registry import Registry
+from flywheel.proxy.replicas import Replicas
 from flywheel.proxy.rollout import Rollout
 from flywheel.proxy.shadow import ShadowSampler
-from flywheel.proxy.upstream import UpstreamPool
 from flywheel.store.writer import BatchWriter
 
 if TYPE_CHECKING:  # the `otel` extra: imported only when spans are on
@@ -32,8 +31,7 @@ if TYPE_CHECKING:  # the `otel` extra: imported only when spans are on
 class ProxyState:
     config: ProxyConfig
     writer: BatchWriter  # the store: every write goes through its queue, reads through its threads
-    upstream: UpstreamPool  # the LLM calls (the hot path)
-    admin: UpstreamAdmin  # everything else sent upstream: adapter loading, /v1/models
+    upstream: Replicas  # the vLLM replicas: LLM calls (the hot path), adapter loading, /v1/models
     registry: Registry  # which adapter version serves each agent
     feed: Feed | None  # episodes to the learner; None when no learner is configured
     metrics: Metrics  # what /metrics reports

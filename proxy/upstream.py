@@ -24,6 +24,10 @@ class UpstreamError(ConnectionError):
     """The upstream could not be reached, or broke the response off."""
 
 
+class UpstreamUnreachable(UpstreamError):
+    """No connection could be made: nothing was sent, so the request may go elsewhere."""
+
+
 class UpstreamResponse:
     def __init__(self, connection: "_Connection"):
         self._connection = connection
@@ -35,6 +39,10 @@ class UpstreamResponse:
         self._error: Exception | None = None
         self.complete = False
         self.on_end = None  # called once when the response is complete, broken or abandoned (the pool's slot)
+
+    @property
+    def pool(self) -> "UpstreamPool":
+        return self._connection.pool
 
     @property
     def content_type(self) -> str:
@@ -230,7 +238,9 @@ class UpstreamPool:
                 loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.tls),
                 self.connect_timeout_s)
         except OSError as refused:
-            raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {refused.strerror or refused}") from None
+            raise UpstreamUnreachable(f"cannot connect to {self.host}:{self.port}: {refused.strerror or refused}") from None
+        except TimeoutError:
+            raise UpstreamUnreachable(f"cannot connect to {self.host}:{self.port} within {self.connect_timeout_s:g} s") from None
         self._all.add(connection)
         return connection
 

@@ -79,7 +79,7 @@ async def start_proxy(upstream, db_path):
 
     async def start(grader: GraderConfig = GraderConfig(), promotion: PromotionConfig = PromotionConfig(),
                     **overrides) -> Proxy:
-        config = dataclasses.replace(ProxyConfig(upstream=upstream.url, db=db_path, port=0,
+        config = dataclasses.replace(ProxyConfig(upstream=(upstream.url,), db=db_path, port=0,
                                                  adapter_roots=(str(Path(db_path).parent),)), **overrides)
         proxy = await Proxy(config, grader, promotion).start()
         started.append(proxy)

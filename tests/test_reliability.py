@@ -48,7 +48,7 @@ async def test_a_client_that_hangs_up_is_recorded_as_499_and_its_upstream_reques
     [row] = rows
     assert row["status"] == 499 and "disconnected" in row["error"] and row["latency_ms"] < 3000
     await asyncio.sleep(0.05)
-    assert proxy.state.upstream._all == set()  # the upstream connection was closed: vLLM aborts the request
+    assert proxy.state.upstream.replicas[0].pool._all == set()  # the upstream connection was closed: vLLM aborts the request
 
 
 async def test_deep_nesting_odd_names_and_headers_are_400s_and_record_nothing(proxy):
@@ -98,7 +98,7 @@ async def test_requests_past_max_in_flight_get_a_503_and_the_rest_are_served(sta
 
 async def test_calls_beyond_the_upstream_pool_queue_for_a_connection(start_proxy):
     proxy = await start_proxy(upstream_max_connections=2)
-    pool = proxy.state.upstream
+    pool = proxy.state.upstream.replicas[0].pool
     most = 0
 
     async def watch():

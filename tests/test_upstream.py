@@ -150,4 +150,4 @@ async def test_a_client_that_leaves_midstream_is_recorded_and_its_upstream_conne
                 break
             await asyncio.sleep(0.05)
         assert rows == [{"status": 499, "error": "client disconnected before the stream ended"}]
-        assert proxy.state.upstream._idle == []  # a half-read response's connection is never reused
+        assert proxy.state.upstream.replicas[0].pool._idle == []  # a half-read response's connection is never reused

@@ -151,8 +151,8 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
     upstream: UpstreamResponse | None = None
     try:
         async with asyncio.timeout(state.config.upstream_timeout_s):
-            upstream = await state.upstream.post("/" + call.capture.endpoint.replace(".", "/"), orjson.dumps(forward),
-                                                 headers)
+            upstream = await state.upstream.post(call.who.episode_id or call.call_id, "/" + call.capture.endpoint.replace(".", "/"),
+                                                 orjson.dumps(forward), headers)
             if upstream.status != 200:
                 return await _relay_error(request, call, upstream)
             if call.stream:
@@ -162,8 +162,8 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
         timed_out = isinstance(failure, TimeoutError)
         status = 504 if timed_out else 502
         message = (
-            f"upstream {state.config.upstream} did not answer within {state.config.upstream_timeout_s:g} s"
-            if timed_out else f"upstream {state.config.upstream} unreachable: {failure}"
+            f"upstream did not answer within {state.config.upstream_timeout_s:g} s"
+            if timed_out else f"upstream unreachable: {failure}"
         )
         code = "upstream_timeout" if timed_out else "upstream_unreachable"
         await call.record(status, message)

@@ -27,7 +27,7 @@ def forward_handler(path: str):
         started, created_at = time.perf_counter(), datetime.now(timezone.utc)
         who = attribute(request.match_info, request.headers, {}, state.config.default_agent, fresh_episode=False)
         body = await request.read() if request.method == "POST" else None
-        status, raw, content_type = await state.admin.forward(request.method, path, body)
+        status, raw, content_type = await state.upstream.admin().forward(request.method, path, body)
         call_id = new_id("call")
         await state.writer.put(PassthroughRecord(
             call_id=call_id, agent=who.agent, episode_id=who.episode_id, created_at=created_at,
@@ -40,13 +40,13 @@ def forward_handler(path: str):
 
 
 async def models_handler(request: web.Request) -> web.Response:
-    status, body, content_type = await request.app[STATE].admin.get("models")
+    status, body, content_type = await request.app[STATE].upstream.admin().get("models")
     return web.Response(status=status, body=body, content_type=content_type)
 
 
 async def model_handler(request: web.Request) -> web.Response:
     """`GET /v1/models/{id}`: the model's entry in the upstream's list (vLLM serves only the list)."""
-    status, body, content_type = await request.app[STATE].admin.get("models")
+    status, body, content_type = await request.app[STATE].upstream.admin().get("models")
     if status != 200:
         return web.Response(status=status, body=body, content_type=content_type)
     wanted = request.match_info["model"]
