@@ -73,14 +73,26 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _learner(args: argparse.Namespace) -> int:
+    """The learner; under `torchrun --nproc-per-node N -m flywheel learner`, data-parallel: rank 0
+    serves and the other ranks follow its updates (flywheel.learner.distributed)."""
     import asyncio
 
     from flywheel.learner.config import LearnerConfig
+    from flywheel.learner.distributed import Ranks, backend_for, lead_first, process_group
     from flywheel.learner.prepare_model import prepare
-    from flywheel.learner.service import serve
+    from flywheel.learner.service import follow, serve
 
     config = load_config(LearnerConfig, "learner", args.config, vars(args))
-    asyncio.run(serve(config, config.model or str(prepare())))
+    ranks = Ranks.from_env()
+    if ranks.world == 1:
+        asyncio.run(serve(config, config.model or str(prepare())))
+        return 0
+    with process_group(ranks, backend_for(config.trainer.device)):
+        model_dir = config.model or str(lead_first(prepare))  # one rank builds the embedded model's cache
+        if ranks.rank == 0:
+            asyncio.run(serve(config, model_dir, ranks))
+        else:
+            follow(config, model_dir, ranks)
     return 0
 
 
@@ -239,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--config", help="TOML settings file (default ./flywheel.toml if present)")
     stack.set_defaults(run=_up)
 
-    learner = sub.add_parser("learner", help="run the learner: gRPC feed in, LoRA GRPO updates, adapters out")
+    learner = sub.add_parser("learner", help="run the learner: gRPC feed in, LoRA GRPO updates, adapters out "
+                                             "(data-parallel under torchrun --nproc-per-node N -m flywheel learner)")
     learner.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
     learner.add_argument("--listen", help="gRPC address (default 127.0.0.1:8401)")
     learner.add_argument("--proxy", help="proxy URL that publishes adapters (default http://127.0.0.1:8400)")

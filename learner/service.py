@@ -4,6 +4,8 @@ Episodes arrive over PushEpisodes into the durable buffer (`buffer.py`); `update
 decides when to train and on what, `trainer.py` runs the GRPO update, `publish.py` hands
 each new adapter version to the proxy. Train runs an update on demand and streams its
 events; Status reports the buffer; WatchAdapters streams every published version.
+
+Under torchrun rank 0 runs `serve` and every other rank `follow` (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import signal
 
 import grpc
 
 from flywheel.learner.config import LearnerConfig
+from flywheel.learner.distributed import Ranks, Stop, decode_state, receive
 from flywheel.learner.updates import Learner
 from flywheel.protos import flywheel_pb2 as pb
 from flywheel.protos import flywheel_pb2_grpc as pb_grpc
@@ -95,10 +99,14 @@ def grpc_server(learner: Learner) -> grpc.aio.Server:
     return server
 
 
-async def serve(config: LearnerConfig, model_dir: str) -> None:
-    learner = Learner(config, model_dir)
+async def serve(config: LearnerConfig, model_dir: str, ranks: Ranks = Ranks()) -> None:
+    """The learner until it is stopped; under torchrun, rank 0's part, telling the others to stop at the end."""
+    learner = Learner(config, model_dir, ranks)
     server = grpc_server(learner)
     await server.start()
+    if ranks.world > 1:  # torchrun passes Ctrl-C and SIGTERM to every rank: stop serving, then tell the others
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(grace=5)))
     log.info("learner listening on %s (state %s, %d episodes buffered, adapters: %s)", config.listen,
              config.state_dir, len(learner.buffer.pending), {a: r.served_name for a, r in learner.publisher.latest.items()})
     scheduler = asyncio.get_running_loop().create_task(learner.schedule())
@@ -109,3 +117,25 @@ async def serve(config: LearnerConfig, model_dir: str) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await scheduler
         await server.stop(grace=5)
+        await asyncio.to_thread(learner.close)
+
+
+def follow(config: LearnerConfig, model_dir: str, ranks: Ranks) -> None:
+    """A rank other than 0: run every update rank 0 sends, in step with it, until it says stop.
+
+    Ctrl-C and SIGTERM are ignored here: torchrun passes them to every rank, and a rank that
+    died of them would leave rank 0's stop message (a collective) unanswered; torchrun kills
+    what is left if rank 0 itself dies."""
+    from flywheel.learner.trainer import AdapterSnapshot, PolicyTrainer, UpdateRefused
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    trainer = None
+    while not isinstance(message := receive(), Stop):
+        if trainer is None:  # loaded on the first update, as on rank 0
+            trainer = PolicyTrainer(model_dir, config.trainer, config.loss, ranks)
+        trainer.ensure_adapter(message.adapter)
+        if message.state is not None:
+            trainer.restore(message.adapter, AdapterSnapshot(**decode_state(message.state, trainer.device)))
+        with contextlib.suppress(UpdateRefused):  # refused on rank 0 alike: nothing stepped anywhere
+            trainer.update(message.adapter, message.items, max_mismatch=message.max_mismatch)

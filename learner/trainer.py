@@ -22,6 +22,7 @@ import torch
 from flywheel.learner.advantages import Scored
 from flywheel.learner.batching import MicroBatch, collate, pack
 from flywheel.learner.devices import resolve_dtype
+from flywheel.learner.distributed import Ranks, all_max, all_sum, default_device, shard, sum_grads
 from flywheel.learner.loss import (
     LossConfig,
     Normalizer,
@@ -99,9 +100,15 @@ class UpdateStats:
         return self.padded_tokens / self.seconds if self.seconds else 0.0
 
 
+# the update's sums over micro-batches that are summed over the ranks too (flywheel.learner.distributed)
+_SUMMED = ("loss", "clipped", "kl", "entropy", "mismatch", "padded_tokens", "step_kl")
+
+
 class PolicyTrainer:
-    def __init__(self, model_dir: str, config: TrainerConfig = TrainerConfig(), loss: LossConfig = LossConfig()):
-        """`model_dir`: the Hugging Face directory of the base model vLLM serves."""
+    def __init__(self, model_dir: str, config: TrainerConfig = TrainerConfig(), loss: LossConfig = LossConfig(),
+                 ranks: Ranks = Ranks()):
+        """`model_dir`: the Hugging Face directory of the base model vLLM serves. `ranks`: under
+        torchrun, this process's place among the ranks that run each update together."""
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -109,7 +116,8 @@ class PolicyTrainer:
             torch.set_num_threads(config.threads)
         self.config = config
         self.loss_config = loss
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ranks = ranks
+        self.device = torch.device(config.device or default_device(ranks))
         dtype = torch.bfloat16 if resolve_dtype(config.dtype, self.device.type) == "bfloat16" else torch.float32
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)
         base.requires_grad_(False)
@@ -244,19 +252,28 @@ class PolicyTrainer:
         """One GRPO update of adapter `name` on `items` (each with its advantage).
 
         Raises UpdateRefused, before any optimizer step, when the mean learner/vLLM logprob gap
-        over the batch exceeds `max_mismatch` (0 = never)."""
+        over the batch exceeds `max_mismatch` (0 = never).
+
+        Under torchrun every rank calls this with the same `items` and trains on its share of
+        the micro-batches; gradients and metrics are summed over the ranks, so every rank takes
+        the same step and the stats are the whole batch's."""
         config, loss_config = self.config, self.loss_config
         self.ensure_adapter(name)
         self.model.set_adapter(name)
         self.model.train()
         optimizer = self.optimizers[name]
         started = time.perf_counter()
-        batches = [collate(group, self.pad_id).to(self.device) for group in pack(items, config.micro_batch_tokens)]
-        tokens = sum(int(mb.completion_mask_BT.sum()) for mb in batches)
+        whole = [collate(group, self.pad_id) for group in pack(items, config.micro_batch_tokens)]
+        tokens = sum(int(mb.completion_mask_BT.sum()) for mb in whole)
+        # the whole batch's sizes, so the ranks' shares of the loss add up to the batch's loss
         norm = Normalizer(sequences=len(items), tokens=tokens, max_completion_len=loss_config.dr_grpo_length)
+        mine = shard([mb.padded_tokens for mb in whole], self.ranks.world)[self.ranks.rank]
+        batches = [whole[i].to(self.device) for i in mine]
         stats, sums = UpdateStats(tokens=tokens), Counter()
+        mismatch_max = 0.0
         old_logps: list[torch.Tensor] = []
-        before_BTV = self._policy_BTV(batches[0]) if batches else None  # for the step's KL
+        probe = batches[0] if mine and mine[0] == 0 else None  # the batch's first micro-batch, for the step's KL
+        before_BTV = self._policy_BTV(probe) if probe is not None else None
         for epoch in range(config.ppo_epochs):
             for i, mb in enumerate(batches):
                 mask_BT = mb.completion_mask_BT.bool()
@@ -265,9 +282,9 @@ class PolicyTrainer:
                     old_logps.append(logp_BT.detach())
                     gap_BT = (old_logps[i] - mb.behavior_logp_BT).abs()[mask_BT]
                     sums["mismatch"] += float(gap_BT.sum())
-                    stats.mismatch_max = max(stats.mismatch_max, float(gap_BT.max()))
+                    mismatch_max = max(mismatch_max, float(gap_BT.max()))
                     sums["entropy"] += float(entropy_BT[mask_BT].sum())
-                    stats.padded_tokens += mb.padded_tokens
+                    sums["padded_tokens"] += mb.padded_tokens
                 ref_BT = None
                 if loss_config.beta:
                     with torch.no_grad(), self.model.disable_adapter():
@@ -283,18 +300,25 @@ class PolicyTrainer:
                 sums["clipped"] += float(clipped_BT[mask_BT].sum())
                 if progress:
                     progress(epoch * len(batches) + i + 1, config.ppo_epochs * len(batches))
-            if epoch == 0 and max_mismatch and sums["mismatch"] / max(tokens, 1) > max_mismatch:
-                optimizer.zero_grad(set_to_none=True)
-                raise UpdateRefused(f"learner/vLLM logprob gap {sums['mismatch'] / max(tokens, 1):.3f} exceeds "
-                                    f"max_logprob_mismatch {max_mismatch:g}")
+            if epoch == 0 and max_mismatch:  # the whole batch's gap, so every rank refuses alike
+                gap = all_sum([sums["mismatch"]], self.ranks, self.device)[0] / max(tokens, 1)
+                if gap > max_mismatch:
+                    optimizer.zero_grad(set_to_none=True)
+                    raise UpdateRefused(f"learner/vLLM logprob gap {gap:.3f} exceeds "
+                                        f"max_logprob_mismatch {max_mismatch:g}")
             params = [p for group in optimizer.param_groups for p in group["params"]]
+            sum_grads(params, self.ranks)
             stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if batches:  # how far the step moved the policy, on the first micro-batch
-            kl_BT = policy_kl(before_BTV, self._policy_BTV(batches[0]))
-            stats.step_kl = float(kl_BT[batches[0].completion_mask_BT.bool()].mean())
+        if probe is not None:  # how far the step moved the policy, on the first micro-batch
+            kl_BT = policy_kl(before_BTV, self._policy_BTV(probe))
+            sums["step_kl"] = float(kl_BT[probe.completion_mask_BT.bool()].mean())
             del before_BTV
+        sums = Counter(dict(zip(_SUMMED, all_sum([sums[key] for key in _SUMMED], self.ranks, self.device))))
+        stats.mismatch_max = all_max(mismatch_max, self.ranks, self.device)
+        stats.padded_tokens = int(sums["padded_tokens"])
+        stats.step_kl = sums["step_kl"]
         passes = config.ppo_epochs
         stats.loss = sums["loss"] / passes
         stats.clip_fraction = sums["clipped"] / max(tokens * passes, 1)

@@ -17,6 +17,9 @@ a worker thread, so the gRPC server keeps answering. It is transactional:
 - an adapter whose update crosses a `[learner.guards]` limit is kept but not published: it
   is recorded as held (`guards.json`, `train_runs.held`) until the next update within the
   limits publishes, or `force` publishes it as it is.
+
+Under torchrun this is rank 0, and each adapter's update runs on every rank together
+(`distributed.Followers`); `close` tells the other ranks to stop.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,6 +42,7 @@ from flywheel.learner.advantages import AdvantageStats, Baseline, Scored, TaskRe
 from flywheel.learner.buffer import EpisodeBuffer
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.credit import Transition, agent_filter, assign
+from flywheel.learner.distributed import Followers, Ranks
 from flywheel.learner.durable import write_json
 from flywheel.learner.guards import UpdateSignals, crossed
 from flywheel.learner.publish import PublishError, Publisher
@@ -123,9 +128,12 @@ class PendingUpdate:
 
 
 class Learner:
-    def __init__(self, config: LearnerConfig, model_dir: str):
+    def __init__(self, config: LearnerConfig, model_dir: str, ranks: Ranks = Ranks()):
+        """`ranks`: under torchrun, rank 0's place in the job (the other ranks run `service.follow`)."""
         self.config = config
         self.model_dir = model_dir
+        self.ranks = ranks
+        self.followers = Followers(ranks) if ranks.world > 1 else None
         self.state_dir = Path(config.state_dir)
         self.buffer = EpisodeBuffer(self.state_dir)
         self.publisher = Publisher(self.state_dir, config.proxy, config.proxy_key)
@@ -231,12 +239,13 @@ class Learner:
 
         snapshots = {}
         publishes = []
+        step = self.trainer.update if self.followers is None else partial(self.followers.update, self.trainer)
         try:
             for adapter, batch in plan.batches.items():
                 snapshots[adapter] = await asyncio.to_thread(self.trainer.snapshot, adapter)
                 try:
-                    stats = await asyncio.to_thread(self.trainer.update, adapter, batch.scored,
-                                                    self._progress(adapter), self.config.max_logprob_mismatch)
+                    stats = await asyncio.to_thread(step, adapter, batch.scored, self._progress(adapter),
+                                                    self.config.max_logprob_mismatch)
                 except UpdateRefused as refused:
                     emit(pb.TrainEvent(error=f"{adapter}: {refused}; not trained, not published"))
                     continue
@@ -258,6 +267,8 @@ class Learner:
         except BaseException:
             for adapter, snapshot in snapshots.items():
                 self.trainer.restore(adapter, snapshot)
+                if self.followers is not None:  # restored on rank 0 alone
+                    self.followers.forget(adapter)
             raise
         return publishes
 
@@ -318,7 +329,7 @@ class Learner:
     def _load_trainer(self):
         from flywheel.learner.trainer import PolicyTrainer
 
-        trainer = PolicyTrainer(self.model_dir, self.config.trainer, self.config.loss)
+        trainer = PolicyTrainer(self.model_dir, self.config.trainer, self.config.loss, self.ranks)
         latest = {agent: record.path for agent, record in self.publisher.latest.items()}
         latest |= {agent: entry["directory"] for agent, entry in self.held.items()}  # trained after those
         for entry in self.pending.publishes if self.pending else ():  # trained, not yet published: newer
@@ -340,6 +351,11 @@ class Learner:
             sys.stderr.flush()
 
         return show
+
+    def close(self) -> None:
+        """Under torchrun, tell the other ranks to stop (after the update in flight, if any)."""
+        if self.followers is not None:
+            self.followers.stop()
 
     async def schedule(self) -> None:
         """Update when enough trainable episodes are ready, or on the timer; publish what is pending."""
