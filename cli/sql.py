@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import duckdb
 
 from flywheel.client import DEFAULT_URL, fetch_via_proxy
-from flywheel.store.db import Store
+from flywheel.store import open_store
 
 _TABLE_CELL = 60  # widest cell in table format; use --format csv/json for whole values
 
@@ -25,7 +25,7 @@ def file_fetcher(db: str, max_rows: int = 1_000_000) -> Iterator[Callable[[str],
     """query -> result on a store file opened read-only once for the whole block; raises StoreBusy,
     and each query the store's QueryError/ReadOnlyViolation."""
     try:
-        store = Store(db, read_only=True)
+        store = open_store(db, read_only=True)
     except duckdb.Error as busy:  # IOException when another process holds the file
         raise StoreBusy(f"cannot open {db}: {busy}; if a proxy holds it, use --url") from None
     try:

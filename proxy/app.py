@@ -14,7 +14,7 @@ import gc
 import logging
 import re
 import resource
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import grpc
 from aiohttp import web
@@ -40,7 +40,8 @@ from flywheel.proxy.sampling import checked_defaults
 from flywheel.proxy.shadow import ShadowSampler
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.replicas import Replica, Replicas
-from flywheel.store.db import Store, StoreLimits
+from flywheel.store import open_store
+from flywheel.store.db import StoreLimits
 from flywheel.store.writer import BatchWriter
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ SHADOWS = web.AppKey("flywheel_shadows", ShadowSampler)
 PROMOTION = web.AppKey("flywheel_promotion", PromotionConfig)
 ROLLOUT = web.AppKey("flywheel_rollout", Rollout)
 TRACER: web.AppKey["CallTracer"] = web.AppKey("flywheel_tracer")
+
+_LEADER_RETRY_S = 2.0  # how often a proxy that does not hold a once-only job's lock tries to take it
+_FOLLOW_S = 0.5  # how often a proxy on a shared store looks for registry changes made through others
 
 # Attribution by base_url: every OpenAI route is also served under these prefixes.
 _PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
@@ -158,7 +162,7 @@ def _routes():
 async def _writer(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     limits = StoreLimits(memory_mb=config.sql_memory_mb, threads=config.sql_threads, temp_mb=config.sql_temp_mb)
-    writer = BatchWriter(Store(config.db, limits=limits), config.queue_max_bytes, config.batch_max,
+    writer = BatchWriter(open_store(config.db, limits=limits), config.queue_max_bytes, config.batch_max,
                          config.batch_linger_ms / 1000, config.sql_concurrency, config.serve_without_store)
     writer.start()
     app[WRITER] = writer
@@ -191,14 +195,18 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
         await registry.watch_upstream(config.adapter_check_s)
 
     keeping = asyncio.get_running_loop().create_task(restore_then_watch())
+    # other proxies on the same store register and roll back too: their changes are taken here
+    following = asyncio.get_running_loop().create_task(registry.follow(_FOLLOW_S)) if writer.store.shared else None
     yield
     await _cancel(keeping)
+    if following is not None:
+        await _cancel(following)
 
 
 async def _rollout(app: web.Application) -> AsyncIterator[None]:
     """Candidates decided and newly active versions watched, in the background."""
     app[ROLLOUT] = rollout = Rollout(app[PROMOTION], app[REGISTRY], app[WRITER], app[METRICS])
-    deciding = asyncio.get_running_loop().create_task(rollout.run())
+    deciding = asyncio.get_running_loop().create_task(_leading(app[WRITER], "rollout", rollout.run))
     yield
     await _cancel(deciding)
 
@@ -258,7 +266,7 @@ async def _grader(app: web.Application) -> AsyncIterator[None]:
                              config.judge_model or proxy.base_model, app[WRITER])
     shadows = app.get(SHADOWS)
     app[GRADER] = grader = Grader(config, app[WRITER], scorer, shadows.busy_episodes if shadows else list)
-    grading = asyncio.get_running_loop().create_task(grader.run())
+    grading = asyncio.get_running_loop().create_task(_leading(app[WRITER], "grader", grader.run))
     yield
     await _cancel(grading)
     await session.close()
@@ -289,6 +297,15 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,
                     " (loopback only)" if is_loopback(config.host) else " (--insecure)")
     yield
+
+
+async def _leading(writer: BatchWriter, work: str, run: Callable[[], Awaitable[None]]) -> None:
+    """`run` once this proxy holds the store's lock on `work`: of several proxies on one store,
+    one decides candidates and one grades; when it dies, its lock goes and another takes over.
+    (A DuckDB store has one proxy: it always holds it.)"""
+    while not await writer.read(writer.store.try_lock, work):
+        await asyncio.sleep(_LEADER_RETRY_S)
+    await run()
 
 
 async def _cancel(task: asyncio.Task) -> None:

@@ -25,7 +25,8 @@ class ProxyConfig:
     upstream_api_key: str = ""
     # token the learner's gRPC port requires ([learner] token); "" = none
     learner_token: str = ""
-    # DuckDB file; this process is its only writer, others read through POST /v1/sql
+    # the store: a DuckDB file (this process is its only writer, others read through POST /v1/sql),
+    # or a postgresql://user:password@host/db URL that several proxies share
     db: str = "flywheel.duckdb"
     # served name of the base model in vLLM; adapters apply to calls for it ("" = to any model)
     base_model: str = ""

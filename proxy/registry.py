@@ -385,6 +385,59 @@ class Registry:
         """Sync every replica now (what `watch_upstream` does each round)."""
         await asyncio.gather(*(self.sync(replica) for replica in self._replicas.replicas))
 
+    # ---- several proxies on one store ---------------------------------------
+
+    async def follow(self, interval_s: float) -> None:
+        """Forever, on a store that other proxies write too: take the registry changes they made
+        (versions registered, promoted, rejected, rolled back) within `interval_s` plus a load."""
+        seen = None
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                changed = await self._writer.read(self._writer.store.adapters_changed_at)
+                if changed != seen:
+                    await self.take_changes()
+                    seen = changed
+            except Exception:  # the store or vLLM failing now must not end the watch: the next round retries
+                log.exception("following the shared registry failed")
+
+    async def take_changes(self) -> None:
+        """Apply the store's adapter rows that differ from ours. Under the registry's lock, after a
+        flush: every change of ours is then committed, so a row read back is never older than ours.
+        A version now routable is loaded before it is routed; one whose load fails keeps its old
+        row here, so the next round tries again."""
+        async with self._lock:
+            await self._writer.flush()
+            rows = await self._writer.read(self._writer.store.adapter_rows)
+            known = {v.served_name: v for vs in self.versions.values() for v in vs}
+            changed: set[str] = set()
+            for row in rows:
+                version = known.get(row.served_name)
+                if version is not None and _same_row(version.row, row):
+                    continue
+                if version is None:
+                    version = Version(dataclasses.replace(row, status=RETIRED))  # served once loaded
+                    self.versions.setdefault(row.agent, []).append(version)
+                    self.versions[row.agent].sort(key=lambda v: v.row.version)
+                if row.status in (ACTIVE, CANDIDATE) and not version.loaded:
+                    try:
+                        await self._load(version)
+                    except ApiError as failure:
+                        log.warning("%s, set %s by another proxy: %s", row.served_name, row.status, failure.message)
+                        continue
+                version.row = row
+                changed.add(row.agent)
+            for agent in changed:
+                by_status = {v.row.status: v for v in self.versions[agent]}  # the newest of each status
+                for serving, status in ((self.active, ACTIVE), (self.candidates, CANDIDATE)):
+                    if status in by_status:
+                        serving[agent] = by_status[status]
+                    else:
+                        serving.pop(agent, None)
+                self._unload_idle(agent)
+            if changed:
+                log.info("took registry changes from the store: %s", ", ".join(sorted(changed)))
+
     def restore_detail(self) -> str:
         failed = [v.served_name for vs in self.versions.values() for v in vs if v.row.status == FAILED]
         state = "restored" if self.restored else "restoring"
@@ -500,6 +553,14 @@ class Registry:
                 log.warning("vLLM at %s did not unload %s: %s", replica.url, version.served_name, text)
         except ApiError as failure:
             log.warning("unloading %s from %s: %s", version.served_name, replica.url, failure.message)
+
+
+def _same_row(ours: AdapterRow, stored: AdapterRow) -> bool:
+    """Equal but for how the store round-trips timestamps (precision, time zone)."""
+    return all(getattr(ours, f.name) == getattr(stored, f.name) or
+               isinstance(getattr(ours, f.name), datetime) and getattr(stored, f.name) is not None
+               and abs((getattr(ours, f.name) - getattr(stored, f.name)).total_seconds()) < 1e-3
+               for f in dataclasses.fields(AdapterRow))
 
 
 def row_json(row: AdapterRow) -> dict:

@@ -1,6 +1,10 @@
 """Read-only SQL on the store: one SELECT, in a READ ONLY transaction that is rolled back,
 interrupted after a time limit, its result capped in rows and in encoded bytes.
 
+This module is DuckDB's sandbox, and the part both stores share: the error types, the
+JSON conversion of values and the row and byte caps (`json_reply`, `collect`), so a
+reply reads the same from either database (PostgreSQL's sandbox: `store/pg_sandbox.py`).
+
 These run on reader threads (never the event loop), each on a cursor of the store's one
 connection, which DuckDB allows beside the writer thread. A query is refused before it
 runs unless it is one SELECT (or EXPLAIN of one) whose syntax tree calls none of the
@@ -18,7 +22,7 @@ import re
 import threading
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
 import orjson
@@ -30,7 +34,7 @@ _READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 # (which the syntax-tree check could not see into).
 _REFUSED_FUNCTIONS = {"checkpoint", "force_checkpoint", "query", "query_table", "json_execute_serialized_sql"}
 _EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
-_FETCH_ROWS = 1024  # rows fetched at a time, so a byte cap stops before everything is in memory
+FETCH_ROWS = 1024  # rows fetched at a time, so a byte cap stops before everything is in memory
 
 Run = Callable[[duckdb.DuckDBPyConnection], duckdb.DuckDBPyConnection]  # cursor -> executed cursor
 
@@ -74,11 +78,23 @@ def read_only_query(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, tim
 
 def read_only_json(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, max_bytes: int,
                    timeout_s: float) -> bytes:
-    """`read_only_query` encoded as the JSON reply of POST /v1/sql, on this (reader) thread.
+    """`read_only_query` encoded as the JSON reply of POST /v1/sql, on this (reader) thread."""
+    check_read_only(con, sql)
+    return json_reply(lambda keep: _fetch(con, lambda cur: cur.execute(sql), keep, timeout_s, jsonable=True),
+                      max_rows, max_bytes)
+
+
+# A query run by one of the stores, handing each row to `keep` until it refuses one (returns
+# False): (columns, types, whether a row was refused). Both stores' replies are built on it.
+Keep = Callable[[Any], bool]
+Fetch = Callable[[Keep], tuple[list[str], list[str], bool]]
+
+
+def json_reply(fetch: Fetch, max_rows: int, max_bytes: int) -> bytes:
+    """POST /v1/sql's JSON reply to the rows `fetch` hands over (JSON-ready values).
 
     Rows stop at `max_rows` or once their encoding passes `max_bytes`; either sets "truncated".
     """
-    check_read_only(con, sql)
     encoded: list[bytes] = []
     size = 0
 
@@ -96,17 +112,30 @@ def read_only_json(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, max_
         size += len(line) + 1
         return True
 
-    columns, types, truncated = _fetch(con, lambda cur: cur.execute(sql), keep, timeout_s, jsonable=True)
+    columns, types, truncated = fetch(keep)
     head = orjson.dumps({"columns": columns, "types": types, "truncated": truncated})
     return head[:-1] + b',"rows":[' + b",".join(encoded) + b"]}"
 
 
+def collect(fetch: Fetch, max_rows: int) -> dict[str, Any]:
+    """{columns, types, rows, truncated}: up to `max_rows` of the rows `fetch` hands over."""
+    rows: list[Any] = []
+    columns, types, truncated = fetch(lambda row: len(rows) < max_rows and (rows.append(row) or True))
+    return {"columns": columns, "types": types, "rows": rows, "truncated": truncated}
+
+
+def keep_rows(chunks: Iterator[Sequence[tuple]], types: list[str], keep: Keep, jsonable: bool) -> bool:
+    """Hand `keep` the rows of `chunks` (JSON-ready if `jsonable`); True if it refused one."""
+    for chunk in chunks:
+        for row in chunk:
+            if not keep([json_value(v, t) for v, t in zip(row, types)] if jsonable else row):
+                return True
+    return False
+
+
 def read(con: duckdb.DuckDBPyConnection, run: Run, max_rows: int, timeout_s: float) -> dict[str, Any]:
     """Rows as JSON-ready values: {columns, types, rows, truncated}."""
-    rows: list[list[Any]] = []
-    columns, types, truncated = _fetch(con, run, lambda row: len(rows) < max_rows and (rows.append(row) or True),
-                                       timeout_s, jsonable=True)
-    return {"columns": columns, "types": types, "rows": rows, "truncated": truncated}
+    return collect(lambda keep: _fetch(con, run, keep, timeout_s, jsonable=True), max_rows)
 
 
 def read_raw(con: duckdb.DuckDBPyConnection, run: Run, timeout_s: float) -> tuple[list[str], list[tuple]]:
@@ -116,11 +145,10 @@ def read_raw(con: duckdb.DuckDBPyConnection, run: Run, timeout_s: float) -> tupl
     return columns, rows
 
 
-def _fetch(con: duckdb.DuckDBPyConnection, run: Run, keep: Callable[[Any], bool], timeout_s: float,
+def _fetch(con: duckdb.DuckDBPyConnection, run: Run, keep: Keep, timeout_s: float,
            jsonable: bool = False) -> tuple[list[str], list[str], bool]:
     """Run `run(cursor)` in a rolled-back READ ONLY transaction on its own cursor, interrupted
-    after timeout_s, handing `keep` one row at a time until it refuses one (returns False).
-    Returns (columns, types, whether a row was refused)."""
+    after timeout_s, handing `keep` one row at a time (a `Fetch`)."""
     cur = con.cursor()
     timer = threading.Timer(timeout_s, cur.interrupt)
     timer.start()
@@ -129,10 +157,7 @@ def _fetch(con: duckdb.DuckDBPyConnection, run: Run, keep: Callable[[Any], bool]
         result = run(cur)
         description = result.description or []
         columns, types = [d[0] for d in description], [str(d[1]) for d in description]
-        for row in _rows(result):
-            if not keep([_jsonable(v, t) for v, t in zip(row, types)] if jsonable else row):
-                return columns, types, True
-        return columns, types, False
+        return columns, types, keep_rows(_chunks(result), types, keep, jsonable)
     except duckdb.InterruptException:
         raise QueryError(f"query exceeded the {timeout_s:g} s time limit") from None
     except duckdb.OutOfMemoryException:
@@ -149,12 +174,9 @@ def _fetch(con: duckdb.DuckDBPyConnection, run: Run, keep: Callable[[Any], bool]
         cur.close()
 
 
-def _rows(result: duckdb.DuckDBPyConnection) -> Iterator[tuple]:
-    while True:
-        chunk = result.fetchmany(_FETCH_ROWS)
-        if not chunk:
-            return
-        yield from chunk
+def _chunks(result: duckdb.DuckDBPyConnection) -> Iterator[list[tuple]]:
+    while chunk := result.fetchmany(FETCH_ROWS):
+        yield chunk
 
 
 def _function_names(node: Any) -> Iterator[str]:
@@ -170,7 +192,7 @@ def _function_names(node: Any) -> Iterator[str]:
             yield from _function_names(value)
 
 
-def _jsonable(value: Any, sql_type: str) -> Any:
+def json_value(value: Any, sql_type: str) -> Any:
     if value is None:
         return None
     if sql_type == "JSON":
@@ -184,9 +206,9 @@ def _jsonable(value: Any, sql_type: str) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v, "") for v in value]
+        return [json_value(v, "") for v in value]
     if isinstance(value, dict):  # MAP keys may be of any type; JSON's are strings
-        return {k if isinstance(k, str) else str(k): _jsonable(v, "") for k, v in value.items()}
+        return {k if isinstance(k, str) else str(k): json_value(v, "") for k, v in value.items()}
     if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
         return str(value)  # HUGEINT beyond what JSON readers hold exactly
     if isinstance(value, (str, int, float, bool)):

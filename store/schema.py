@@ -1,32 +1,89 @@
-"""The DuckDB schema, declared once.
+"""The store's schema, declared once, for DuckDB and PostgreSQL.
 
-Each table is a tuple of `Column`s. From that one spec we render the DDL, the Arrow
-schema the batch writer inserts with, the in-place upgrade (tables and columns that a
-newer Flywheel adds are created on open) and the mapping to the protobuf messages the
-proxy sends the learner (columns marked `proto` travel in the same-named field;
-TIMESTAMPTZ as unix seconds). `SCHEMA_VERSION` is bumped with
-every change to the spec. Drift fails a test: `tests/test_store.py` compares the spec with a
-freshly created database, `tests/test_protos.py` with the protobuf messages.
+Each table is a tuple of `Column`s. From that one spec we render the DDL of either
+database (`Dialect`: DuckDB's types as written in the spec, or their PostgreSQL
+counterparts), the Arrow schema the DuckDB writer inserts with, the in-place upgrade
+(`migrate`: tables and columns that a newer Flywheel adds are created on open) and the
+mapping to the protobuf messages the proxy sends the learner (columns marked `proto`
+travel in the same-named field; TIMESTAMPTZ as unix seconds). `SCHEMA_VERSION` is bumped
+with every change to the spec. Drift fails a test: `tests/test_store.py` and
+`tests/test_postgres.py` compare the spec with a freshly created database of each kind,
+`tests/test_protos.py` with the protobuf messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
-    sql_type: str  # DuckDB type as written in DDL
+    sql_type: str  # DuckDB type as written in DDL (`Dialect.types` maps it for PostgreSQL)
     doc: str
     primary_key: bool = False
     proto: bool = False  # carried to the learner in the same-named field of the table's message
-    backfill: str = ""  # SQL over the row's other columns that fills the column when an upgrade adds it
+    # SQL over the row's other columns that fills the column when an upgrade adds it. Backfills
+    # of columns older than schema 7 use DuckDB's TRY_CAST: PostgreSQL support came with schema 7,
+    # so a PostgreSQL store has those columns from its creation and never runs them; a newer
+    # backfill must hold in both dialects.
+    backfill: str = ""
 
+
+@dataclass(frozen=True)
+class Index:
+    """An index PostgreSQL keeps, where several proxies write one store: the unique ones make
+    the database refuse duplicates that two writers could otherwise both insert (ON CONFLICT
+    targets them). DuckDB has one writer, which keeps these keys unique itself, and an index
+    there would slow every insert; it gets none."""
+
+    columns: tuple[str, ...]
+    unique: bool = False
+    where: str = ""  # a partial index: only rows matching this predicate
+
+    def name(self, table: str) -> str:
+        return f"{table}_{'_'.join(self.columns)}_{'key' if self.unique else 'idx'}"
+
+    def ddl(self, table: str) -> str:
+        return (f"CREATE {'UNIQUE ' if self.unique else ''}INDEX IF NOT EXISTS {self.name(table)} ON {table} "
+                f"({', '.join(self.columns)}){f' WHERE {self.where}' if self.where else ''}")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the store's two databases, each difference named."""
+
+    name: str
+    types: dict[str, str]  # spec type -> this database's, as its information_schema reports it
+    # SQL true for an evaluation episode (alias `e`): metadata {"eval": true}
+    is_eval_episode: str
+    indexes: bool  # whether it creates the tables' `Index`es
+
+    def column_type(self, column: Column) -> str:
+        return self.types[column.sql_type]
+
+
+DUCKDB = Dialect(
+    "duckdb",
+    types={t: t for t in ("VARCHAR", "JSON", "INTEGER", "BIGINT", "DOUBLE", "BOOLEAN", "TIMESTAMPTZ", "INTEGER[]",
+                          "FLOAT[]")},
+    is_eval_episode="coalesce(TRY_CAST(e.metadata->>'eval' AS BOOLEAN), false)",
+    indexes=False,
+)
+POSTGRES = Dialect(
+    "postgres",
+    types={"VARCHAR": "text", "JSON": "jsonb", "INTEGER": "integer", "BIGINT": "bigint", "DOUBLE": "double precision",
+           "BOOLEAN": "boolean", "TIMESTAMPTZ": "timestamp with time zone", "INTEGER[]": "integer[]",
+           "FLOAT[]": "real[]"},
+    # the spellings DuckDB's TRY_CAST(... AS BOOLEAN) takes for true (PostgreSQL has no TRY_CAST)
+    is_eval_episode="coalesce(lower(e.metadata->>'eval') IN ('true', 't', 'yes', 'y', '1'), false)",
+    indexes=True,
+)
 
 _ARROW_TYPES = {
     "VARCHAR": pa.string(),
@@ -46,6 +103,7 @@ class Table:
     name: str
     columns: tuple[Column, ...]
     proto_message: str = ""  # message in protos/flywheel.proto that rows of this table map to
+    indexes: tuple[Index, ...] = ()
 
     @property
     def proto_columns(self) -> tuple[Column, ...]:
@@ -55,9 +113,9 @@ class Table:
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 
-    def ddl(self) -> str:
+    def ddl(self, dialect: Dialect = DUCKDB) -> str:
         cols = ",\n  ".join(
-            f"{c.name} {c.sql_type}{' PRIMARY KEY' if c.primary_key else ''}" for c in self.columns
+            f"{c.name} {dialect.column_type(c)}{' PRIMARY KEY' if c.primary_key else ''}" for c in self.columns
         )
         return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols}\n)"
 
@@ -83,8 +141,14 @@ EPISODES = Table(
         Column("grade_error", "VARCHAR", "why the grader failed"),
         Column("infra_error", "VARCHAR", "why its outcome is not the model's doing (a call the upstream failed or "
                "timed out, or feedback \"infra_error\": true): never pushed to the learner"),
+        Column("push_claimed_by", "VARCHAR", "the proxy that took it to push to the learner (PostgreSQL, where "
+               "several proxies share the store: each episode goes out through one)"),
+        Column("push_claimed_until", "TIMESTAMPTZ", "when that claim lapses: a proxy that died holding it is "
+               "relieved of it then"),
     ),
     proto_message="Episode",
+    # the feed's scan: what is still to push
+    indexes=(Index(("created_at",), where="pushed_at IS NULL"),),
 )
 
 CALLS = Table(
@@ -132,6 +196,10 @@ CALLS = Table(
                "to a client; request is the original's); NULL for a client's call", proto=True),
     ),
     proto_message="Call",
+    # a call is written once, however often its batch is retried; two proxies appending to one
+    # episode cannot give two client calls the same seq (shadow samples share their original's)
+    indexes=(Index(("call_id",), unique=True), Index(("episode_id", "seq"), unique=True, where="shadow_of IS NULL"),
+             Index(("episode_id",))),
 )
 
 FEEDBACK = Table(
@@ -148,6 +216,7 @@ FEEDBACK = Table(
         Column("grader_version", "VARCHAR", "the [grader] version that scored it (NULL: posted feedback)"),
     ),
     proto_message="Reward",
+    indexes=(Index(("episode_id", "idempotency_key"), unique=True),),  # NULL keys never collide
 )
 
 ADAPTERS = Table(
@@ -166,6 +235,9 @@ ADAPTERS = Table(
         Column("reason", "VARCHAR", "why it was promoted, rejected or rolled back (by hand, or the test's outcome)"),
         Column("comparison", "JSON", "the latest canary comparison or post-promotion watch: episodes, mean reward "
                "and interval on each side, the difference's interval, look, basis (eval or live episodes)"),
+        Column("updated_at", "TIMESTAMPTZ", "when the row was last written: the registry's change marker, which "
+               "proxies sharing the store poll (`adapters_changed_at`)",
+               backfill="coalesce(decided_at, live_at, created_at)"),
     ),
 )
 
@@ -228,6 +300,33 @@ META = Table(
 
 TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS, PASSTHROUGH)
 
-# SQL true for an evaluation episode (alias `e`): metadata {"eval": true}. The proxy never
-# pushes these to the learner; `flywheel report` scores versions on them.
-IS_EVAL_EPISODE = "coalesce(TRY_CAST(e.metadata->>'eval' AS BOOLEAN), false)"
+# SQL (DuckDB) true for an evaluation episode (alias `e`): metadata {"eval": true}. The proxy
+# never pushes these to the learner; `flywheel report` scores versions on them.
+IS_EVAL_EPISODE = DUCKDB.is_eval_episode
+
+Run = Callable[[str, Sequence], list[tuple]]  # statement with `?` parameters, values -> rows
+
+
+def migrate(run: Run, dialect: Dialect) -> None:
+    """Create missing tables, columns (filled by their backfill) and indexes, then record
+    SCHEMA_VERSION, all through `run`. Refuses a database written by a newer Flywheel."""
+    run(META.ddl(dialect), [])
+    row = run("SELECT value FROM flywheel_meta WHERE key = 'schema_version'", [])
+    found = int(row[0][0]) if row else 0
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"store schema version {found} is newer than this Flywheel's {SCHEMA_VERSION}; upgrade Flywheel"
+        )
+    for table in TABLES:
+        run(table.ddl(dialect), [])
+        have = {r[0] for r in run("SELECT column_name FROM information_schema.columns "
+                                  "WHERE table_name = ? AND table_schema = current_schema()", [table.name])}
+        for column in table.columns:
+            if column.name not in have:
+                run(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {dialect.column_type(column)}", [])
+                if column.backfill:  # rows written before the column existed
+                    run(f"UPDATE {table.name} SET {column.name} = {column.backfill}", [])
+        for index in table.indexes if dialect.indexes else ():
+            run(index.ddl(table.name), [])
+    run("INSERT INTO flywheel_meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [str(SCHEMA_VERSION)])

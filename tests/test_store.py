@@ -8,12 +8,18 @@ import duckdb
 import openai
 import pytest
 
+from flywheel.store import open_store
 from flywheel.store import db as store_db
+from flywheel.store.base import StoreBase
 from flywheel.store.db import Store
 from flywheel.store.records import CallRecord, StoreUnavailable
 from flywheel.store.schema import CALLS, SCHEMA_VERSION, TABLES
 from tests.conftest import read_db
+from tests import postgres_server as server
 from tests.test_feedback import api
+
+# the fixtures: a store of each kind (`any_store`), on a throwaway PostgreSQL server
+postgres_server, postgres_url, any_store = server.postgres_server, server.postgres_url, server.store_db
 
 
 def test_created_database_matches_the_spec_exactly(db_path):
@@ -122,24 +128,28 @@ def _call(episode_id: str) -> CallRecord:
                       prompt_tokens=1, completion_tokens=1, latency_ms=1.0, ttft_ms=None, status=200, error=None)
 
 
-def test_one_bad_record_does_not_take_its_batch_down(db_path):
+def _episode_ids(store) -> list[str]:
+    return [row[0] for row in store.query("SELECT episode_id FROM episodes ORDER BY episode_id", 100, 10)["rows"]]
+
+
+def test_one_bad_record_does_not_take_its_batch_down(any_store):
     from datetime import datetime, timezone
 
     from flywheel.store.records import EpisodeOpen
 
-    store = Store(db_path)
+    store = open_store(any_store)
     now = datetime.now(timezone.utc)
     good = EpisodeOpen("ep-good", now)
     bad = EpisodeOpen("ep-bad", now, metadata="{not json")
     results = store.apply([good, bad])
-    assert results[0] is None and isinstance(results[1], duckdb.Error)
-    # a value Arrow cannot hold fails before DuckDB sees it: the batch is split all the same
+    assert results[0] is None and isinstance(results[1], Exception) and not isinstance(results[1], StoreUnavailable)
+    # a value the bulk insert cannot hold (Arrow, binary COPY) fails before the database sees it:
+    # the batch is split all the same
     call = dataclasses.replace(_call("ep-good"), choices=2**40)
     results = store.apply([EpisodeOpen("ep-also-good", now), call])
     assert results[0] is None and isinstance(results[1], Exception)
+    assert _episode_ids(store) == ["ep-also-good", "ep-good"]
     store.close()
-    rows = read_db(db_path, "SELECT episode_id FROM episodes ORDER BY episode_id")
-    assert [r["episode_id"] for r in rows] == ["ep-also-good", "ep-good"]
 
 
 async def test_a_restarted_proxy_continues_an_episode_and_a_late_task_is_kept(start_proxy):
@@ -207,33 +217,41 @@ async def test_serve_without_store_keeps_inference_up_and_counts_what_it_dropped
     assert await proxy.rows("SELECT count(*) AS n FROM calls") == [{"n": 1}]
 
 
-def test_a_store_that_fails_part_way_through_a_split_batch_commits_nothing_twice(db_path, monkeypatch):
+def _disk_full(store) -> Exception:
+    """The error each database raises when its disk is full."""
+    if isinstance(store, Store):
+        return duckdb.IOException("No space left on device (test)")
+    import psycopg
+
+    return psycopg.errors.DiskFull("could not extend file: No space left on device (test)")
+
+
+def test_a_store_that_fails_part_way_through_a_split_batch_commits_nothing_twice(any_store, monkeypatch):
     from datetime import datetime, timezone
 
     from flywheel.store.records import EpisodeOpen
 
-    store = Store(db_path)
+    store = open_store(any_store)
     now = datetime.now(timezone.utc)
-    original = store_db.Store._apply
+    original = StoreBase._apply
     calls = []
 
     def apply(self, ops):  # the batch fails for a bad record; alone, the third op then finds the disk full
         calls.append([op.episode_id for op in ops])
         if len(calls) == 4:
-            raise duckdb.IOException("No space left on device (test)")
+            raise _disk_full(store)
         return original(self, ops)
 
-    monkeypatch.setattr(store_db.Store, "_apply", apply)
+    monkeypatch.setattr(type(store), "_apply", apply)
     ops = [EpisodeOpen("ep-1", now), EpisodeOpen("ep-bad", now, metadata="{not json"), EpisodeOpen("ep-3", now)]
     with pytest.raises(StoreUnavailable) as unavailable:
         store.apply(ops)
-    assert unavailable.value.committed[0] is None and isinstance(unavailable.value.committed[1], duckdb.Error)
+    assert unavailable.value.committed[0] is None and isinstance(unavailable.value.committed[1], Exception)
     assert len(unavailable.value.committed) == 2  # ep-1 committed, ep-bad refused: only ep-3 is retried
     monkeypatch.undo()
     assert store.apply(ops[len(unavailable.value.committed):]) == [None]
+    assert _episode_ids(store) == ["ep-1", "ep-3"]
     store.close()
-    rows = read_db(db_path, "SELECT episode_id FROM episodes ORDER BY episode_id")
-    assert [r["episode_id"] for r in rows] == ["ep-1", "ep-3"]
 
 
 async def test_reads_do_not_wait_out_a_store_that_cannot_write(start_proxy, monkeypatch):
