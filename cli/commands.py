@@ -20,6 +20,7 @@ from flywheel.export import FORMATS, ExportError
 from flywheel.proxy.auth import InsecureConfig
 from flywheel.settings import ConfigError, load_config
 from flywheel.sql import StoreBusy
+from flywheel.store import shown
 from flywheel.store.sandbox import QueryError, ReadOnlyViolation
 from flywheel.store.summaries import LEARNABILITY
 
@@ -47,7 +48,7 @@ def _report(args: argparse.Namespace) -> int:
     from flywheel.report import write_report
     from flywheel.sql import fetcher
 
-    source = args.db or args.url or DEFAULT_URL
+    source = shown(args.db) if args.db else args.url or DEFAULT_URL
     print(f"report written: {write_report(fetcher(args.url, args.db), Path(args.out), source)}")
     return 0
 

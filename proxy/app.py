@@ -40,7 +40,7 @@ from flywheel.proxy.sampling import checked_defaults
 from flywheel.proxy.shadow import ShadowSampler
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.replicas import Replica, Replicas
-from flywheel.store import open_store
+from flywheel.store import open_store, shown
 from flywheel.store.db import StoreLimits
 from flywheel.store.writer import BatchWriter
 
@@ -292,7 +292,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
                             tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS),
                             rollout=app[ROLLOUT])
-    log.info("proxy up: upstream %s, store %s, learner %s", ", ".join(config.upstream), config.db, config.learner or "none")
+    log.info("proxy up: upstream %s, store %s, learner %s", ", ".join(config.upstream), shown(config.db), config.learner or "none")
     if not (config.api_keys or config.admin_keys):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,
                     " (loopback only)" if is_loopback(config.host) else " (--insecure)")

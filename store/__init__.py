@@ -40,6 +40,11 @@ class UnsupportedStore(ValueError):
     """`db` is a URL of a kind the store cannot open (only postgresql:// is, beside a DuckDB path)."""
 
 
+def shown(db: str) -> str:
+    """`db` as it may be logged or printed: a URL's password replaced by ***."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", db)
+
+
 def open_store(db: str, limits: StoreLimits | None = None, read_only: bool = False,
                claim_lease_s: float = 120.0) -> StoreBase:
     """The store `db` names: a postgresql:// (or postgres://) URL opens a PostgresStore

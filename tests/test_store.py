@@ -264,3 +264,10 @@ async def test_reads_do_not_wait_out_a_store_that_cannot_write(start_proxy, monk
     assert status == 200 and body["rows"] == [[0]] and time.monotonic() - started < 10
     assert proxy.state.writer.lag_s > 0
     monkeypatch.undo()
+
+
+def test_a_store_url_is_shown_without_its_password():
+    from flywheel.store import shown
+
+    assert shown("postgresql://flywheel:s3cr3t@db:5432/flywheel") == "postgresql://flywheel:***@db:5432/flywheel"
+    assert shown("postgresql://db/flywheel") == "postgresql://db/flywheel" and shown("a/b.duckdb") == "a/b.duckdb"
