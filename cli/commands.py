@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="upstream base URL, e.g. http://127.0.0.1:8000; repeat it for several vLLM replicas")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb)")
+    serve.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb) or postgresql:// URL shared by several proxies")
     serve.add_argument("--learner", help="the learner's gRPC address, e.g. 127.0.0.1:8401 (default: none)")
     serve.add_argument("--insecure", action="store_true", default=None,
                        help="serve a non-loopback host without keys (anyone reaching it reads every prompt)")
@@ -209,14 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     sql.add_argument("query")
     where = sql.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running proxy (default http://127.0.0.1:8400)")
-    where.add_argument("--db", help="a DuckDB file no process holds")
+    where.add_argument("--db", help="a DuckDB file no process holds, or a postgresql:// URL")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.set_defaults(run=_sql)
 
     report = sub.add_parser("report", help="report.md and PNG plots of rewards per version, updates and agents")
     where = report.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running proxy (default http://127.0.0.1:8400)")
-    where.add_argument("--db", help="a DuckDB file no process holds")
+    where.add_argument("--db", help="a DuckDB file no process holds, or a postgresql:// URL")
     report.add_argument("--out", default="flywheel-report", help="directory (default ./flywheel-report)")
     report.set_defaults(run=_report)
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--format", choices=FORMATS, default="parquet")
     where = export.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running proxy (default http://127.0.0.1:8400)")
-    where.add_argument("--db", help="a DuckDB file no process holds")
+    where.add_argument("--db", help="a DuckDB file no process holds, or a postgresql:// URL")
     export.add_argument("--since", help="only calls made at or after this ISO 8601 time (UTC if no offset)")
     export.add_argument("--agent", help="only calls of agents whose whole name matches this regex")
     export.add_argument("--include-eval", dest="include_eval", action="store_true",
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--host")
     stack.add_argument("--port", type=int, help="proxy port (default 8400)")
     stack.add_argument("--vllm-port", dest="vllm_port", type=int, help="vLLM port (default 8000)")
-    stack.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb)")
+    stack.add_argument("--db", help="DuckDB file (default ./flywheel.duckdb) or postgresql:// URL shared by several proxies")
     stack.add_argument("--upstream", help="use this running OpenAI-compatible server instead of starting vLLM")
     stack.add_argument("--max-loras", dest="max_loras", type=int, help="adapters vLLM keeps loaded (default 4)")
     stack.add_argument("--insecure", action="store_true", default=None,

@@ -10,11 +10,12 @@ from aiohttp import web
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.grader import Grader
 from flywheel.proxy.state import STATE
+from flywheel.store.summaries import clock
 
-_FAILED = """
-SELECT episode_id, task_id, strftime(grade_failed_at, '%Y-%m-%d %H:%M:%S') AS failed_at, grade_error
+_FAILED = f"""
+SELECT episode_id, task_id, {clock('grade_failed_at', date=True)} AS failed_at, grade_error
 FROM episodes WHERE grade_failed_at IS NOT NULL ORDER BY grade_failed_at DESC LIMIT 20
-"""
+"""  # SQL both stores run (store/summaries.py)
 
 
 def _grader(request: web.Request) -> Grader:
