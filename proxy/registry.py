@@ -366,8 +366,8 @@ class Registry:
             while missing := [v for v in self._routable() if v.served_name not in listed]:
                 for version in missing:
                     async with self._name_lock(version):
-                        await self._load_on(replica, version)
-                    if version.served_name in replica.held:
+                        fresh = await self._load_on(replica, version)
+                    if fresh and version.served_name in replica.held:
                         log.warning("vLLM at %s had lost %s (restarted?): loaded it again", replica.url,
                                     version.served_name)
                         self.reloads += 1
@@ -487,7 +487,7 @@ class Registry:
                 tried += fresh
                 results = await asyncio.gather(*(self._load_on(r, version) for r in fresh), return_exceptions=True)
                 for replica, result in zip(fresh, results):
-                    if result is None:
+                    if isinstance(result, bool):
                         loaded.append(replica)
                         replica.held.add(version.served_name)
                     elif isinstance(result, ApiError) and result.status == 502:
@@ -501,11 +501,13 @@ class Registry:
                 raise refusal or unreachable
             version.loaded = True
 
-    async def _load_on(self, replica: Replica, version: Version) -> None:
+    async def _load_on(self, replica: Replica, version: Version) -> bool:
+        """Load `version` into one replica; False if it was there already (loaded meanwhile, or
+        before a proxy restart)."""
         status, text = await self._post_load(replica, version)
         if status != 200 and "has already been loaded" in text:
-            if await self._loaded_path(replica, version) == version.row.path:  # ours, from before a proxy restart
-                return
+            if await self._loaded_path(replica, version) == version.row.path:  # ours
+                return False
             # loaded by someone else, or from another directory: its weights are not ours
             log.warning("%s was already in vLLM at %s: replacing it with %s", version.served_name, replica.url,
                         version.row.path)
@@ -515,6 +517,7 @@ class Registry:
             raise ApiError(502 if status >= 500 else 400,
                            f"vLLM at {replica.url} refused to load {version.served_name} from {version.row.path}: "
                            f"{text}", "adapter_load_failed")
+        return True
 
     @staticmethod
     async def _loaded_path(replica: Replica, version: Version) -> str | None:

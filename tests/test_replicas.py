@@ -114,6 +114,7 @@ async def test_an_adapter_is_in_every_live_replica_before_it_serves_and_a_joiner
             assert "s-v2" in served and sorted(one.app[LORAS]) == sorted(joined.app[LORAS]) == ["s-v1", "s-v2"]
             for server in (one, joined):
                 assert all(body["model"] in server.app[LORAS] for body in server.received)
+            assert proxy.state.registry.reloads == 0  # nothing was lost: a load racing a sync is no reload
             _, listing = await api(proxy, "GET", "/readyz")
             assert listing["checks"]["upstream"]["ok"]
         finally:
