@@ -362,7 +362,7 @@ class Registry:
         The last look and `live` happen in one step, so a version registered meanwhile is not missed
         (it is `_incoming` from before its first load until it is in `versions`)."""
         try:
-            listed = await replica.models()
+            listed = set(await replica.models())
             while missing := [v for v in self._routable() if v.served_name not in listed]:
                 for version in missing:
                     async with self._name_lock(version):
@@ -380,10 +380,6 @@ class Registry:
         for version in [v for vs in self.versions.values() for v in vs if v.served_name in listed and not v.loaded
                         and v.in_flight == 0 and v.row.status in (*_UNSERVED, FAILED)]:
             await self._unload_from(replica, version)  # left from before a proxy restart, or missed while down
-
-    async def reload_lost(self) -> None:
-        """Sync every replica now (what `watch_upstream` does each round)."""
-        await asyncio.gather(*(self.sync(replica) for replica in self._replicas.replicas))
 
     # ---- several proxies on one store ---------------------------------------
 
@@ -521,12 +517,12 @@ class Registry:
 
     @staticmethod
     async def _loaded_path(replica: Replica, version: Version) -> str | None:
-        """The directory vLLM loaded `version`'s name from (its model card's `root`), if it lists it."""
-        status, body, _ = await replica.admin.get("models")
-        if status != 200:
+        """The directory vLLM loaded `version`'s name from, if it lists it (None without a list:
+        then the version is loaded again)."""
+        try:
+            return (await replica.models()).get(version.served_name)
+        except ApiError:
             return None
-        cards = json.loads(body).get("data", [])
-        return next((card.get("root") for card in cards if card.get("id") == version.served_name), None)
 
     @staticmethod
     async def _post_load(replica: Replica, version: Version) -> tuple[int, str]:

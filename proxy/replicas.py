@@ -47,12 +47,13 @@ class Replica:
     detail: str = "not checked yet"
     held: set[str] = field(default_factory=set)  # adapter names loaded into it (a missing one was lost: restart)
 
-    async def models(self) -> set[str]:
-        """The ids vLLM lists; a 502 ApiError when it cannot be reached or does not answer 200."""
+    async def models(self) -> dict[str, str | None]:
+        """The ids vLLM lists, each with the directory it was loaded from (its card's `root`);
+        a 502 ApiError when it cannot be reached or does not answer 200."""
         status, body, _ = await self.admin.get("models")
         if status != 200:
             raise self.admin.unreachable(f"GET /v1/models answered {status}")
-        return {card.get("id") for card in json.loads(body).get("data", [])}
+        return {card.get("id"): card.get("root") for card in json.loads(body).get("data", [])}
 
 
 class Replicas:
