@@ -20,7 +20,7 @@ from flywheel.export import FORMATS, ExportError
 from flywheel.proxy.auth import InsecureConfig
 from flywheel.settings import ConfigError, load_config
 from flywheel.sql import StoreBusy
-from flywheel.store import shown
+from flywheel.store import StoreUnreachable, UnsupportedStore, shown
 from flywheel.store.sandbox import QueryError, ReadOnlyViolation
 from flywheel.store.summaries import LEARNABILITY
 
@@ -303,4 +303,4 @@ def main(argv: list[str] | None = None) -> int:
 
 # What a command can fail on because of what it was asked (a setting, a query, a file, a URL).
 _USER_ERRORS = (ConfigError, InsecureConfig, ProxyError, StoreBusy, QueryError, ReadOnlyViolation,
-                ExportError)
+                ExportError, UnsupportedStore, StoreUnreachable)

@@ -37,7 +37,12 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class UnsupportedStore(ValueError):
-    """`db` is a URL of a kind the store cannot open (only postgresql:// is, beside a DuckDB path)."""
+    """`db` is a URL of a kind the store cannot open (only postgresql:// is, beside a DuckDB path),
+    or a postgresql:// URL without the `postgres` extra installed."""
+
+
+class StoreUnreachable(ConnectionError):
+    """The PostgreSQL server `db` names cannot be reached or refuses the login, at open."""
 
 
 def shown(db: str) -> str:
@@ -52,7 +57,11 @@ def open_store(db: str, limits: StoreLimits | None = None, read_only: bool = Fal
     file (`limits`: DuckDB's caps; PostgreSQL's are the server's). Raises UnsupportedStore for
     any other URL."""
     if _POSTGRES.match(db):
-        from flywheel.store.postgres import PostgresStore
+        try:
+            from flywheel.store.postgres import PostgresStore
+        except ImportError as missing:
+            raise UnsupportedStore(f"a postgresql:// store needs psycopg ({missing}): "
+                                   "pip install 'flywheel-rl[postgres]'") from None
 
         return PostgresStore(db, read_only=read_only, claim_lease_s=claim_lease_s)
     if _URL.match(db):

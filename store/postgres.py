@@ -42,6 +42,7 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.types.string import TextLoader
 
+from flywheel.store import StoreUnreachable, shown
 from flywheel.store.base import EpisodeState, StoreBase, insert_select
 from flywheel.store.pg_sandbox import check_read_only, column_types, fetcher
 from flywheel.store.records import CallRecord, EpisodeClose, EpisodeOpen, EpisodeQuarantined, EpisodesPushed, \
@@ -195,8 +196,14 @@ class PostgresStore(StoreBase):
         self._locks: psycopg.Connection | None = None  # holds `try_lock`'s locks
         self._held: set[str] = set()
         self._locks_guard = threading.Lock()
-        if not read_only:
-            self._migrate()
+        try:  # a wrong URL is said at open, once, rather than by every later read and write
+            if read_only:
+                with self._readers.connection():
+                    pass
+            else:
+                self._migrate()
+        except psycopg.OperationalError as down:
+            raise StoreUnreachable(f"cannot open the store {shown(url)}: {down}") from None
 
     def _migrate(self) -> None:
         """Upgrade the schema and set up the reader role, in one transaction under a lock, so

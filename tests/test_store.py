@@ -271,3 +271,15 @@ def test_a_store_url_is_shown_without_its_password():
 
     assert shown("postgresql://flywheel:s3cr3t@db:5432/flywheel") == "postgresql://flywheel:***@db:5432/flywheel"
     assert shown("postgresql://db/flywheel") == "postgresql://db/flywheel" and shown("a/b.duckdb") == "a/b.duckdb"
+
+
+def test_a_postgres_store_out_of_reach_is_a_clear_error_without_the_password(capsys):
+    from flywheel.commands import main
+    from tests.conftest import free_port
+
+    url = f"postgresql://flywheel:s3cr3t@127.0.0.1:{free_port()}/flywheel"
+    assert main(["sql", "SELECT 1", "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the store postgresql://flywheel:***@127.0.0.1" in err and "s3cr3t" not in err
+    assert main(["sql", "SELECT 1", "--db", "mysql://u@h/db"]) == 2
+    assert "postgresql:// URL" in capsys.readouterr().err
