@@ -107,7 +107,13 @@ def fetcher(con: psycopg.Connection, sql: str, timeout_s: float, reader_role: st
     by this thread only) in a rolled-back READ ONLY transaction, as `reader_role`, within `timeout_s`."""
 
     def fetch(keep: Keep) -> tuple[list[str], list[str], bool]:
-        timer = threading.Timer(timeout_s, con.cancel_safe)
+        cancel_sent = threading.Event()
+
+        def cancel() -> None:
+            cancel_sent.set()
+            con.cancel_safe()
+
+        timer = threading.Timer(timeout_s, cancel)
         timer.start()
         try:
             con.execute("BEGIN READ ONLY")
@@ -128,6 +134,11 @@ def fetcher(con: psycopg.Connection, sql: str, timeout_s: float, reader_role: st
             raise QueryError(str(bad).strip()) from None
         finally:
             timer.cancel()
+            timer.join()
+            if cancel_sent.is_set():
+                # the server acts on a cancel request when it arrives, which may be during the
+                # next query on this connection: the connection is not given to another one
+                con.close()
             _reset(con)
 
     return fetch

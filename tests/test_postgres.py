@@ -325,6 +325,15 @@ def test_the_server_refuses_writes_the_lexical_check_would_miss(store):
     assert privileges == (False, True)
 
 
+def test_a_late_cancel_never_reaches_the_next_query(store):
+    """The timer's cancel and the server's statement_timeout fire together; the cancel request
+    can arrive after the next query began on the same connection, unless that one is dropped."""
+    for _ in range(30):
+        with pytest.raises(QueryError, match="time limit"):
+            store.query("SELECT pg_sleep(1)", 1, 0.02)
+        assert store.query("SELECT 1 AS one FROM pg_sleep(0.05)", 1, 5)["rows"] == [[1]]
+
+
 def test_replies_are_limited_in_time_rows_and_bytes(store):
     started = time.monotonic()
     with pytest.raises(QueryError, match="time limit"):
