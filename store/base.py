@@ -361,7 +361,7 @@ class StoreBase(ABC):
         `busy`: episodes whose shadow samples are still being drawn, left for later.
         (PostgresStore also claims the episodes it returns, so that one proxy pushes each.)"""
         where, params = self._push_filter(quiet_s, await_grade, busy)
-        episodes = self._dicts(f"SELECT e.* FROM episodes e WHERE {where} ORDER BY e.created_at LIMIT $limit",
+        episodes = self._dicts(f"SELECT e.* FROM episodes e WHERE {where} ORDER BY e.created_at, e.episode_id LIMIT $limit",
                                {**params, "limit": limit})
         return self._with_calls_and_feedback(episodes)
 

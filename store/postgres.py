@@ -372,13 +372,13 @@ class PostgresStore(StoreBase):
         description, rows = self._read(
             f"WITH picked AS (SELECT e.episode_id FROM episodes e WHERE {where} "
             "  AND (e.push_claimed_until IS NULL OR e.push_claimed_until < now() OR e.push_claimed_by = $claimant) "
-            "  ORDER BY e.created_at LIMIT $limit FOR UPDATE OF e SKIP LOCKED) "
+            "  ORDER BY e.created_at, e.episode_id LIMIT $limit FOR UPDATE OF e SKIP LOCKED) "
             "UPDATE episodes u SET push_claimed_by = $claimant, "
             "  push_claimed_until = now() + $lease_s * INTERVAL '1 second' "
             "FROM picked WHERE u.episode_id = picked.episode_id RETURNING u.*",
             {**params, "limit": limit, "claimant": self.claimant, "lease_s": self.claim_lease_s}, 60, read_only=False)
         names = [d.name for d in description]
-        claimed = sorted((dict(zip(names, row)) for row in rows), key=lambda e: e["created_at"])  # RETURNING: no order
+        claimed = sorted((dict(zip(names, row)) for row in rows), key=lambda e: (e["created_at"], e["episode_id"]))  # RETURNING: no order
         return self._with_calls_and_feedback(claimed)
 
     def try_lock(self, name: str) -> bool:
