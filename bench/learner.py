@@ -6,7 +6,9 @@ loss, epsilon 0.2 on both sides, beta 0, ratio 1, AdamW, grad-norm clip 1. Print
 per step (median of 3 after a warm-up), padded tokens/s, and achieved FLOP/s against
 this machine's bf16 matmul peak measured in the same run (6 x params x tokens per step).
 With --trl it also times TRL's GRPOTrainer loss + backward + optimizer step on the same
-batch, back to back (TRL is a test extra of this project).
+batch, back to back (TRL is a test extra of this project), in the configuration a TRL user
+picks on this CPU: micro-batches of 8 rows, 8 accumulation steps (one pass over all 64 rows
+is much slower: ../shared/bench/README.md).
 
     python bench/learner.py [--npz PATH] [--trl] [--steps 3]
 """
@@ -32,6 +34,7 @@ from flywheel.learner.prepare_model import prepare  # noqa: E402
 from flywheel.learner.trainer import PolicyTrainer, TrainerConfig  # noqa: E402
 
 DEFAULT_NPZ = ROOT.parent / "shared" / "bench" / "grpo_batch.npz"
+TRL_MICRO_BATCH = 8  # rows per TRL forward/backward (the reference configuration in shared/bench)
 
 
 def matmul_peak(seconds: float = 3.0) -> float:
@@ -79,7 +82,8 @@ def trl_step_fn(model_dir: str, npz: Path):
 
     data = {k: torch.from_numpy(v) for k, v in np.load(npz).items()}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    args = GRPOConfig(output_dir="/tmp/flywheel-trl-bench", per_device_train_batch_size=64, num_generations=8,
+    args = GRPOConfig(output_dir="/tmp/flywheel-trl-bench", per_device_train_batch_size=TRL_MICRO_BATCH,
+                      gradient_accumulation_steps=64 // TRL_MICRO_BATCH, num_generations=8,
                       max_completion_length=64, loss_type="dapo", epsilon=0.2, beta=0.0, bf16=True, use_cpu=True,
                       report_to=[], logging_steps=1000, max_grad_norm=1.0)
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
@@ -88,16 +92,19 @@ def trl_step_fn(model_dir: str, npz: Path):
                           peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"]))
-    inputs = {"prompt_ids": data["prompt_ids"], "prompt_mask": data["prompt_mask"],
-              "completion_ids": data["completion_ids"], "completion_mask": data["completion_mask"],
-              "advantages": data["advantages"], "num_items_in_batch": data["completion_mask"].sum()}
+    # num_items_in_batch is the whole batch's token count: TRL's dapo loss divides each micro-batch's
+    # sum by it, so the micro-batches' losses add up to the batch's
+    micro_batches = [{"prompt_ids": data["prompt_ids"][rows], "prompt_mask": data["prompt_mask"][rows],
+                      "completion_ids": data["completion_ids"][rows], "completion_mask": data["completion_mask"][rows],
+                      "advantages": data["advantages"][rows], "num_items_in_batch": data["completion_mask"].sum()}
+                     for rows in (slice(i, i + TRL_MICRO_BATCH) for i in range(0, 64, TRL_MICRO_BATCH))]
     trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.training_step, which we bypass
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # Trainer.training_step's, bypassed
     optimizer = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-6)
 
     def step():
-        loss = trainer._compute_loss(trainer.model, inputs)
-        loss.backward()
+        for inputs in micro_batches:
+            trainer._compute_loss(trainer.model, inputs).backward()
         torch.nn.utils.clip_grad_norm_([p for p in trainer.model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad()

@@ -2,7 +2,9 @@
 
 Where the time goes is where TRL loses it: we run the LM head only on completion
 positions (not on every prompt position), compute log-probs with a gather and a
-logsumexp instead of a full log_softmax, and never keep a second copy of the logits.
+logsumexp instead of a full log_softmax, and never keep a second copy of the logits. The
+LoRA layers run `fused_lora`'s forward: the scaling on the rank-r intermediate, the sum in
+the GEMM.
 The base model stays frozen in bf16 (on the CPU its matmuls run on AMX/oneDNN); the
 adapters and their AdamW state are fp32.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
+from flywheel.learner import fused_lora
 from flywheel.learner.advantages import Scored
 from flywheel.learner.batching import MicroBatch, collate, pack
 from flywheel.learner.devices import resolve_dtype
@@ -132,6 +135,7 @@ class PolicyTrainer:
         # peft puts each adapter on its base layer's device, in fp32 (AdamW steps of ~lr vanish in bf16's
         # 8-bit mantissa)
         self.model = get_peft_model(base, self.lora_config, adapter_name="_init")
+        fused_lora.install(self.model)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         # Over a bf16 base the fp32 adapters run under bf16 autocast, with peft's cast of their input
         # to fp32 turned off: no fp32 copy of every activation. A LoRA layer then multiplies bf16
@@ -208,12 +212,14 @@ class PolicyTrainer:
         """(B, T, V) fp32 logits at the completion positions, divided by each call's temperature."""
         inner = self.model.base_model.model  # the causal LM with LoRA layers injected
         T = mb.completion_ids_BT.shape[1]
+        # Completion token t is predicted at position P - 1 + t. logits_to_keep runs the LM head on
+        # those alone, inside the model's own forward, so its logit processing (Gemma-2 softcapping,
+        # Granite and Cohere scaling) applies. As positions, not a count: a count slices the hidden
+        # states to a strided view, for which the CPU matmul copies the whole LM head once per row.
+        predicting_T = torch.arange(mb.prompt_len - 1, mb.prompt_len - 1 + T, device=mb.input_ids_BL.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            # Completion token t is predicted at position P - 1 + t: the last T + 1 positions but the
-            # very last. logits_to_keep runs the LM head on those alone, inside the model's own forward,
-            # so its logit processing (Gemma-2 softcapping, Granite and Cohere scaling) applies.
             logits_BTV = inner(input_ids=mb.input_ids_BL, attention_mask=mb.attention_mask_BL,
-                               position_ids=mb.position_ids_BL, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
+                               position_ids=mb.position_ids_BL, use_cache=False, logits_to_keep=predicting_T).logits
         logits_BTV = logits_BTV.float()
         if bool((mb.temperature_B != 1).any()):
             logits_BTV = logits_BTV / mb.temperature_B[:, None, None]
