@@ -42,6 +42,7 @@ from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.replicas import Replica, Replicas
 from flywheel.store import open_store, shown
 from flywheel.store.db import StoreLimits
+from flywheel.store.process import StoreProcess
 from flywheel.store.writer import BatchWriter
 
 if TYPE_CHECKING:
@@ -162,7 +163,9 @@ def _routes():
 async def _writer(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     limits = StoreLimits(memory_mb=config.sql_memory_mb, threads=config.sql_threads, temp_mb=config.sql_temp_mb)
-    writer = BatchWriter(open_store(config.db, limits=limits), config.queue_max_bytes, config.batch_max,
+    store = (StoreProcess(config.db, limits, config.memory_headroom_mb) if config.store_process
+             else open_store(config.db, limits=limits))
+    writer = BatchWriter(store, config.queue_max_bytes, config.batch_max,
                          config.batch_linger_ms / 1000, config.sql_concurrency, config.serve_without_store)
     writer.start()
     app[WRITER] = writer

@@ -28,6 +28,11 @@ class ProxyConfig:
     # the store: a DuckDB file (this process is its only writer, others read through POST /v1/sql),
     # or a postgresql://user:password@host/db URL that several proxies share
     db: str = "flywheel.duckdb"
+    # run the store in a child process of its own: DuckDB's commits and users' SQL take
+    # milliseconds of CPU, much of it holding the GIL, which in the serving process would hold up
+    # every call in flight (p99 latency many ms above p50); this one then only pickles ops and
+    # results. false: the store runs in the serving process, as before
+    store_process: bool = True
     # served name of the base model in vLLM; adapters apply to calls for it ("" = to any model)
     base_model: str = ""
     # serve every LLM call with this model, whatever model the client names (an app written for

@@ -9,6 +9,7 @@ proxies), declared once. `open_store` opens either, by what `[proxy] db` names.
     sandbox.py     read-only SQL (DuckDB's), and the row/byte caps and JSON both stores' replies share
     pg_sandbox.py  read-only SQL on PostgreSQL
     writer.py      BatchWriter: the asyncio face, a queue drained in batches off the event loop
+    process.py     StoreProcess: either store in a child process, so its CPU never holds the proxy's GIL
     proto_map.py   rows <-> the protobuf messages of the learner contract
     summaries.py   SQL summaries: what `flywheel report` writes and the live page shows
 

@@ -23,7 +23,7 @@ import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from flywheel.store.db import Store
 from flywheel.store.records import StoreOp, StoreUnavailable, approx_bytes
@@ -32,6 +32,10 @@ log = logging.getLogger("flywheel.store")
 
 _FLUSH = object()  # a barrier: resolved once everything queued before it is committed
 _RETRY_S = (0.2, 10.0)  # back-off between retries of a batch the store could not write: first, longest
+
+
+def _as_is(op: StoreOp) -> StoreOp:
+    return op
 
 
 class ReadersBusy(RuntimeError):
@@ -46,6 +50,9 @@ class BatchWriter:
         self.linger_s = linger_s
         self.max_queue_bytes = max_queue_bytes
         self.serve_without_store = serve_without_store
+        # a store in a child process (store/process.py) takes its ops pickled: each one as it is
+        # queued, rather than a whole batch at once on the writer thread, holding the GIL that long
+        self._encode: Callable[[StoreOp], Any] = getattr(store, "encode", _as_is)
         self._queue: collections.deque[tuple[Any, asyncio.Future | None, int, float]] = collections.deque()  # op, done, bytes, queued at
         self.queued_bytes = 0
         self._changed = asyncio.Condition()  # something was queued, or room was made
@@ -69,12 +76,12 @@ class BatchWriter:
         if self.failing is not None and self.serve_without_store:
             self.dropped += 1
             return
-        await self._enqueue(op, None, approx_bytes(op))
+        await self._enqueue(self._encode(op), None, approx_bytes(op))
 
     async def submit(self, op: StoreOp) -> Any:
         """Queue `op` and wait for its commit; re-raises the op's error, if any."""
         done = asyncio.get_running_loop().create_future()
-        await self._enqueue(op, done, approx_bytes(op))
+        await self._enqueue(self._encode(op), done, approx_bytes(op))
         self._someone_waits.set()
         result = await done
         if isinstance(result, Exception):

@@ -151,6 +151,6 @@ async def test_the_learner_port_answers_only_the_token_holder(start_proxy, start
     proxy = await start_proxy(learner=address, learner_token="shared-secret")
     status, body = await api(proxy, "GET", "/v1/learner/status")
     assert status == 200 and "learner_error" not in body
-    wrong = await start_proxy(learner=address, learner_token="not-the-secret")
+    wrong = await start_proxy(learner=address, learner_token="not-the-secret", db=str(tmp_path / "wrong.duckdb"))
     status, body = await api(wrong, "GET", "/v1/learner/status")
     assert status == 200 and body["learner_error"].startswith("UNAUTHENTICATED")

@@ -23,7 +23,7 @@ async def _metrics(proxy, key=None) -> tuple[int, str]:
 
 
 async def test_ready_says_which_part_is_not(start_proxy, monkeypatch):
-    proxy = await start_proxy()
+    proxy = await start_proxy(store_process=False)
     status, body = await api(proxy, "GET", "/readyz")
     assert status == 200 and body["ready"] and set(body["checks"]) == {"upstream", "store", "adapters"}
     down = await start_proxy(upstream=f"http://127.0.0.1:{free_port()}", db=proxy.config.db + ".2")
@@ -75,7 +75,7 @@ async def test_openapi_describes_every_route_of_flywheels_own(proxy):
 async def test_flywheel_status_shows_a_store_that_cannot_write(start_proxy, monkeypatch, capsys):
     from flywheel.commands import main
 
-    proxy = await start_proxy(batch_linger_ms=5)
+    proxy = await start_proxy(batch_linger_ms=5, store_process=False)
     assert await asyncio.to_thread(main, ["status", "--url", proxy.url]) == 0
     healthy = json.loads(capsys.readouterr().out)
     assert healthy["proxy"]["ready"] and "no learner" in healthy["learner"]["error"]

@@ -87,7 +87,7 @@ def _slow_apply(monkeypatch, seconds: float):
 
 async def test_full_queue_applies_back_pressure_and_drops_nothing(start_proxy, monkeypatch):
     batch_sizes = _slow_apply(monkeypatch, 0.05)
-    proxy = await start_proxy(queue_max_bytes=6000, batch_max=4)
+    proxy = await start_proxy(queue_max_bytes=6000, batch_max=4, store_process=False)
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
     highest = highest_bytes = 0
 
@@ -110,7 +110,7 @@ async def test_full_queue_applies_back_pressure_and_drops_nothing(start_proxy, m
 
 async def test_shutdown_writes_everything_queued(start_proxy, db_path, monkeypatch):
     _slow_apply(monkeypatch, 0.05)
-    proxy = await start_proxy(batch_max=2)
+    proxy = await start_proxy(batch_max=2, store_process=False)
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
     await asyncio.gather(*(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
                            for _ in range(20)))
@@ -183,7 +183,7 @@ def _failing_apply(monkeypatch, failures: int):
 
 async def test_a_store_that_cannot_write_keeps_every_record_and_retries(start_proxy, monkeypatch):
     _failing_apply(monkeypatch, 4)
-    proxy = await start_proxy(batch_linger_ms=5)
+    proxy = await start_proxy(batch_linger_ms=5, store_process=False)
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
     raw = await client.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "x"}])
     await asyncio.sleep(0.1)
@@ -204,7 +204,7 @@ async def test_a_store_that_cannot_write_keeps_every_record_and_retries(start_pr
 
 async def test_serve_without_store_keeps_inference_up_and_counts_what_it_dropped(start_proxy, monkeypatch):
     _failing_apply(monkeypatch, 10**9)
-    proxy = await start_proxy(batch_linger_ms=5, serve_without_store=True)
+    proxy = await start_proxy(batch_linger_ms=5, serve_without_store=True, store_process=False)
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/a/v1", api_key="x", max_retries=0)
     await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "first"}])
     await asyncio.sleep(0.1)
@@ -256,7 +256,7 @@ def test_a_store_that_fails_part_way_through_a_split_batch_commits_nothing_twice
 
 async def test_reads_do_not_wait_out_a_store_that_cannot_write(start_proxy, monkeypatch):
     _failing_apply(monkeypatch, 10**9)
-    proxy = await start_proxy(batch_linger_ms=5)
+    proxy = await start_proxy(batch_linger_ms=5, store_process=False)
     await openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x").chat.completions.create(
         model="m", messages=[{"role": "user", "content": "x"}])
     started = time.monotonic()
