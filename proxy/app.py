@@ -42,7 +42,7 @@ from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.replicas import Replica, Replicas
 from flywheel.store import open_store, shown
 from flywheel.store.db import StoreLimits
-from flywheel.store.process import StoreProcess
+from flywheel.store.process import StoreProcess, cap_address_space
 from flywheel.store.writer import BatchWriter
 
 if TYPE_CHECKING:
@@ -380,25 +380,8 @@ def _raise_file_limit() -> None:
 
 
 async def _cap_address_space(headroom_mb: int) -> None:
-    """RLIMIT_AS at the process's size now plus `headroom_mb`, once everything is open.
-
-    DuckDB counts buffer-managed memory against its memory_limit, but not the strings a
-    query builds while evaluating expressions: `md5(repeat(x, 2000000))` over a few thousand
-    rows grew the proxy to 22 GB in 20 s and the kernel killed it. Past this cap the
-    allocation fails, DuckDB raises OutOfMemory for that query, and the proxy serves on.
-    """
-    try:
-        with open("/proc/self/statm") as statm:  # total program size, in pages
-            size = int(statm.read().split()[0]) * resource.getpagesize()
-    except OSError:
-        log.warning("no /proc/self/statm: the address space is not capped (memory_headroom_mb)")
-        return
-    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-    limit = size + headroom_mb * 1024 * 1024
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    log.info("address space capped at %.1f GB (%.1f GB now + memory_headroom_mb)", limit / 2**30, size / 2**30)
+    """`cap_address_space` once everything is open (the store, when it runs in this process)."""
+    cap_address_space(headroom_mb)
 
 
 async def _tune_gc(app: web.Application) -> None:

@@ -103,7 +103,7 @@ class _StoreHost:
         """Open the store `db` names; its `shared`, and this process's id."""
         self._store = open_store(db, limits=limits)
         if memory_headroom_mb:
-            _cap_address_space(memory_headroom_mb)
+            cap_address_space(memory_headroom_mb)
         return self._store.shared, os.getpid()
 
     @_errors_returned
@@ -160,21 +160,26 @@ def _spread(ops: list[StoreOp], stored: set[str], fresh_results: list[Any]) -> l
     return results
 
 
-def _cap_address_space(headroom_mb: int) -> None:
-    """RLIMIT_AS at this process's size now plus `headroom_mb`, as `flywheel.proxy.app` caps the
-    serving process, for the same reason: DuckDB runs here, and a query that builds huge values
-    then gets an out-of-memory error instead of growing the process until the kernel kills it."""
+def cap_address_space(headroom_mb: int) -> None:
+    """RLIMIT_AS at this process's size now plus `headroom_mb`, for a process DuckDB runs in.
+
+    DuckDB counts buffer-managed memory against its memory_limit, but not the strings a
+    query builds while evaluating expressions: `md5(repeat(x, 2000000))` over a few thousand
+    rows grew the proxy to 22 GB in 20 s and the kernel killed it. Past this cap the
+    allocation fails, DuckDB raises OutOfMemory for that query, and the process serves on.
+    """
     try:
         with open("/proc/self/statm") as statm:  # total program size, in pages
             size = int(statm.read().split()[0]) * resource.getpagesize()
     except OSError:
-        log.warning("no /proc/self/statm: the store process's address space is not capped (memory_headroom_mb)")
+        log.warning("no /proc/self/statm: this process's address space is not capped (memory_headroom_mb)")
         return
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     limit = size + (headroom_mb << 20)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))  # a restarted child inherits the parent's: raised here
+    log.info("address space capped at %.1f GB (%.1f GB now + memory_headroom_mb)", limit / 2**30, size / 2**30)
 
 
 def _prepare_child(log_level: int) -> None:
