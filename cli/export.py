@@ -139,7 +139,8 @@ def call_filter(selection: Selection) -> str:
     if selection.since is not None:
         where.append(f"c.created_at >= {sql_literal(selection.since)}")
     if selection.agent is not None:
-        where.append(f"regexp_full_match(c.agent, {sql_literal(selection.agent)})")
+        # anchored: PostgreSQL's ~ searches, DuckDB's matches the whole string; so both match it whole
+        where.append(f"c.agent ~ {sql_literal(f'^(?:{selection.agent})$')}")
     return " AND ".join(where)
 
 

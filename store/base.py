@@ -39,7 +39,7 @@ from flywheel.store.records import (
     UnknownCall,
     UnknownEpisode,
 )
-from flywheel.store.schema import ADAPTERS, CALLS, EPISODES, PASSTHROUGH, TRAIN_RUNS, Dialect, Table
+from flywheel.store.schema import ADAPTERS, CALLS, EPISODES, IS_EVAL_EPISODE, PASSTHROUGH, TRAIN_RUNS, Dialect, Table
 
 log = logging.getLogger("flywheel.store")
 
@@ -344,7 +344,7 @@ class StoreBase(ABC):
         source, version, _ = await_grade or (None, None, None)
         where = ("e.pushed_at IS NULL AND e.quarantined_at IS NULL AND e.infra_error IS NULL AND "
                  f"e.reward IS NOT NULL AND {graded + ' AND ' if graded else ''}"
-                 f"NOT {self.dialect.is_eval_episode} AND e.episode_id NOT IN (SELECT unnest($busy::VARCHAR[])) AND "
+                 f"NOT {IS_EVAL_EPISODE} AND e.episode_id NOT IN (SELECT unnest($busy::VARCHAR[])) AND "
                  "(e.status = 'closed' OR (SELECT max(f.created_at) FROM feedback f WHERE f.episode_id = e.episode_id)"
                  " < now() - $quiet_s * INTERVAL '1 second')")
         return where, {"quiet_s": quiet_s, "busy": list(busy),
@@ -432,7 +432,7 @@ class StoreBase(ABC):
     def shadow_origin(self, call_id: str) -> dict[str, Any] | None:
         """What deciding on a call's shadow samples needs: its `seq`, its episode's `task_id` and
         whether that is an evaluation episode (`eval`); None if the call is not stored."""
-        found = self._dicts(f"SELECT c.seq, e.task_id, {self.dialect.is_eval_episode} AS eval FROM calls c "
+        found = self._dicts(f"SELECT c.seq, e.task_id, {IS_EVAL_EPISODE} AS eval FROM calls c "
                             "JOIN episodes e ON e.episode_id = c.episode_id "
                             "WHERE c.call_id = $id AND c.shadow_of IS NULL", {"id": call_id})
         return found[0] if found else None
@@ -445,7 +445,7 @@ class StoreBase(ABC):
         # min() and bool_and() of values that are one per episode (or, for the adapter, one per group)
         rows = self._dicts(f"""
             SELECT min(c.adapter) AS adapter, min(e.reward) AS reward,
-                   bool_and({self.dialect.is_eval_episode}) AS is_eval, min(e.created_at) AS created_at
+                   bool_and({IS_EVAL_EPISODE}) AS is_eval, min(e.created_at) AS created_at
             FROM episodes e JOIN calls c ON c.episode_id = e.episode_id
             WHERE c.agent = $agent AND c.shadow_of IS NULL AND e.created_at >= $since
               AND e.reward IS NOT NULL AND e.infra_error IS NULL

@@ -60,8 +60,6 @@ class Dialect:
 
     name: str
     types: dict[str, str]  # spec type -> this database's, as its information_schema reports it
-    # SQL true for an evaluation episode (alias `e`): metadata {"eval": true}
-    is_eval_episode: str
     indexes: bool  # whether it creates the tables' `Index`es
 
     def column_type(self, column: Column) -> str:
@@ -72,7 +70,6 @@ DUCKDB = Dialect(
     "duckdb",
     types={t: t for t in ("VARCHAR", "JSON", "INTEGER", "BIGINT", "DOUBLE", "BOOLEAN", "TIMESTAMPTZ", "INTEGER[]",
                           "FLOAT[]")},
-    is_eval_episode="coalesce(TRY_CAST(e.metadata->>'eval' AS BOOLEAN), false)",
     indexes=False,
 )
 POSTGRES = Dialect(
@@ -80,8 +77,6 @@ POSTGRES = Dialect(
     types={"VARCHAR": "text", "JSON": "jsonb", "INTEGER": "integer", "BIGINT": "bigint", "DOUBLE": "double precision",
            "BOOLEAN": "boolean", "TIMESTAMPTZ": "timestamp with time zone", "INTEGER[]": "integer[]",
            "FLOAT[]": "real[]"},
-    # the spellings DuckDB's TRY_CAST(... AS BOOLEAN) takes for true (PostgreSQL has no TRY_CAST)
-    is_eval_episode="coalesce(lower(e.metadata->>'eval') IN ('true', 't', 'yes', 'y', '1'), false)",
     indexes=True,
 )
 
@@ -300,9 +295,10 @@ META = Table(
 
 TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS, PASSTHROUGH)
 
-# SQL (DuckDB) true for an evaluation episode (alias `e`): metadata {"eval": true}. The proxy
-# never pushes these to the learner; `flywheel report` scores versions on them.
-IS_EVAL_EPISODE = DUCKDB.is_eval_episode
+# SQL true for an evaluation episode (alias `e`), in both databases: metadata {"eval": true}. The
+# proxy never pushes these to the learner; `flywheel report` scores versions on them. It spells
+# out the values DuckDB's TRY_CAST(... AS BOOLEAN) takes for true: PostgreSQL has no TRY_CAST.
+IS_EVAL_EPISODE = "coalesce(lower(e.metadata->>'eval') IN ('true', 't', 'yes', 'y', '1'), false)"
 
 Run = Callable[[str, Sequence], list[tuple]]  # statement with `?` parameters, values -> rows
 

@@ -17,11 +17,7 @@ the PostgreSQL database's collation).
 
 from __future__ import annotations
 
-from flywheel.store.schema import POSTGRES
-
-# Evaluation episodes (alias `e`): PostgreSQL's form spells out the values DuckDB's
-# TRY_CAST(... AS BOOLEAN) takes for true, in SQL that DuckDB runs too.
-_IS_EVAL = POSTGRES.is_eval_episode
+from flywheel.store.schema import IS_EVAL_EPISODE as _IS_EVAL
 
 
 def _round(value: str, digits: int = 0) -> str:

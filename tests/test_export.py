@@ -19,6 +19,7 @@ from flywheel.learner.credit import CreditConfig
 from flywheel.sql import file_fetcher
 from flywheel.store.db import Store
 from flywheel.store.records import CallRecord
+from tests import postgres_server as server
 from tests.conftest import read_db
 from tests.fake_upstream import TOOL_ARGS
 from tests.test_feedback import api
@@ -300,3 +301,25 @@ async def test_a_responses_call_through_the_proxy(start_proxy, tmp_path):
     assert row["endpoint"] == "responses" and row["completion_token_ids"] == [1000, 1001]
     assert row["prompt"] == [message(role="system", content="be brief"), message(role="user", content="hi")]
     assert row["completion"] == [message(role="assistant", content=" w0 w1")]
+
+
+postgres_server, postgres_url = server.postgres_server, server.postgres_url  # the fixtures
+
+
+@pytest.mark.postgres
+async def test_a_postgres_store_exports_what_a_duckdb_one_does(start_proxy, db_path, postgres_url, tmp_path):
+    exports = {}
+    for kind, db in (("duckdb", db_path), ("postgres", postgres_url)):
+        proxy = await start_proxy(db=db)
+        ids = await _traffic(proxy)
+        await proxy.stop()
+        for flags in ((), ("--include-eval",), ("--agent", "writer"), ("--agent", "writ")):
+            out = tmp_path / f"{kind}-{len(exports)}"
+            assert await asyncio.to_thread(main, ["export", "--db", db, "--out", str(out), *flags]) == 0
+            names = {v: k for k, v in ids.items()}
+            exports[kind, flags] = [names.get(r["call_id"], "unnamed") for r in duck_rows(exported(out)[0])]
+    for (kind, flags), calls in exports.items():
+        assert calls == exports["duckdb", flags], (kind, flags)
+    assert "eval" not in exports["postgres", ()] and "eval" in exports["postgres", ("--include-eval",)]
+    assert exports["postgres", ("--agent", "writer")] == ["tool", "completion"]
+    assert exports["postgres", ("--agent", "writ")] == []
