@@ -15,8 +15,13 @@ one process would. An adapter's weights and AdamW state go from rank 0 with its 
 (and again after rank 0 restored it), so the ranks need no shared state directory. When rank
 0 stops, it tells the others (`Stop`).
 
-Out of scope: FSDP. Each rank holds the whole base model, so a base model that does not fit
-one device cannot be trained this way.
+Each rank holds the whole base model unless `[learner.trainer] shard_base` is on: then its
+frozen weights are sharded over the ranks with FSDP2 (`shard_base_model`), so each device
+holds 1/N of them, for a base model that does not fit one device. Only the base is sharded:
+the LoRA adapters, which come and go per agent, stay whole on every rank and keep the
+gradient sum above. Every forward and backward then gathers each block's weights from all
+ranks, so every rank must run as many of them as the busiest: a rank with fewer micro-batches
+runs extra, zero-weighted ones (`PolicyTrainer.update`).
 
 Without torchrun (WORLD_SIZE unset or 1) none of this runs: `Ranks()` is one process, and
 every helper here returns its input unchanged without touching torch.distributed.
@@ -181,6 +186,32 @@ def _all_reduce(values: Sequence[float], ranks: Ranks, device: torch.device, op)
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def shard_base_model(model: torch.nn.Module, device: torch.device) -> int:
+    """Shard `model`'s weights over the job's ranks with FSDP2 (`fully_shard`): each block the
+    model names unsplittable (`_no_split_modules`, its decoder layers, as accelerate wraps
+    them) is one unit, gathered for its forward and backward and freed after; the rest
+    (embeddings, final norm, LM head) is the root's unit. The shards move to `device`, so the
+    whole model need only fit in host memory while it loads. Call it before peft injects the
+    LoRA layers: they are then not FSDP's, and stay whole on every rank. Returns how many
+    blocks were sharded."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    # from the default group: a mesh of its own would be a new group, which every rank must make
+    # at once, while rank 0 builds its trainer long before the others build theirs
+    mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in block_classes]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no blocks to shard (_no_split_modules)")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    # the root too is freed after its forward (by default it stays gathered for the backward): a
+    # forward without one (the reference, the step's KL) would leave the embeddings and LM head whole
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return len(blocks)
 
 
 # ---- the messages (rank 0 to the others) -------------------------------------

@@ -25,7 +25,15 @@ from flywheel.learner import fused_lora
 from flywheel.learner.advantages import Scored
 from flywheel.learner.batching import MicroBatch, collate, pack
 from flywheel.learner.devices import resolve_dtype
-from flywheel.learner.distributed import Ranks, all_max, all_sum, default_device, shard, sum_grads
+from flywheel.learner.distributed import (
+    Ranks,
+    all_max,
+    all_sum,
+    default_device,
+    shard,
+    shard_base_model,
+    sum_grads,
+)
 from flywheel.learner.loss import (
     LossConfig,
     Normalizer,
@@ -72,6 +80,10 @@ class TrainerConfig:
     # recompute each layer's activations in the backward: trades ~30% more compute for far less
     # activation memory; for long sequences or big models
     gradient_checkpointing: bool = False
+    # under torchrun, shard the frozen base model's weights over the ranks (FSDP2), so each device
+    # holds 1/N of them: for a base model that does not fit one device. Each block's weights are then
+    # gathered from all ranks for every forward and backward, so leave it off when the model fits
+    shard_base: bool = False
 
 
 class UpdateRefused(RuntimeError):
@@ -122,10 +134,16 @@ class PolicyTrainer:
         self.ranks = ranks
         self.device = torch.device(config.device or default_device(ranks))
         dtype = torch.bfloat16 if resolve_dtype(config.dtype, self.device.type) == "bfloat16" else torch.float32
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)
+        # sharded: loaded in host memory, and only each rank's shards go to its device
+        self.sharded = config.shard_base and ranks.world > 1
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         base.requires_grad_(False)
         if config.gradient_checkpointing:  # non-reentrant: needs no input that requires grad, replays autocast
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.sharded:
+            shard_base_model(base, self.device)
+        else:
+            base.to(self.device)
         self.pad_id = base.config.pad_token_id or base.config.eos_token_id or 0
         if isinstance(self.pad_id, list):
             self.pad_id = self.pad_id[0]
@@ -226,7 +244,8 @@ class PolicyTrainer:
         return logits_BTV
 
     def score(self, name: str, items: Sequence[Scored]) -> list[list[float]]:
-        """The learner's log-probs of each item's completion under adapter `name` (no grad)."""
+        """The learner's log-probs of each item's completion under adapter `name` (no grad).
+        With `shard_base` under torchrun, every rank must call it with the same items at once."""
         self.model.set_adapter(name)
         self.model.eval()  # no dropout: the policy's own log-probs
         out = []
@@ -273,37 +292,48 @@ class PolicyTrainer:
         tokens = sum(int(mb.completion_mask_BT.sum()) for mb in whole)
         # the whole batch's sizes, so the ranks' shares of the loss add up to the batch's loss
         norm = Normalizer(sequences=len(items), tokens=tokens, max_completion_len=loss_config.dr_grpo_length)
-        mine = shard([mb.padded_tokens for mb in whole], self.ranks.world)[self.ranks.rank]
-        batches = [whole[i].to(self.device) for i in mine]
+        shares = shard([mb.padded_tokens for mb in whole], self.ranks.world)
+        mine = shares[self.ranks.rank]
+        # sharded, every forward and backward is a collective (each block's weights are gathered from all
+        # ranks): a rank with fewer micro-batches than the busiest runs the batch's smallest again, weighted 0
+        fillers = max(map(len, shares)) - len(mine) if self.sharded else 0
+        smallest = min(range(len(whole)), key=lambda i: whole[i].padded_tokens)
+        batches = [whole[i].to(self.device) for i in mine + [smallest] * fillers]
         stats, sums = UpdateStats(tokens=tokens), Counter()
         mismatch_max = 0.0
         old_logps: list[torch.Tensor] = []
-        probe = batches[0] if mine and mine[0] == 0 else None  # the batch's first micro-batch, for the step's KL
+        owns_probe = bool(mine) and mine[0] == 0  # the batch's first micro-batch, for the step's KL
+        probe = (batches[0] if owns_probe else whole[0].to(self.device)) if owns_probe or self.sharded else None
         before_BTV = self._policy_BTV(probe) if probe is not None else None
         for epoch in range(config.ppo_epochs):
             for i, mb in enumerate(batches):
                 mask_BT = mb.completion_mask_BT.bool()
+                part, gap_max = Counter(), 0.0  # this micro-batch's sums, counted unless it is a filler
                 logp_BT, entropy_BT = self.completion_logprobs(mb, with_entropy=epoch == 0)
                 if epoch == 0:
                     old_logps.append(logp_BT.detach())
                     gap_BT = (old_logps[i] - mb.behavior_logp_BT).abs()[mask_BT]
-                    sums["mismatch"] += float(gap_BT.sum())
-                    mismatch_max = max(mismatch_max, float(gap_BT.max()))
-                    sums["entropy"] += float(entropy_BT[mask_BT].sum())
-                    sums["padded_tokens"] += mb.padded_tokens
+                    part["mismatch"] += float(gap_BT.sum())
+                    gap_max = float(gap_BT.max())
+                    part["entropy"] += float(entropy_BT[mask_BT].sum())
+                    part["padded_tokens"] += mb.padded_tokens
                 ref_BT = None
                 if loss_config.beta:
                     with torch.no_grad(), self.model.disable_adapter():
                         ref_BT, _ = self.completion_logprobs(mb, with_entropy=False)
-                    sums["kl"] += float(k3_kl(logp_BT.detach(), ref_BT)[mask_BT].sum())
+                    part["kl"] += float(k3_kl(logp_BT.detach(), ref_BT)[mask_BT].sum())
                 is_weight_BT = (truncated_is_weight(old_logps[i], mb.behavior_logp_BT, loss_config.is_cap)
                                 if loss_config.is_cap > 0 else None)
                 loss_BT, clipped_BT = per_token_loss(logp_BT, old_logps[i], mb.advantages_B, loss_config,
                                                      is_weight_BT, ref_BT)
                 loss = aggregate(loss_BT, mb.completion_mask_BT, loss_config.loss_type, norm)
-                loss.backward()
-                sums["loss"] += float(loss.detach())
-                sums["clipped"] += float(clipped_BT[mask_BT].sum())
+                counted = i < len(mine)
+                (loss if counted else loss * 0.0).backward()
+                part["loss"] += float(loss.detach())
+                part["clipped"] += float(clipped_BT[mask_BT].sum())
+                if counted:
+                    sums.update(part)
+                    mismatch_max = max(mismatch_max, gap_max)
                 if progress:
                     progress(epoch * len(batches) + i + 1, config.ppo_epochs * len(batches))
             if epoch == 0 and max_mismatch:  # the whole batch's gap, so every rank refuses alike
@@ -319,7 +349,7 @@ class PolicyTrainer:
             optimizer.zero_grad(set_to_none=True)
         if probe is not None:  # how far the step moved the policy, on the first micro-batch
             kl_BT = policy_kl(before_BTV, self._policy_BTV(probe))
-            sums["step_kl"] = float(kl_BT[probe.completion_mask_BT.bool()].mean())
+            sums["step_kl"] = float(kl_BT[probe.completion_mask_BT.bool()].mean()) if owns_probe else 0.0
             del before_BTV
         sums = Counter(dict(zip(_SUMMED, all_sum([sums[key] for key in _SUMMED], self.ranks, self.device))))
         stats.mismatch_max = all_max(mismatch_max, self.ranks, self.device)

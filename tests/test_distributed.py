@@ -64,10 +64,10 @@ def test_ranks_come_from_torchruns_variables():
             Ranks.from_env(bad)
 
 
-def seeded_trainer(model_dir: str, ranks: Ranks = Ranks()) -> PolicyTrainer:
+def seeded_trainer(model_dir: str, ranks: Ranks = Ranks(), config: TrainerConfig = TRAINER) -> PolicyTrainer:
     """A trainer whose adapter has seeded, non-zero LoRA B (peft starts B at 0: no A gradients).
     Under torchrun only rank 0 builds one: the other ranks get its adapter with the first update."""
-    trainer = PolicyTrainer(model_dir, TRAINER, LOSS, ranks)
+    trainer = PolicyTrainer(model_dir, config, LOSS, ranks)
     torch.manual_seed(1)
     trainer.ensure_adapter("tiny")
     with torch.no_grad():
@@ -82,7 +82,8 @@ def fixed_updates(trainer: PolicyTrainer, update, forget=lambda adapter: None) -
     refused, and the LoRA weights before and after. Under torchrun the first update carries rank
     0's new adapter to rank 1; then rank 0 restores it (as after a failed update: to itself here)
     and `forget`s it, so the second carries it again with its AdamW moments; the third finds it
-    in place on both ranks (a rank 1 that had taken the moments wrong would step differently)."""
+    in place on both ranks (a rank 1 that had taken the moments wrong would step differently); the
+fourth is of one micro-batch, so rank 1 trains on none."""
     def lora() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
 
@@ -91,16 +92,19 @@ def fixed_updates(trainer: PolicyTrainer, update, forget=lambda adapter: None) -
     trainer.restore("tiny", trainer.snapshot("tiny"))
     forget("tiny")
     stats += [dataclasses.asdict(update("tiny", BATCH, None, 100.0)) for _ in range(2)]
+    stats.append(dataclasses.asdict(update("tiny", BATCH[:1], None, 100.0)))  # one micro-batch: rank 1 has none
+    held = base_elements(trainer)  # after an update, which ends in a forward (the step's KL)
     try:
         update("tiny", BATCH, None, 1e-6)
         refused = False
     except UpdateRefused:
         refused = True
-    return {"stats": stats, "refused": refused, "before": before, "after": lora()}
+    return {"stats": stats, "refused": refused, "before": before, "after": lora(), "base_elements": held}
 
 
 # rank 0 runs the updates through Followers, as the learner does; rank 1 is the learner's `follow` loop
 RANKS_SCRIPT = """
+import dataclasses
 import sys
 from functools import partial
 
@@ -111,17 +115,27 @@ from flywheel.learner.distributed import Followers, Ranks, process_group
 from flywheel.learner.service import follow
 from tests.test_distributed import LOSS, TRAINER, fixed_updates, seeded_trainer
 
-model_dir, out = sys.argv[1:]
+model_dir, out, shard_base = sys.argv[1], sys.argv[2], sys.argv[3] == "shard_base"
 ranks = Ranks.from_env()
+config = dataclasses.replace(TRAINER, shard_base=shard_base)
 with process_group(ranks, "gloo"):
     if ranks.rank == 0:
         followers = Followers(ranks)
-        trainer = seeded_trainer(model_dir, ranks)
+        trainer = seeded_trainer(model_dir, ranks, config)
         torch.save(fixed_updates(trainer, partial(followers.update, trainer), followers.forget), out)
         followers.stop()
     else:
-        follow(LearnerConfig(trainer=TRAINER, loss=LOSS), model_dir, ranks)
+        follow(LearnerConfig(trainer=config, loss=LOSS), model_dir, ranks)
 """
+
+
+def base_elements(trainer: PolicyTrainer) -> tuple[int, int]:
+    """(held by this rank, in the whole model) of the base model's weights."""
+    from torch.distributed.tensor import DTensor
+
+    base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
+    return (sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in base),
+            sum(p.numel() for p in base))
 
 
 def torchrun(*args: str) -> list[str]:
@@ -135,7 +149,12 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
-def test_two_ranks_take_the_same_steps_and_report_the_same_metrics_as_one_process(tiny_llama, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("base", ["whole on each rank", "shard_base"])
+def test_two_ranks_take_the_same_steps_and_report_the_same_metrics_as_one_process(tiny_llama, tmp_path,  # noqa: F811
+                                                                                  base):
+    """Also with the base model's weights sharded over the ranks (FSDP2): each holds half of them,
+    and the steps are the same. The last update has one micro-batch: sharded, rank 1 runs a
+    zero-weighted one in step with rank 0's."""
     sizes = [collate(group, 0).padded_tokens for group in pack(BATCH, TRAINER.micro_batch_tokens)]
     assert len(sizes) >= 3 and all(shard(sizes, 2))  # both ranks train, on unequal shares
 
@@ -145,12 +164,14 @@ def test_two_ranks_take_the_same_steps_and_report_the_same_metrics_as_one_proces
     script, out = tmp_path / "ranks.py", tmp_path / "ranks.pt"
     script.write_text(RANKS_SCRIPT)
     started = time.perf_counter()
-    run = subprocess.run(torchrun(str(script), tiny_llama, str(out)), env=child_env(), capture_output=True,
+    run = subprocess.run(torchrun(str(script), tiny_llama, str(out), base), env=child_env(), capture_output=True,
                          text=True, timeout=180, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     print(f"one process {one_s:.2f} s in the test; torchrun with 2 ranks {time.perf_counter() - started:.2f} s "
           f"(start included); update seconds on rank 0: {[round(s['seconds'], 3) for s in torch.load(out)['stats']]}")
     ranks = torch.load(out)
+    held, whole = ranks["base_elements"]
+    assert held == (whole if base == "whole on each rank" else whole // 2), (held, whole)  # its dims are even
 
     assert alone["refused"] and ranks["refused"]  # refused alike on every rank, and nothing stepped
     assert alone["after"].keys() == ranks["after"].keys() and len(alone["after"]) == 2 * 2 * 7
