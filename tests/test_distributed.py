@@ -209,12 +209,13 @@ def _ranks_of(launcher: int) -> dict[int, int]:
     return ranks
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c to torchrun", "sigterm to rank 0"])
+@pytest.mark.parametrize(("stop", "shard_base"), [("ctrl-c to torchrun", "0"), ("sigterm to rank 0", "1")])
 def test_the_learner_command_under_torchrun_trains_on_two_ranks_and_stops_cleanly(tiny_model, tmp_path,  # noqa: F811
-                                                                                  stop):
+                                                                                  stop, shard_base):
     address, log, rank_logs = f"127.0.0.1:{free_port()}", tmp_path / "torchrun.log", tmp_path / "ranks"
     env = child_env(FLYWHEEL_LEARNER_TRAINER_LORA_RANK="4", FLYWHEEL_LEARNER_TRAINER_LORA_ALPHA="8",
-                    FLYWHEEL_LEARNER_TRAINER_DTYPE="float32", FLYWHEEL_LEARNER_TRAINER_DEVICE="cpu")
+                    FLYWHEEL_LEARNER_TRAINER_DTYPE="float32", FLYWHEEL_LEARNER_TRAINER_DEVICE="cpu",
+                    FLYWHEEL_LEARNER_TRAINER_SHARD_BASE=shard_base)
     command = torchrun("--log-dir", str(rank_logs), "--redirects", "3", "-m", "flywheel", "learner",
                        "--model", tiny_model, "--listen", address, "--state-dir", str(tmp_path / "state"),
                        "--proxy", f"http://127.0.0.1:{free_port()}")  # nobody there: publishing fails
