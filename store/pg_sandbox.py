@@ -24,7 +24,7 @@ from typing import Iterator
 import psycopg
 from psycopg import sql as pgsql
 
-from flywheel.store.sandbox import FETCH_ROWS, Fetch, Keep, QueryError, ReadOnlyViolation, keep_rows
+from flywheel.store.sandbox import Fetch, Keep, QueryError, ReadOnlyViolation, fetch_chunks, keep_rows
 from flywheel.store.schema import DUCKDB, POSTGRES
 
 _TOKENS = re.compile(r"""
@@ -125,7 +125,7 @@ def fetcher(con: psycopg.Connection, sql: str, timeout_s: float, reader_role: st
                 description = cur.description or []
                 columns = [d.name for d in description]
                 types = column_types(description)
-                return columns, types, keep_rows(_chunks(cur), types, keep, jsonable=True)
+                return columns, types, keep_rows(fetch_chunks(cur), types, keep, jsonable=True)
         except psycopg.errors.QueryCanceled:
             raise QueryError(f"query exceeded the {timeout_s:g} s time limit") from None
         except psycopg.errors.OutOfMemory:
@@ -147,11 +147,6 @@ def fetcher(con: psycopg.Connection, sql: str, timeout_s: float, reader_role: st
 def column_types(description: list[psycopg.Column]) -> list[str]:
     """Each result column's type as a reply names it (the spec's DuckDB names where they map)."""
     return [_TYPE_NAMES.get(d.type_display, d.type_display.upper()) for d in description]
-
-
-def _chunks(cur: psycopg.Cursor) -> Iterator[list[tuple]]:
-    while chunk := cur.fetchmany(FETCH_ROWS):
-        yield chunk
 
 
 def _reset(con: psycopg.Connection) -> None:

@@ -157,7 +157,7 @@ def _fetch(con: duckdb.DuckDBPyConnection, run: Run, keep: Keep, timeout_s: floa
         result = run(cur)
         description = result.description or []
         columns, types = [d[0] for d in description], [str(d[1]) for d in description]
-        return columns, types, keep_rows(_chunks(result), types, keep, jsonable)
+        return columns, types, keep_rows(fetch_chunks(result), types, keep, jsonable)
     except duckdb.InterruptException:
         raise QueryError(f"query exceeded the {timeout_s:g} s time limit") from None
     except duckdb.OutOfMemoryException:
@@ -174,8 +174,9 @@ def _fetch(con: duckdb.DuckDBPyConnection, run: Run, keep: Keep, timeout_s: floa
         cur.close()
 
 
-def _chunks(result: duckdb.DuckDBPyConnection) -> Iterator[list[tuple]]:
-    while chunk := result.fetchmany(FETCH_ROWS):
+def fetch_chunks(cursor) -> Iterator[list[tuple]]:
+    """A query's rows FETCH_ROWS at a time, from a DuckDB result or a DB-API cursor (psycopg's)."""
+    while chunk := cursor.fetchmany(FETCH_ROWS):
         yield chunk
 
 
