@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
-from flywheel.learner import fused_lora
+from flywheel.learner import attention, fused_lora
 from flywheel.learner.advantages import Scored
 from flywheel.learner.batching import MicroBatch, collate, pack
 from flywheel.learner.devices import resolve_dtype
@@ -34,6 +34,7 @@ from flywheel.learner.distributed import (
     shard_base_model,
     sum_grads,
 )
+from flywheel.learner.logprobs import token_logprobs
 from flywheel.learner.loss import (
     LossConfig,
     Normalizer,
@@ -136,7 +137,8 @@ class PolicyTrainer:
         dtype = torch.bfloat16 if resolve_dtype(config.dtype, self.device.type) == "bfloat16" else torch.float32
         # sharded: loaded in host memory, and only each rank's shards go to its device
         self.sharded = config.shard_base and ranks.world > 1
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attention.register() if self.device.type == "cpu" else None)
         base.requires_grad_(False)
         if config.gradient_checkpointing:  # non-reentrant: needs no input that requires grad, replays autocast
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -166,6 +168,7 @@ class PolicyTrainer:
             for module in self.model.modules():
                 if isinstance(module, BaseTunerLayer):
                     module.cast_input_dtype_enabled = False
+        self._lm_head_weight = self._plain_lm_head()
 
     # ---- adapters -----------------------------------------------------------
 
@@ -211,6 +214,13 @@ class PolicyTrainer:
 
         Logits divided by the call's sampling temperature, as vLLM's processed logprobs are.
         """
+        B, T = mb.completion_ids_BT.shape
+        if self._lm_head_weight is not None:
+            hidden_BTD = self._completion_hidden(mb)
+            logp_N, entropy_N = token_logprobs(hidden_BTD.reshape(B * T, -1), self._lm_head_weight,
+                                               mb.completion_ids_BT.reshape(-1),
+                                               mb.temperature_B.repeat_interleave(T), with_entropy)
+            return logp_N.view(B, T), entropy_N.view(B, T) if with_entropy else None
         logits_BTV = self._completion_logits(mb)
         lse_BT = torch.logsumexp(logits_BTV, dim=-1)
         logp_BT = logits_BTV.gather(-1, mb.completion_ids_BT.unsqueeze(-1)).squeeze(-1) - lse_BT
@@ -226,18 +236,46 @@ class PolicyTrainer:
         with torch.no_grad():
             return torch.log_softmax(self._completion_logits(mb), dim=-1)
 
+    def _predicting_T(self, mb: MicroBatch) -> torch.Tensor:
+        """The positions whose next-token distributions predict the completion: P - 1 + t."""
+        T = mb.completion_ids_BT.shape[1]
+        return torch.arange(mb.prompt_len - 1, mb.prompt_len - 1 + T, device=mb.input_ids_BL.device)
+
+    def _completion_hidden(self, mb: MicroBatch) -> torch.Tensor:
+        """(B, T, D) final hidden states at the completion positions (the LM head's input)."""
+        decoder = self.model.base_model.model.get_decoder()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            hidden_BLD = decoder(input_ids=mb.input_ids_BL, attention_mask=mb.attention_mask_BL,
+                                 position_ids=mb.position_ids_BL, use_cache=False).last_hidden_state
+        return hidden_BLD[:, self._predicting_T(mb)]
+
+    def _plain_lm_head(self) -> torch.Tensor | None:
+        """The LM head's weight when the model's logits are exactly hidden @ W^T, so that
+        `token_logprobs` may compute them: checked on a short input against the model's own
+        forward (which may softcap or scale them: Gemma-2, Granite, Cohere). None when they
+        differ, and when the base is sharded (its root's weights exist only inside its forward)."""
+        inner = self.model.base_model.model
+        head = inner.get_output_embeddings()
+        if self.sharded or type(head) is not torch.nn.Linear or head.bias is not None:
+            return None
+        ids_BL = torch.arange(1, 9, device=self.device)[None]
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits_BLV = inner(input_ids=ids_BL, use_cache=False).logits.float()
+            hidden_BLD = inner.get_decoder()(input_ids=ids_BL, use_cache=False).last_hidden_state
+            plain_BLV = (hidden_BLD.to(head.weight.dtype) @ head.weight.t()).float()
+        return head.weight if torch.equal(logits_BLV, plain_BLV) else None
+
     def _completion_logits(self, mb: MicroBatch) -> torch.Tensor:
         """(B, T, V) fp32 logits at the completion positions, divided by each call's temperature."""
         inner = self.model.base_model.model  # the causal LM with LoRA layers injected
-        T = mb.completion_ids_BT.shape[1]
-        # Completion token t is predicted at position P - 1 + t. logits_to_keep runs the LM head on
-        # those alone, inside the model's own forward, so its logit processing (Gemma-2 softcapping,
-        # Granite and Cohere scaling) applies. As positions, not a count: a count slices the hidden
-        # states to a strided view, for which the CPU matmul copies the whole LM head once per row.
-        predicting_T = torch.arange(mb.prompt_len - 1, mb.prompt_len - 1 + T, device=mb.input_ids_BL.device)
+        # logits_to_keep runs the LM head on the completion positions alone, inside the model's own
+        # forward, so its logit processing (Gemma-2 softcapping, Granite and Cohere scaling) applies.
+        # As positions, not a count: a count slices the hidden states to a strided view, for which
+        # the CPU matmul copies the whole LM head once per row.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits_BTV = inner(input_ids=mb.input_ids_BL, attention_mask=mb.attention_mask_BL,
-                               position_ids=mb.position_ids_BL, use_cache=False, logits_to_keep=predicting_T).logits
+                               position_ids=mb.position_ids_BL, use_cache=False,
+                               logits_to_keep=self._predicting_T(mb)).logits
         logits_BTV = logits_BTV.float()
         if bool((mb.temperature_B != 1).any()):
             logits_BTV = logits_BTV / mb.temperature_B[:, None, None]

@@ -100,7 +100,9 @@ async def test_the_next_update_within_the_limits_publishes_and_ends_the_hold(
                               promotion=PromotionConfig(mode="direct"))
     config = LearnerConfig(model=tiny_model, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"),
                            min_episodes=0, group_size=2, credit=CreditConfig(skip_truncated=False),
-                           trainer=TINY_TRAINER, guards=GuardConfig(max_kl=1e-12))  # every step crosses it
+                           # a step large enough that its KL stands clear of fp32 rounding (the default lr's
+                           # first step on this model moves the policy by ~1e-8, rounding's size), over max_kl
+                           trainer=dataclasses.replace(TINY_TRAINER, lr=0.05), guards=GuardConfig(max_kl=1e-12))
     server = await start_learner(config, tiny_model)
     await _traffic(proxy, {"t1": [1.0, 0.0]})
     await wait_buffered(server, 2)

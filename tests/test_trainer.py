@@ -168,11 +168,31 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_update(tiny_ll
 
 def test_logprobs_equal_a_full_forward_with_log_softmax(tiny_llama):
     trainer = trainer_with_adapter(tiny_llama)
+    assert trainer._lm_head_weight is not None  # a plain LM head: log-probs from the hidden states, chunked
     assert_lists_close(trainer.score("tiny", ITEMS), full_forward_logprobs(trainer, ITEMS), atol=1e-5)
+
+
+def test_chunked_lm_head_log_probs_give_the_models_own_loss_gradients(tiny_llama):
+    trainer = trainer_with_adapter(tiny_llama)
+    mb = collate(ITEMS, trainer.pad_id)
+    weights_BT = torch.randn(mb.completion_ids_BT.shape, generator=torch.Generator().manual_seed(2))
+    grads, entropies = [], []
+    for head in (trainer._lm_head_weight, None):  # chunked from the hidden states; the model's own forward
+        trainer._lm_head_weight = head
+        logp_BT, entropy_BT = trainer.completion_logprobs(mb, with_entropy=True)
+        (logp_BT * weights_BT * mb.completion_mask_BT).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in lora_params(trainer).items()})
+        entropies.append(entropy_BT[mb.completion_mask_BT.bool()])
+        trainer.model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(entropies[0], entropies[1], atol=1e-5, rtol=0)
 
 
 def test_logprobs_keep_the_models_own_logit_processing(tiny_gemma2):
     trainer = trainer_with_adapter(tiny_gemma2)
+    assert trainer._lm_head_weight is None  # softcapped logits: only the model's own forward gives them
     reference = full_forward_logprobs(trainer, ITEMS)
     assert_lists_close(trainer.score("tiny", ITEMS), reference, atol=1e-4)
 
