@@ -3,7 +3,8 @@
 Each layer's settings are a frozen dataclass whose fields are documented where it is
 declared (`flywheel.proxy.config`, `flywheel.learner.config`, `flywheel.up`). Section
 `[learner]` of the TOML file fills `LearnerConfig`; a field that is itself a dataclass is a
-sub-table (`[learner.loss]` fills `LearnerConfig.loss`). The environment variable of a field
+sub-table (`[learner.loss]` fills `LearnerConfig.loss`), and a tuple of dataclasses an array of
+tables (`[[proxy.keys]]`, TOML only). The environment variable of a field
 is its path in capitals: `FLYWHEEL_LEARNER_LOSS_EPSILON`, `FLYWHEEL_PROXY_PORT`. Flags set
 top-level fields only.
 
@@ -103,8 +104,20 @@ def coerce(value: Any, kind: Any, what: str) -> Any:
         items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{what} must be a list, got {value!r}")
+        if dataclasses.is_dataclass(args[0]):  # an array of tables, [[section.name]] in TOML
+            return tuple(_table(item, args[0], f"{what}[{i}]") for i, item in enumerate(items))
         return tuple(coerce(item, args[0], what) for item in items)
     return _scalar(value, kind, what)
+
+
+def _table(value: Any, kind: type, what: str) -> Any:
+    """One table of an array of tables, built and checked as `kind` (its own checks raise ValueError)."""
+    try:
+        return build(kind, value, what)
+    except (TypeError, ValueError) as bad:
+        if isinstance(bad, ConfigError):
+            raise
+        raise ConfigError(f"{what}: {bad}") from None
 
 
 def _scalar(value: Any, kind: type, what: str) -> Any:

@@ -127,8 +127,8 @@ def up(config: UpConfig, proxy_settings: ProxyConfig = ProxyConfig()) -> int:
                                                         "--proxy", proxy_url, "--state-dir", config.learner_state,
                                                         *settings_file), ready_url=f"tcp://{learner_address}")
             learner.env["FLYWHEEL_LEARNER_TOKEN"] = learner_token
-            if proxy_settings.admin_keys:
-                learner.env.setdefault("FLYWHEEL_LEARNER_PROXY_KEY", proxy_settings.admin_keys[0])
+            if proxy_settings.every_admin_key:
+                learner.env.setdefault("FLYWHEEL_LEARNER_PROXY_KEY", proxy_settings.every_admin_key[0])
             supervisor.wait_ready(supervisor.start(learner), 120, "the learner")
         supervisor.say(f"Flywheel is up: point agents at http://{config.host}:{config.port}/v1 "
                        f"(model {served or 'as upstream'}), upstream {upstream}. Ctrl-C stops everything.")

@@ -30,6 +30,7 @@ from flywheel.proxy.grader import EndpointScorer, Grader, GraderConfig, Scorer, 
 from flywheel.proxy.judge import JudgeScorer
 from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from flywheel.proxy.openapi import openapi_handler
+from flywheel.proxy.quotas import Quotas
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
 from flywheel.proxy.rollout import Rollout
@@ -294,9 +295,9 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM],
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
                             tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS),
-                            rollout=app[ROLLOUT])
+                            rollout=app[ROLLOUT], quotas=Quotas())
     log.info("proxy up: upstream %s, store %s, learner %s", ", ".join(config.upstream), shown(config.db), config.learner or "none")
-    if not (config.api_keys or config.admin_keys):
+    if not (config.client_keys or config.every_admin_key):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,
                     " (loopback only)" if is_loopback(config.host) else " (--insecure)")
     yield

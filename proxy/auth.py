@@ -19,10 +19,12 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from flywheel.proxy.config import ProxyConfig
+from flywheel.proxy.policy import KeyRule
 from flywheel.proxy.errors import ApiError
 
 MIN_KEY_CHARS = 16
@@ -53,35 +55,49 @@ def is_loopback(host: str) -> bool:
 
 def check_bind(config: ProxyConfig) -> None:
     """Refuse keys too short to resist guessing, and an open proxy on a non-loopback address."""
-    short = [k for k in (*config.api_keys, *config.admin_keys) if len(k) < MIN_KEY_CHARS]
+    short = [k for k in (*config.client_keys, *config.every_admin_key) if len(k) < MIN_KEY_CHARS]
     if short:
         raise InsecureConfig(f"keys must be at least {MIN_KEY_CHARS} characters ({len(short)} shorter); "
                              "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
-    if not (config.api_keys or config.admin_keys) and not is_loopback(config.host) and not config.insecure:
+    if not (config.client_keys or config.every_admin_key) and not is_loopback(config.host) and not config.insecure:
         raise InsecureConfig(f"refusing to serve {config.host} without keys: anyone reaching the port could read "
                              "every prompt through /v1/sql; set [proxy] api_keys and admin_keys "
                              "(FLYWHEEL_PROXY_API_KEYS, FLYWHEEL_PROXY_ADMIN_KEYS), or pass --insecure")
 
 
+@dataclass(frozen=True)
+class Grant:
+    """What a presented key reaches, and which key it was."""
+
+    access: Access
+    key_id: str  # the first 12 hex digits of the key's SHA-256: names it in logs and the audit, reveals nothing
+    rule: KeyRule | None  # its [[proxy.keys]] table, if it has one
+
+
+GRANT = web.RequestKey("flywheel_grant", Grant)  # set on a request whose key was checked
+
+
 class Keys:
     """The configured keys, kept as SHA-256 digests and compared in constant time."""
 
-    def __init__(self, api_keys: tuple[str, ...], admin_keys: tuple[str, ...]):
-        self._client = [_digest(k) for k in api_keys]
-        self._admin = [_digest(k) for k in admin_keys]
+    def __init__(self, config: ProxyConfig):
+        rules = {rule.key: rule for rule in config.keys}
+        self._known = [(_digest(k), Access.CLIENT, rules.get(k)) for k in config.client_keys]
+        self._known += [(_digest(k), Access.ADMIN, rules.get(k)) for k in config.every_admin_key]
 
     @property
     def enabled(self) -> bool:
-        return bool(self._client or self._admin)
+        return bool(self._known)
 
-    def grant(self, key: str | None) -> Access | None:
+    def grant(self, key: str | None) -> Grant | None:
         """The most the key reaches, or None for no key or a wrong one."""
         if key is None:
             return None
-        digest = _digest(key)
-        if _matches(digest, self._admin):
-            return Access.ADMIN
-        return Access.CLIENT if _matches(digest, self._client) else None
+        digest, found = _digest(key), None
+        for candidate, access, rule in self._known:  # no early exit: the time taken does not say which key matched
+            if hmac.compare_digest(digest, candidate) and (found is None or access is Access.ADMIN):
+                found = Grant(access, digest.hex()[:12], rule)
+        return found
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -94,7 +110,7 @@ def presented_key(request: web.Request) -> str | None:
 def guard_middleware(config: ProxyConfig):
     """Requests in flight capped, Host on a loopback bind, keys per route (ROUTE_ACCESS),
     JSON-only POSTs, and the body read within `body_timeout_s`."""
-    keys = Keys(config.api_keys, config.admin_keys)
+    keys = Keys(config)
     check_host = is_loopback(config.host)
     in_flight = 0
 
@@ -140,7 +156,8 @@ def _authorize(request: web.Request, keys: Keys) -> None:
         missing = presented_key(request) is None
         raise ApiError(401, "missing API key: send Authorization: Bearer KEY" if missing else "invalid API key",
                        "missing_api_key" if missing else "invalid_api_key")
-    if needed is Access.ADMIN and granted is not Access.ADMIN:
+    request[GRANT] = granted
+    if needed is Access.ADMIN and granted.access is not Access.ADMIN:
         raise ApiError(403, f"{request.method} {request.path} needs an admin key", "admin_key_required")
 
 
@@ -155,9 +172,3 @@ def _hostname(host: str | None) -> str:
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
-
-def _matches(digest: bytes, digests: list[bytes]) -> bool:
-    found = False
-    for candidate in digests:  # no early exit: the time taken does not say which key matched
-        found |= hmac.compare_digest(digest, candidate)
-    return found

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flywheel.proxy.policy import AgentRule, KeyRule
+
 
 @dataclass(frozen=True)
 class ProxyConfig:
@@ -19,6 +21,13 @@ class ProxyConfig:
     api_keys: tuple[str, ...] = ()
     # keys for everything, also /v1/sql (all prompts), /v1/adapters*, /v1/learner/*, /metrics
     admin_keys: tuple[str, ...] = ()
+    # keys with their own data policy and limits, [[proxy.keys]] tables (TOML only): key, scope
+    # (client or admin), store (full | metadata | none), train, rpm, tpm, max_concurrent
+    # (flywheel.proxy.policy). Each is a key as if listed in api_keys or admin_keys
+    keys: tuple[KeyRule, ...] = ()
+    # data policy and limits per agent, [[proxy.agents]] tables (TOML only): match (a regex the
+    # whole agent name must match) and the same settings; each matching agent is counted apart
+    agents: tuple[AgentRule, ...] = ()
     # serve a non-loopback address without keys (anyone who reaches the port reads every prompt)
     insecure: bool = False
     # key the proxy sends the upstream (Authorization: Bearer); a client's own Authorization is never forwarded
@@ -116,6 +125,16 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         if isinstance(self.upstream, str):  # ProxyConfig(upstream="http://...") from code: one replica
             object.__setattr__(self, "upstream", (self.upstream,))
+
+    @property
+    def client_keys(self) -> tuple[str, ...]:
+        """api_keys and the client-scope [[proxy.keys]]."""
+        return self.api_keys + tuple(rule.key for rule in self.keys if rule.scope == "client")
+
+    @property
+    def every_admin_key(self) -> tuple[str, ...]:
+        """admin_keys and the admin-scope [[proxy.keys]]."""
+        return self.admin_keys + tuple(rule.key for rule in self.keys if rule.scope == "admin")
 
     def upstream_headers(self) -> dict[str, str]:
         """What every LLM call sends upstream besides its body: the upstream's key, never a client's

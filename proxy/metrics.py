@@ -1,7 +1,8 @@
 """The proxy's Prometheus metrics (`GET /metrics`, admin key), on a registry of its own.
 
 Counted as they happen: requests by route template and status with their latency; LLM calls
-by agent and status with time to first token and tokens; adapter swaps; SQL refusals. Read
+by agent and status with time to first token, tokens and Flywheel's own overhead; calls over a
+limit; adapter swaps; SQL refusals. Read
 when scraped: the writer's queue (records, bytes, lag), whether the store writes, records
 dropped, the learner feed's lag and counts.
 """
@@ -19,6 +20,7 @@ from flywheel.proxy.replicas import Replicas
 from flywheel.store.writer import BatchWriter
 
 _LATENCY_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class Metrics:
@@ -40,6 +42,10 @@ class Metrics:
         self.shadows = Counter("flywheel_shadow_samples", "calls offered for shadow samples, by outcome "
                                "(sampled, failed, dropped_queue_full, dropped_waited, skipped_task, skipped_eval, "
                                "skipped_forced_tool, not_stored)", ["outcome"], registry=r)
+        self.overhead = Histogram("flywheel_overhead_seconds", "time an LLM call spent in Flywheel, not waiting on "
+                                  "the upstream, by agent", ["agent"], buckets=_OVERHEAD_S, registry=r)
+        self.over_limit = Counter("flywheel_over_limit", "LLM calls refused with a 429 by a key's or an agent's "
+                                  "limit, by agent and limit (rpm, tpm, max_concurrent)", ["agent", "limit"], registry=r)
         self.sql_refused = Counter("flywheel_sql_refused", "SQL queries refused or failed, by reason",
                                    ["reason"], registry=r)
 

@@ -50,12 +50,12 @@ class CallTracer:
         return propagate.extract(headers)
 
     def emit(self, call: CallRecord, parent: Context | None) -> None:
-        request = json.loads(call.request)
+        request = json.loads(call.request) if call.request else {}  # None: its policy kept metadata only
         start_ns = int(call.created_at.timestamp() * 1e9)
         operation = _OPERATIONS.get(call.endpoint, call.endpoint)
         span = self.tracer.start_span(f"{operation} {call.model or ''}".strip(), context=parent, kind=SpanKind.CLIENT,
                                       start_time=start_ns, attributes=_attributes(call, request, operation))
-        if self.content:
+        if self.content and call.stored == "full":
             span.set_attributes(_content(call, request))
         if call.status >= 400:
             span.set_attribute("error.type", str(call.status))

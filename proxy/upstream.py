@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -38,6 +39,7 @@ class UpstreamResponse:
         self._wakeup: asyncio.Future | None = None
         self._error: Exception | None = None
         self.complete = False
+        self.waited_s = 0.0  # time its reader spent waiting for body bytes: the upstream's, not the proxy's
         self.on_end = None  # called once when the response is complete, broken or abandoned (the pool's slot)
 
     @property
@@ -70,7 +72,9 @@ class UpstreamResponse:
             if self.complete:
                 return
             self._wakeup = asyncio.get_running_loop().create_future()
+            waiting = time.perf_counter()
             await self._wakeup
+            self.waited_s += time.perf_counter() - waiting
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():

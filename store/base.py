@@ -219,7 +219,7 @@ class StoreBase(ABC):
                             seen[key] = value
         created: set[str] = set()
         if first:  # in id order: two writers creating the same episodes wait on each other in one order
-            rows = [dict(first[e], status="open", closed_at=None, reward=None) for e in sorted(first)]
+            rows = [dict(first[e], status="open", closed_at=None, reward=None, train=True) for e in sorted(first)]
             created = {r[0] for r in self._insert_rows(
                 EPISODES, rows, "ON CONFLICT (episode_id) DO NOTHING RETURNING episode_id")}
         states = self._episode_states(ops, first, created)
@@ -251,6 +251,10 @@ class StoreBase(ABC):
                 state.next_seq += 1
             rows.append(row)
         self._insert_rows(CALLS, rows, self.calls_conflict)
+        untrainable = sorted({c.episode_id for c in calls if not c.train})
+        if untrainable:  # a policy that forbids training on one call keeps its whole episode from the learner
+            self._execute("UPDATE episodes SET train = false WHERE episode_id IN (SELECT unnest(?::VARCHAR[])) "
+                          "AND train", [untrainable])
         self._mark_infra_error([(f"the upstream failed call {c.call_id}: {c.status} {(c.error or '')[:200]}",
                                  c.episode_id) for c in calls if c.status >= 500])
 
@@ -342,7 +346,7 @@ class StoreBase(ABC):
             graded = f"(e.status <> 'closed' OR NOT EXISTS (SELECT 1 FROM calls s WHERE s.episode_id = e.episode_id " \
                      f"AND s.shadow_of IS NOT NULL) OR {graded})"
         source, version, _ = await_grade or (None, None, None)
-        where = ("e.pushed_at IS NULL AND e.quarantined_at IS NULL AND e.infra_error IS NULL AND "
+        where = ("e.pushed_at IS NULL AND e.quarantined_at IS NULL AND e.infra_error IS NULL AND e.train AND "
                  f"e.reward IS NOT NULL AND {graded + ' AND ' if graded else ''}"
                  f"NOT {IS_EVAL_EPISODE} AND e.episode_id NOT IN (SELECT unnest($busy::VARCHAR[])) AND "
                  "(e.status = 'closed' OR (SELECT max(f.created_at) FROM feedback f WHERE f.episode_id = e.episode_id)"
@@ -355,7 +359,8 @@ class StoreBase(ABC):
         """Rewarded episodes the learner has not acknowledged: closed ones, and open ones whose
         last feedback is older than `quiet_s`. Each with its `calls` and `feedback` (raw values).
         Evaluation episodes (metadata `{"eval": true}`) are never pushed: held-out data stays held out;
-        nor are those with an `infra_error`: their outcome is not the model's doing.
+        nor are those with an `infra_error`: their outcome is not the model's doing; nor those a policy keeps
+        from training (`train` false).
         `await_grade` (grader source, version, every): only episodes that grader has scored or given
         up on; all of them if `every`, else those with shadow samples (their grades are the point).
         `busy`: episodes whose shadow samples are still being drawn, left for later.
@@ -386,7 +391,8 @@ class StoreBase(ABC):
         `version`, oldest closed first, each with its generation `calls` (seq order) and
         `feedback_reward`, its latest episode-level reward from any other source (None without).
         `unrewarded_only`: only episodes no other source rewarded, or that have shadow samples.
-        Episodes the grader gave up on are left out, unless that was before `failed_before`;
+        Episodes the grader gave up on are left out, unless that was before `failed_before`, and so are those
+        with a call stored as metadata only (nothing to grade);
         `since`: created at or after; `busy`: episodes whose shadow samples are still being drawn."""
         episodes = self._dicts(
             "SELECT e.episode_id, e.task_id, e.metadata FROM episodes e "
@@ -401,6 +407,7 @@ class StoreBase(ABC):
             "         AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.episode_id = e.episode_id "
             "                         AND s.shadow_of IS NOT NULL)) "
             "AND EXISTS (SELECT 1 FROM calls c WHERE c.episode_id = e.episode_id) "
+            "AND NOT EXISTS (SELECT 1 FROM calls m WHERE m.episode_id = e.episode_id AND m.stored <> 'full') "
             "ORDER BY e.closed_at, e.episode_id LIMIT $limit",
             {"wait_s": wait_s, "failed_before": failed_before, "since": since, "source": source, "version": version,
              "unrewarded_only": unrewarded_only, "limit": limit, "busy": list(busy)})

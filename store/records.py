@@ -30,7 +30,7 @@ class CallRecord:
     stream: bool
     model: str | None
     adapter: str | None
-    request: str  # JSON text
+    request: str | None  # JSON text; None when its policy keeps metadata only
     response: str | None  # JSON text
     prompt_token_ids: list[int] | None
     completion_token_ids: list[int] | None
@@ -54,6 +54,8 @@ class CallRecord:
     choices: int = 1  # n: only choice 0's tokens are recorded
     shadow_of: str | None = None  # a shadow sample: the call it resamples (proxy/shadow.py)
     seq: int | None = None  # a shadow sample's: its original's
+    stored: str = "full"  # full, or metadata: the content fields above are None (flywheel.proxy.policy)
+    train: bool = True  # False: its episode is never trained on (episodes.train, like task_id the episode's)
 
 
 @dataclass(frozen=True)

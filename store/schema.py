@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,9 @@ EPISODES = Table(
                "several proxies share the store: each episode goes out through one)"),
         Column("push_claimed_until", "TIMESTAMPTZ", "when that claim lapses: a proxy that died holding it is "
                "relieved of it then"),
+        Column("train", "BOOLEAN", "false: a call of it was made under a policy that forbids training on it "
+               "(X-Flywheel-Train: false, a store level short of full, or a key's or agent's rule): never pushed "
+               "to the learner", backfill="TRUE"),
     ),
     proto_message="Episode",
     # the feed's scan: what is still to push
@@ -189,6 +192,8 @@ CALLS = Table(
                backfill="coalesce(TRY_CAST(request->>'n' AS INTEGER), 1)"),
         Column("shadow_of", "VARCHAR", "a shadow sample of this call (same prompt tokens and adapter, never shown "
                "to a client; request is the original's); NULL for a client's call", proto=True),
+        Column("stored", "VARCHAR", "what its policy let the store keep: full, or metadata (request, response, "
+               "token ids, logprobs and error text are NULL)", backfill="'full'"),
     ),
     proto_message="Call",
     # a call is written once, however often its batch is retried; two proxies appending to one

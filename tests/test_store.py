@@ -35,7 +35,7 @@ def test_created_database_matches_the_spec_exactly(db_path):
 
 def test_call_record_fields_match_the_calls_table():
     record_fields = {f.name for f in dataclasses.fields(CallRecord)}
-    assert record_fields - {"task_id"} == set(CALLS.column_names)
+    assert record_fields - {"task_id", "train"} == set(CALLS.column_names)  # those two go to the episode row
 
 
 def test_older_file_is_upgraded_in_place_and_keeps_its_rows(db_path):

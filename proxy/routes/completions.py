@@ -14,8 +14,11 @@ import orjson
 from aiohttp import web
 
 from flywheel.proxy.attribution import Attribution, attribute, new_id
+from flywheel.proxy.auth import GRANT
 from flywheel.proxy.capture import CHAT, Capture, Wants, strip_unrequested, upstream_body
 from flywheel.proxy.errors import MAX_ERROR_CHARS, ApiError, error_body, error_response, read_json_object
+from flywheel.proxy.policy import STORE_HEADER, TRAIN_HEADER, CallPolicy, covering, kept, narrowest, requested
+from flywheel.proxy.quotas import OverLimit, Ticket, limited
 from flywheel.proxy.registry import Version
 from flywheel.proxy.responses import RESPONSES, ResponseEvents, chat_request, response_object
 from flywheel.proxy.sampling import Sampling, resolve
@@ -41,15 +44,28 @@ class _Call:
     sampling: Sampling
     events: ResponseEvents | None  # a Responses call: what turns the chat answer into the client's format
     trace_parent: Any  # the caller's trace context, when spans are on
+    policy: CallPolicy  # what the store keeps of it, and whether it may be trained on
     ttft_ms: float | None = None
+    upstream_s: float = 0.0  # time spent waiting for the upstream's answer to begin
+    upstream: UpstreamResponse | None = None  # its answer, which counts the time spent waiting for its body
     capture_error: str | None = None  # an error event the upstream sent inside the stream
     recorded: bool = False
     stream_response: web.StreamResponse | None = None  # once an SSE response to the client has begun
     forward: dict = field(default_factory=dict)  # the body sent upstream
     version: Version | None = None  # the adapter version it was routed to (None: the base model)
 
+    def overhead_s(self) -> float:
+        """Time in Flywheel so far: all of it but the waits on the upstream."""
+        waited = self.upstream_s + (self.upstream.waited_s if self.upstream is not None else 0.0)
+        return time.perf_counter() - self.started - waited
+
     def ids(self) -> dict[str, str]:
-        return {"X-Flywheel-Episode": self.who.episode_id, "X-Flywheel-Call": self.call_id}
+        """The response's Flywheel headers. The overhead so far: a stream's, until its first byte."""
+        ids = {"X-Flywheel-Episode": self.who.episode_id, "X-Flywheel-Call": self.call_id,
+               "X-Flywheel-Overhead-Ms": f"{self.overhead_s() * 1000:.3f}"}
+        if self.policy != CallPolicy():  # the client hears what its rules and headers came to
+            ids.update({STORE_HEADER: self.policy.store, TRAIN_HEADER: str(self.policy.train).lower()})
+        return ids
 
     def mark_first_token(self) -> None:
         if self.ttft_ms is None:
@@ -85,10 +101,12 @@ class _Call:
             task_id=self.who.task_id,
             **asdict(self.sampling),
         )
-        await self.state.writer.put(record)  # if this wait is cancelled (the client left), the 499 is recorded
+        record = kept(record, self.policy)
+        if self.policy.store != "none":  # if this wait is cancelled (the client left), the 499 is recorded
+            await self.state.writer.put(record)
         self.recorded = True
         self._count(status)
-        if self.state.shadows is not None and status == 200 and error is None:
+        if self.state.shadows is not None and status == 200 and error is None and self.policy.train:
             self.state.shadows.offer(
                 call_id=self.call_id, episode_id=self.who.episode_id, agent=self.who.agent, task_id=self.who.task_id,
                 endpoint=self.endpoint, request_json=self.request_json, client_model=self.model, capture=cap,
@@ -100,6 +118,7 @@ class _Call:
     def _count(self, status: int) -> None:
         metrics, agent, cap = self.state.metrics, self.who.agent, self.capture
         metrics.calls.labels(agent, str(status)).inc()
+        metrics.overhead.labels(agent).observe(self.overhead_s())
         if self.ttft_ms is not None:
             metrics.ttft.labels(agent).observe(self.ttft_ms / 1000)
         for kind, count in (("prompt", cap.prompt_tokens()), ("completion", cap.completion_tokens())):
@@ -120,6 +139,9 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     created_at = datetime.now(timezone.utc)
     body = await read_json_object(request)
     who = attribute(request.match_info, request.headers, body, state.config.default_agent)
+    grant = request.get(GRANT)
+    rules = covering(grant.rule if grant else None, state.config.agents, who.agent)
+    policy = narrowest([*rules, requested(request.headers)])
     request_json = orjson.dumps(body).decode()  # as the client sent it: before defaults are filled in
     events = ResponseEvents(body) if endpoint == RESPONSES else None
     upstream_endpoint = CHAT if events else endpoint
@@ -129,7 +151,7 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
         started=started, request_json=request_json, model=body.get("model"),
         stream=bool(body.get("stream")), capture=Capture(upstream_endpoint),
         sampling=resolve(forward, state.config.sampling_defaults), events=events,
-        trace_parent=state.tracer.parent(request.headers) if state.tracer is not None else None,
+        trace_parent=state.tracer.parent(request.headers) if state.tracer is not None else None, policy=policy,
     )
     headers = state.config.upstream_headers()
     if state.config.serve_model:
@@ -138,11 +160,24 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     if version is not None:
         forward["model"] = version.served_name
     call.forward = forward
+    ticket = None
     try:
+        ticket = _admit(state, limited(rules, grant.key_id if grant else None, who.agent), who.agent)
         return await _exchange(request, call, forward, headers, wants)
     finally:
+        if ticket is not None:
+            state.quotas.release(ticket, (call.capture.prompt_tokens() or 0) + (call.capture.completion_tokens() or 0))
         if version is not None:
             state.registry.release(version)
+
+
+def _admit(state: ProxyState, limited_by: list, agent: str) -> Ticket:
+    """Count the call against its limits, or refuse it with a 429 (counted in the metrics)."""
+    try:
+        return state.quotas.admit(limited_by)
+    except OverLimit as over:
+        state.metrics.over_limit.labels(agent, over.limit).inc()
+        raise
 
 
 async def _exchange(request: web.Request, call: _Call, forward: dict, headers: dict,
@@ -151,8 +186,10 @@ async def _exchange(request: web.Request, call: _Call, forward: dict, headers: d
     upstream: UpstreamResponse | None = None
     try:
         async with asyncio.timeout(state.config.upstream_timeout_s):
+            waited = time.perf_counter()
             upstream = await state.upstream.post(call.who.episode_id or call.call_id, "/" + call.capture.endpoint.replace(".", "/"),
                                                  orjson.dumps(forward), headers)
+            call.upstream_s, call.upstream = time.perf_counter() - waited, upstream
             if upstream.status != 200:
                 return await _relay_error(request, call, upstream)
             if call.stream:

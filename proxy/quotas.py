@@ -1,0 +1,120 @@
+"""Limits per key and per agent: calls per minute, tokens per minute, calls at once.
+
+Every `[[proxy.keys]]` or `[[proxy.agents]]` rule with a limit counts the calls it covers
+apart for each subject: its key, or each agent name its regex matches (one noisy agent then
+cannot use up another's share). A call is admitted only if every rule that covers it has room:
+
+    rpm             calls admitted in the last 60 s < rpm
+    tpm             prompt + completion tokens of calls that ended in the last 60 s < tpm
+                    (a call's tokens are known only once it ends, so one call may overshoot)
+    max_concurrent  calls in progress < max_concurrent
+
+Refused, it gets a 429 in OpenAI's shape with `Retry-After`: the seconds until the oldest
+count leaves the window (1 for max_concurrent). Counters live in this process: each proxy
+counts its own calls, also where several share one PostgreSQL store.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from flywheel.proxy.errors import ApiError
+from flywheel.proxy.policy import KeyRule, Rule
+
+WINDOW_S = 60.0
+_MAX_IDLE_SUBJECTS = 10_000  # counters of subjects with nothing in their windows, kept before a sweep
+
+
+@dataclass
+class _Counters:
+    admitted: deque = field(default_factory=deque)  # admission times within the window
+    tokens: deque = field(default_factory=deque)  # (end time, tokens) within the window
+    token_sum: int = 0
+    in_progress: int = 0
+
+    def expire(self, now: float) -> None:
+        while self.admitted and self.admitted[0] <= now - WINDOW_S:
+            self.admitted.popleft()
+        while self.tokens and self.tokens[0][0] <= now - WINDOW_S:
+            self.token_sum -= self.tokens.popleft()[1]
+
+    @property
+    def idle(self) -> bool:
+        return not (self.admitted or self.tokens or self.in_progress)
+
+
+class OverLimit(ApiError):
+    def __init__(self, limit: str, value: int, subject: str, retry_after_s: float):
+        retry = max(1, math.ceil(retry_after_s))
+        super().__init__(429, f"{subject} is over its {limit} limit of {value}; retry in {retry} s",
+                         "rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted call's counters, to release when it ends."""
+
+    counters: tuple[_Counters, ...]
+
+
+class Quotas:
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._subjects: dict[tuple[int, str], _Counters] = {}
+
+    def admit(self, limited: Sequence[tuple[Rule, str]]) -> Ticket:
+        """Count a call against each (rule, subject), or raise OverLimit (counting nothing)."""
+        now = self.clock()
+        found = []
+        for rule, subject in limited:
+            counters = self._subjects.setdefault((id(rule), subject), _Counters())
+            counters.expire(now)
+            if rule.rpm and len(counters.admitted) >= rule.rpm:
+                raise OverLimit("rpm", rule.rpm, subject, counters.admitted[0] + WINDOW_S - now)
+            if rule.tpm and counters.token_sum >= rule.tpm:
+                raise OverLimit("tpm", rule.tpm, subject, self._tokens_free_in(counters, rule.tpm, now))
+            if rule.max_concurrent and counters.in_progress >= rule.max_concurrent:
+                raise OverLimit("max_concurrent", rule.max_concurrent, subject, 1)
+            found.append(counters)
+        for counters in found:
+            counters.admitted.append(now)
+            counters.in_progress += 1
+        if len(self._subjects) > _MAX_IDLE_SUBJECTS:
+            self._sweep(now)
+        return Ticket(tuple(found))
+
+    def release(self, ticket: Ticket, tokens: int) -> None:
+        """The call ended having used `tokens` (prompt + completion)."""
+        now = self.clock()
+        for counters in ticket.counters:
+            counters.in_progress -= 1
+            if tokens:
+                counters.tokens.append((now, tokens))
+                counters.token_sum += tokens
+
+    @staticmethod
+    def _tokens_free_in(counters: _Counters, tpm: int, now: float) -> float:
+        """Seconds until enough counted tokens leave the window to bring the sum under `tpm`."""
+        remaining = counters.token_sum
+        for ended, tokens in counters.tokens:
+            remaining -= tokens
+            if remaining < tpm:
+                return ended + WINDOW_S - now
+        return WINDOW_S
+
+    def _sweep(self, now: float) -> None:
+        for key, counters in list(self._subjects.items()):
+            counters.expire(now)
+            if counters.idle:
+                del self._subjects[key]
+
+
+def limited(rules: Sequence[Rule], key_id: str | None, agent: str) -> list[tuple[Rule, str]]:
+    """The (rule, subject) pairs a call counts against: a key's rule by key, an agent's by agent name."""
+    return [(rule, f"key {key_id}" if isinstance(rule, KeyRule) else f"agent {agent!r}") for rule in rules
+            if rule.rpm or rule.tpm or rule.max_concurrent]
