@@ -138,8 +138,8 @@ def _describe(event: dict) -> str:
 def _status(args: argparse.Namespace) -> int:
     """The proxy's readiness (upstream, store writes, adapters, feed), the learner's state (with
     updates its guards hold back), the grader's (episodes it gave up on), each agent's rollout
-    (candidate and its comparison, the latest decision) and each agent's learnability (with a warning when its
-    traffic cannot teach it); exits 1 when something is not ready."""
+    (candidate and its comparison, the latest decision), each agent's learnability (with a warning when its
+    traffic cannot teach it) and, with --audit, the latest admin actions; exits 1 when something is not ready."""
     ready = readiness(args.url)
     try:
         with proxy_request(args.url, "/v1/learner/status") as response:
@@ -161,8 +161,14 @@ def _status(args: argparse.Namespace) -> int:
         learnability = [dict(zip(found["columns"], row)) for row in found["rows"]]
     except ProxyError as unreadable:
         learnability = {"error": str(unreadable)}
-    print(json.dumps({"proxy": ready, "learner": learner, "grader": grader, "rollout": rollout,
-                      "learnability": learnability}, indent=1, default=str))
+    out = {"proxy": ready, "learner": learner, "grader": grader, "rollout": rollout, "learnability": learnability}
+    if args.audit:
+        try:
+            found = fetch_via_proxy(f"SELECT * FROM audit_log ORDER BY logged_at DESC LIMIT {int(args.audit)}", args.url)
+            out["audit"] = [dict(zip(found["columns"], row)) for row in found["rows"]]
+        except ProxyError as unreadable:
+            out["audit"] = {"error": str(unreadable)}
+    print(json.dumps(out, indent=1, default=str))
     return 0 if ready["ready"] else 1
 
 
@@ -281,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
 
     status = sub.add_parser("status", help="readiness (upstream, store, adapters, feed) and the learner's buffer")
     status.add_argument("--url", default=DEFAULT_URL, help="the proxy")
+    status.add_argument("--audit", type=int, nargs="?", const=50, default=0, metavar="N",
+                        help="also the latest N admin actions from audit_log (erasures, SQL, adapters, train; "
+                             "default 50)")
     status.set_defaults(run=_status)
 
     model = sub.add_parser("model", help="manage the embedded default model")

@@ -184,6 +184,25 @@ class EpisodeBuffer:
             self._consumed_record_bytes += self._record_bytes.pop(i)
         self._compact_if_due()
 
+    def erase(self, episode_ids: Iterable[str]) -> int:
+        """Remove episodes durably, content and all (an erasure request): pending ones leave as if
+        consumed, and the spool is rewritten without them and without any consumed episode's record,
+        so none of their bytes stays on disk. Returns how many of `episode_ids` it held."""
+        wanted = set(episode_ids)
+        held = len(wanted & (self.pending.keys() | self._consumed.keys()))
+        pending = [i for i in self.pending if i in wanted]
+        if pending:
+            lines = _id_lines(pending)  # still refused as duplicates if a push of one comes late
+            _write_at(self.consumed_file, self._consumed_end, lines)
+            self._consumed_end += len(lines)
+            for i in pending:
+                del self.pending[i], self.arrived[i]
+                self._consumed[i] = None
+                self._record_bytes.pop(i)
+        if pending or self._consumed_record_bytes:
+            self._compact()
+        return held
+
     def _compact_if_due(self) -> None:
         trim = len(self._consumed) > 2 * self.consumed_ids_kept
         worthwhile = self._consumed_record_bytes > self.compact_min_bytes and 2 * self._consumed_record_bytes > self._spool_end

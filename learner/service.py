@@ -54,6 +54,9 @@ class Servicer(pb_grpc.LearnerServicer):
     async def Status(self, request, context):
         return self.learner.status()
 
+    async def Erase(self, request, context):
+        return pb.EraseReply(erased=self.learner.buffer.erase(request.episode_ids))
+
     async def WatchAdapters(self, request, context):
         queue: asyncio.Queue = asyncio.Queue()
         self.learner.publisher.watchers.append(queue)

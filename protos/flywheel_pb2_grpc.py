@@ -54,6 +54,11 @@ class LearnerStub:
                 request_serializer=flywheel_dot_protos_dot_flywheel__pb2.WatchRequest.SerializeToString,
                 response_deserializer=flywheel_dot_protos_dot_flywheel__pb2.AdapterPublished.FromString,
                 _registered_method=True)
+        self.Erase = channel.unary_unary(
+                '/flywheel.v1.Learner/Erase',
+                request_serializer=flywheel_dot_protos_dot_flywheel__pb2.EraseRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protos_dot_flywheel__pb2.EraseReply.FromString,
+                _registered_method=True)
 
 
 class LearnerServicer:
@@ -86,6 +91,13 @@ class LearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Erase(self, request, context):
+        """Remove these episodes from the buffer, on disk too (an erasure request); the reply once durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +120,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.WatchAdapters,
                     request_deserializer=flywheel_dot_protos_dot_flywheel__pb2.WatchRequest.FromString,
                     response_serializer=flywheel_dot_protos_dot_flywheel__pb2.AdapterPublished.SerializeToString,
+            ),
+            'Erase': grpc.unary_unary_rpc_method_handler(
+                    servicer.Erase,
+                    request_deserializer=flywheel_dot_protos_dot_flywheel__pb2.EraseRequest.FromString,
+                    response_serializer=flywheel_dot_protos_dot_flywheel__pb2.EraseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +235,33 @@ class Learner:
             '/flywheel.v1.Learner/WatchAdapters',
             flywheel_dot_protos_dot_flywheel__pb2.WatchRequest.SerializeToString,
             flywheel_dot_protos_dot_flywheel__pb2.AdapterPublished.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Erase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.Learner/Erase',
+            flywheel_dot_protos_dot_flywheel__pb2.EraseRequest.SerializeToString,
+            flywheel_dot_protos_dot_flywheel__pb2.EraseReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,7 +34,7 @@ from flywheel.proxy.quotas import Quotas
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
 from flywheel.proxy.rollout import Rollout
-from flywheel.proxy.routes import adapters, episodes, grading, learner, sql, ui
+from flywheel.proxy.routes import adapters, episodes, erasure, grading, learner, sql, ui
 from flywheel.proxy.routes.completions import completion_handler, stored_response_handler
 from flywheel.proxy.routes.passthrough import FORWARDED, forward_handler, model_handler, models_handler
 from flywheel.proxy.sampling import checked_defaults
@@ -140,6 +140,8 @@ def _routes():
     yield "GET", "/v1/episodes/{episode}", episodes.get_episode, Access.CLIENT
     yield "POST", "/v1/episodes/{episode}/feedback", episodes.post_feedback, Access.CLIENT
     yield "POST", "/v1/episodes/{episode}/close", episodes.close_episode, Access.CLIENT
+    yield "DELETE", "/v1/episodes/{episode}", erasure.erase_episode, Access.ADMIN
+    yield "POST", "/v1/erase", erasure.erase_matching, Access.ADMIN
     yield "POST", "/v1/sql", sql.run_sql, Access.ADMIN
     yield "GET", "/v1/adapters", adapters.list_adapters, Access.ADMIN
     yield "POST", "/v1/adapters", adapters.register_adapter, Access.ADMIN

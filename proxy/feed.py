@@ -147,3 +147,8 @@ class Feed:
 
     async def status(self) -> pb.LearnerStatus:
         return await self.stub.Status(pb.StatusRequest(), timeout=10, metadata=self.metadata)
+
+    async def erase(self, episode_ids: list[str]) -> int:
+        """Have the learner drop these episodes from its buffer, on disk too; how many it held."""
+        reply = await self.stub.Erase(pb.EraseRequest(episode_ids=episode_ids), timeout=30, metadata=self.metadata)
+        return reply.erased

@@ -13,6 +13,8 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 _NAME = {"type": "string", "minLength": 1, "maxLength": 256}
 _NUMBER = {"type": "number"}
 _OBJECT = {"type": "object"}
+_ERASED = {"type": "object", "properties": {name: {"type": "integer"} for name in (
+    "episodes", "calls", "feedback", "passthrough", "learner_episodes")}}
 
 
 def _json(schema: dict) -> dict:
@@ -79,8 +81,15 @@ SPEC = {
                 "model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer"}}}})},
         "/v1/episodes": {"post": _operation("open an episode", 201, _OBJECT, {
             "type": "object", "properties": {"agent": _NAME, "task": _NAME, "metadata": _OBJECT}})},
-        "/v1/episodes/{episode}": {"get": _operation("an episode with its calls and feedback", 200, _OBJECT,
-                                                     params=("episode",))},
+        "/v1/episodes/{episode}": {
+            "get": _operation("an episode with its calls and feedback", 200, _OBJECT, params=("episode",)),
+            "delete": _operation("erase an episode: its calls, feedback and the learner's copy (audited)", 200,
+                                 _ERASED, params=("episode",), admin=True)},
+        "/v1/erase": {"post": _operation("erase every episode whose metadata has these values (audited)", 200,
+                                         _ERASED, {"type": "object", "required": ["metadata"], "properties": {
+                                             "metadata": {"type": "object", "minProperties": 1,
+                                                          "additionalProperties": {"oneOf": [
+                                                              {"type": "string"}, _NUMBER]}}}}, admin=True)},
         "/v1/episodes/{episode}/feedback": {"post": _operation(
             "post an outcome (a reward, or infra_error: true for a failure outside the model)", 200, _OBJECT, {
             "type": "object", "anyOf": [{"required": ["reward"]}, {"required": ["infra_error"]}], "properties": {

@@ -22,7 +22,10 @@ import orjson
 
 from flywheel.store.records import (
     AdapterRow,
+    AuditEntry,
     CallRecord,
+    Erase,
+    Erased,
     EpisodeClose,
     EpisodeOpen,
     EpisodeQuarantined,
@@ -39,7 +42,17 @@ from flywheel.store.records import (
     UnknownCall,
     UnknownEpisode,
 )
-from flywheel.store.schema import ADAPTERS, CALLS, EPISODES, IS_EVAL_EPISODE, PASSTHROUGH, TRAIN_RUNS, Dialect, Table
+from flywheel.store.schema import (
+    ADAPTERS,
+    AUDIT_LOG,
+    CALLS,
+    EPISODES,
+    IS_EVAL_EPISODE,
+    PASSTHROUGH,
+    TRAIN_RUNS,
+    Dialect,
+    Table,
+)
 
 log = logging.getLogger("flywheel.store")
 
@@ -194,6 +207,11 @@ class StoreBase(ABC):
                 self._execute("UPDATE episodes SET pushed_at = ? WHERE episode_id IN (SELECT unnest(?::VARCHAR[]))",
                               [op.pushed_at, list(op.episode_ids)])
                 results.append(None)
+            elif isinstance(op, Erase):
+                results.append(self._erase(op))
+            elif isinstance(op, AuditEntry):
+                self._insert_rows(AUDIT_LOG, [asdict(op)])
+                results.append(None)
             elif isinstance(op, (TrainRun, PassthroughRecord)):  # a retried batch writes them once
                 self._insert_rows(TRAIN_RUNS if isinstance(op, TrainRun) else PASSTHROUGH, [asdict(op)],
                                   "ON CONFLICT DO NOTHING")
@@ -263,6 +281,15 @@ class StoreBase(ABC):
         if reasons:
             self._executemany("UPDATE episodes SET infra_error = ? WHERE episode_id = ? AND infra_error IS NULL",
                               reasons)
+
+    def _erase(self, op: Erase) -> Erased:
+        """Delete the episodes and every row that names them; the audit row says how many."""
+        ids = [list(op.episode_ids)]
+        counts = [len(self._execute(f"DELETE FROM {table} WHERE episode_id IN (SELECT unnest(?::VARCHAR[])) "
+                                    "RETURNING 1", ids)) for table in ("episodes", "calls", "feedback", "passthrough")]
+        erased = Erased(*counts)
+        self._insert_rows(AUDIT_LOG, [dict(asdict(op.audit), row_count=erased.rows)])
+        return erased
 
     def _infra_error(self, op: InfraError) -> None | Exception:
         try:
@@ -470,6 +497,13 @@ class StoreBase(ABC):
         """When the registry last changed (None: it is empty): cheap enough to poll every half
         second, so a proxy reloads `adapter_rows` only when another one changed it."""
         return self._dicts("SELECT max(updated_at) AS changed FROM adapters", [])[0]["changed"]
+
+    def episodes_with_metadata(self, metadata: dict[str, str], timeout_s: float = 60.0) -> list[str]:
+        """Ids of the episodes whose metadata has every one of these keys with these values (as text)."""
+        where = " AND ".join("metadata->>? = ?" for _ in metadata)
+        params = [part for key, value in metadata.items() for part in (key, value)]
+        return [r["episode_id"] for r in self._dicts(f"SELECT episode_id FROM episodes WHERE {where} "
+                                                     "ORDER BY episode_id", params, timeout_s)]
 
     def episode(self, episode_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
         """The episode row with its calls (in seq order) and feedback, values JSON-ready."""

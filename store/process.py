@@ -275,6 +275,7 @@ class StoreProcess:
     episodes_to_push = _InChild()
     episodes_to_grade = _InChild()
     episodes_with_calls = _InChild()
+    episodes_with_metadata = _InChild()
     shadow_origin = _InChild()
     version_rewards = _InChild()
     adapter_rows = _InChild()

@@ -194,6 +194,39 @@ class FeedbackResult:
     episode_reward: float | None
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    """An admin action, as `audit_log` keeps it: who, when, what, how many rows; never content."""
+
+    logged_at: datetime
+    key_id: str | None  # the caller's key: the first 12 hex digits of its SHA-256 (None: no keys configured)
+    action: str
+    target: str | None = None
+    row_count: int | None = None
+    detail: str | None = None  # JSON text: the action's parameters
+
+
+@dataclass(frozen=True)
+class Erase:
+    """Remove these episodes, their calls, feedback and pass-through rows; `audit` is written in
+    the same transaction, with the number of rows removed."""
+
+    episode_ids: tuple[str, ...]
+    audit: AuditEntry
+
+
+@dataclass(frozen=True)
+class Erased:
+    episodes: int
+    calls: int
+    feedback: int
+    passthrough: int
+
+    @property
+    def rows(self) -> int:
+        return self.episodes + self.calls + self.feedback + self.passthrough
+
+
 class UnknownEpisode(LookupError):
     pass
 
@@ -224,4 +257,4 @@ def approx_bytes(op: object) -> int:
 
 
 StoreOp = (EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined
-           | TrainRun | PassthroughRecord | GradeFailed | InfraError)
+           | TrainRun | PassthroughRecord | GradeFailed | InfraError | AuditEntry | Erase)

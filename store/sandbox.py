@@ -93,7 +93,8 @@ Fetch = Callable[[Keep], tuple[list[str], list[str], bool]]
 def json_reply(fetch: Fetch, max_rows: int, max_bytes: int) -> bytes:
     """POST /v1/sql's JSON reply to the rows `fetch` hands over (JSON-ready values).
 
-    Rows stop at `max_rows` or once their encoding passes `max_bytes`; either sets "truncated".
+    Rows stop at `max_rows` or once their encoding passes `max_bytes`; either sets "truncated";
+    "row_count" says how many were sent.
     """
     encoded: list[bytes] = []
     size = 0
@@ -113,8 +114,16 @@ def json_reply(fetch: Fetch, max_rows: int, max_bytes: int) -> bytes:
         return True
 
     columns, types, truncated = fetch(keep)
-    head = orjson.dumps({"columns": columns, "types": types, "truncated": truncated})
-    return head[:-1] + b',"rows":[' + b",".join(encoded) + b"]}"
+    head = orjson.dumps({"columns": columns, "types": types, "truncated": truncated, "row_count": len(encoded)})
+    return head[:-1] + _ROWS + b",".join(encoded) + b"]}"
+
+
+_ROWS = b',"rows":['  # its first occurrence ends json_reply's head: inside a JSON string a quote is escaped
+
+
+def reply_row_count(reply: bytes) -> int:
+    """The row count of a `json_reply`, read from its head alone (the rows may be megabytes)."""
+    return orjson.loads(reply[:reply.index(_ROWS)] + b"}")["row_count"]
 
 
 def collect(fetch: Fetch, max_rows: int) -> dict[str, Any]:

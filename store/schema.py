@@ -290,6 +290,21 @@ TRAIN_RUNS = Table(
     proto_message="UpdateMetrics",
 )
 
+AUDIT_LOG = Table(
+    "audit_log",
+    (
+        Column("logged_at", "TIMESTAMPTZ", "when the action was taken"),
+        Column("key_id", "VARCHAR", "the caller's key: the first 12 hex digits of its SHA-256 (NULL: no keys "
+               "configured)"),
+        Column("action", "VARCHAR", "erase | sql | adapter_register | adapter_promote | adapter_reject | "
+               "adapter_rollback | train"),
+        Column("target", "VARCHAR", "what it acted on: an episode id, an agent, an adapter version"),
+        Column("row_count", "BIGINT", "rows the query returned (sql) or the erasure removed"),
+        Column("detail", "JSON", "the action's parameters (sql: the query's text), never stored content"),
+    ),
+    indexes=(Index(("logged_at",)),),
+)
+
 META = Table(
     "flywheel_meta",
     (
@@ -298,7 +313,7 @@ META = Table(
     ),
 )
 
-TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS, PASSTHROUGH)
+TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS, PASSTHROUGH, AUDIT_LOG)
 
 # SQL true for an evaluation episode (alias `e`), in both databases: metadata {"eval": true}. The
 # proxy never pushes these to the learner; `flywheel report` scores versions on them. It spells

@@ -118,11 +118,11 @@ async def test_episodes_that_may_not_be_trained_on_never_reach_the_learner(start
     server = await start_learner(LearnerConfig(listen=address, state_dir=str(state)), "unused")
     proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=0.05,
                               agents=(AgentRule(match="private", train=False),))
-    hidden = marker()
-    await call(proxy, "a", "ep-train")
-    await call(proxy, f"b {hidden}", "ep-header")
-    await call(proxy, f"c {hidden}", "ep-header", **{"X-Flywheel-Train": "false"})  # one call is enough
-    await call(proxy, f"d {hidden}", "ep-agent", agent="private")
+    hidden, trained = marker(), marker()  # as task ids: what of an episode's text reaches the learner
+    await call(proxy, "a", "ep-train", **{"X-Flywheel-Task": trained})
+    await call(proxy, "b", "ep-header", **{"X-Flywheel-Task": hidden})
+    await call(proxy, "c", "ep-header", **{"X-Flywheel-Train": "false"})  # one call is enough
+    await call(proxy, "d", "ep-agent", agent="private", **{"X-Flywheel-Task": hidden})
     for episode in ("ep-train", "ep-header", "ep-agent"):
         await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 1.0})
         await api(proxy, "POST", f"/v1/episodes/{episode}/close")
@@ -137,4 +137,4 @@ async def test_episodes_that_may_not_be_trained_on_never_reach_the_learner(start
                     {"episode_id": "ep-header", "train": False, "pushed": False},
                     {"episode_id": "ep-train", "train": True, "pushed": True}]
     assert sorted(server.learner.buffer.pending) == ["ep-train"]
-    assert hidden.encode() not in bytes_under(state)
+    assert trained.encode() in bytes_under(state) and hidden.encode() not in bytes_under(state)

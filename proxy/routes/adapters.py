@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from flywheel.proxy.attribution import new_id
+from flywheel.proxy.audit import audit
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.registry import row_json
 from flywheel.proxy.state import STATE
@@ -40,6 +41,8 @@ async def register_adapter(request: web.Request) -> web.Response:
     # shielded: a client that hangs up mid-registration leaves the registry whole, not half-changed
     version = await asyncio.shield(state.registry.register(agent, path, base_model, canary))
     state.metrics.adapter_swaps.labels(agent, "candidate" if canary else "register").inc()
+    await audit(request, "adapter_register", version.row.served_name,
+                detail={"agent": agent, "path": path, "canary": canary})
     if train_run is not None:
         await state.writer.submit(train_run_record(train_run, version.row, new_id("run"), datetime.now(timezone.utc)))
     return web.json_response(row_json(version.row), status=201)
@@ -50,6 +53,7 @@ async def rollback_adapter(request: web.Request) -> web.Response:
     state = request.app[STATE]
     target = await asyncio.shield(state.registry.rollback(agent, await _reason(request, "rolled back by hand")))
     state.metrics.adapter_swaps.labels(agent, "rollback").inc()
+    await audit(request, "adapter_rollback", agent, detail={"current": target.served_name if target else None})
     return web.json_response({"agent": agent, "current": target.served_name if target else None})
 
 
@@ -64,6 +68,7 @@ def decide_candidate(action: str):
         registry_change = state.registry.promote if action == "promote" else state.registry.reject
         version = await asyncio.shield(registry_change(agent, await _reason(request, f"{done} by hand")))
         state.metrics.adapter_swaps.labels(agent, action).inc()
+        await audit(request, f"adapter_{action}", version.row.served_name, detail={"agent": agent})
         return web.json_response(row_json(version.row))
 
     return decide

@@ -12,6 +12,7 @@ from aiohttp import web
 from google.protobuf.json_format import MessageToDict
 
 from flywheel.proxy.attribution import new_id
+from flywheel.proxy.audit import audit
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.feed import Feed
 from flywheel.proxy.state import STATE
@@ -38,6 +39,7 @@ async def train(request: web.Request) -> web.StreamResponse:
     feed = _feed(request)
     body = await read_json_object(request) if await request.read() else {}  # an empty body: defaults
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await audit(request, "train", detail={"wait": bool(body.get("wait")), "force": bool(body.get("force"))})
     try:
         await feed.push_ready()  # everything ready goes into this update
         events = feed.train(wait=bool(body.get("wait")), force=bool(body.get("force")))

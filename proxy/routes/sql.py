@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from flywheel.proxy.audit import audit
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.state import STATE
-from flywheel.store.sandbox import QueryError, ReadOnlyViolation
+from flywheel.store.sandbox import QueryError, ReadOnlyViolation, reply_row_count
 from flywheel.store.writer import ReadersBusy
 
 
@@ -38,4 +39,5 @@ async def run_sql(request: web.Request) -> web.Response:
     except ReadersBusy as busy:
         state.metrics.sql_refused.labels("busy").inc()
         raise ApiError(429, f"too many SQL queries running: {busy}; retry later", "sql_busy") from None
+    await audit(request, "sql", row_count=reply_row_count(reply), detail={"query": query})
     return web.Response(body=reply, content_type="application/json")

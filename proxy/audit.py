@@ -1,0 +1,32 @@
+"""The audit trail: each admin action as an `audit_log` row (who, when, what, how many rows).
+
+Written for erasures (in the erasure's own transaction), SQL queries (their text, the caller's
+key id and the row count), adapter registrations, promotions, rejections and rollbacks, and
+train triggers. `flywheel status --audit` shows the latest. Never stored content: the key is
+named by the first 12 hex digits of its SHA-256 (`auth.Grant.key_id`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from aiohttp import web
+
+from flywheel.proxy.auth import GRANT
+from flywheel.proxy.state import STATE
+from flywheel.store.records import AuditEntry
+
+
+def audit_entry(request: web.Request, action: str, target: str | None = None, row_count: int | None = None,
+                detail: dict | None = None) -> AuditEntry:
+    """An `audit_log` row for an admin action taken by this request's caller."""
+    grant = request.get(GRANT)
+    return AuditEntry(logged_at=datetime.now(timezone.utc), key_id=grant.key_id if grant else None, action=action,
+                      target=target, row_count=row_count, detail=json.dumps(detail) if detail is not None else None)
+
+
+async def audit(request: web.Request, action: str, target: str | None = None, row_count: int | None = None,
+                detail: dict | None = None) -> None:
+    """Queue the row (committed with the writer's next batch, as calls are)."""
+    await request.app[STATE].writer.put(audit_entry(request, action, target, row_count, detail))

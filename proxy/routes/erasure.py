@@ -1,0 +1,61 @@
+"""`DELETE /v1/episodes/{id}` and `POST /v1/erase`: erasure requests (admin key).
+
+`POST /v1/erase {"metadata": {"user": "u-17"}}` erases every episode whose metadata (as given
+to `POST /v1/episodes`) has all those keys with those values. The learner drops the episodes
+from its buffer first, then the store deletes the episodes with their calls, feedback and
+pass-through rows and writes an `audit_log` row (who, when, how many rows, never content) in
+the same transaction, then the learner is asked again, for an episode pushed in between. If
+the learner cannot be reached nothing is erased (a 503; the request may be repeated).
+Adapters already trained on the data keep what they learned.
+"""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+
+from flywheel.proxy.audit import audit_entry
+from flywheel.proxy.errors import ApiError, read_json_object
+from flywheel.proxy.state import STATE, ProxyState
+from flywheel.store.records import Erase
+
+
+async def erase_episode(request: web.Request) -> web.Response:
+    episode_id = request.match_info["episode"]
+    return await _erase(request, [episode_id], episode_id, {"episode_id": episode_id})
+
+
+async def erase_matching(request: web.Request) -> web.Response:
+    metadata = (await read_json_object(request)).get("metadata")
+    if not isinstance(metadata, dict) or not metadata or not all(map(_is_text_or_number, metadata.values())):
+        raise ApiError(400, "'metadata' must be a non-empty object of strings or numbers, e.g. "
+                            '{"metadata": {"user": "u-17"}}', "invalid_field")
+    state = request.app[STATE]
+    wanted = {str(key): str(value) for key, value in metadata.items()}
+    ids = await state.writer.read(state.writer.store.episodes_with_metadata, wanted)
+    return await _erase(request, ids, None, {"metadata": wanted})
+
+
+def _is_text_or_number(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+async def _erase(request: web.Request, episode_ids: list[str], target: str | None, detail: dict) -> web.Response:
+    state = request.app[STATE]
+    state.require_writable_store()
+    learner = await _erase_at_learner(state, episode_ids)
+    erased = await state.writer.submit(Erase(tuple(episode_ids), audit_entry(request, "erase", target,
+                                                                              detail={**detail, "episodes": len(episode_ids)})))
+    learner = max(learner, await _erase_at_learner(state, episode_ids))
+    return web.json_response({"episodes": erased.episodes, "calls": erased.calls, "feedback": erased.feedback,
+                              "passthrough": erased.passthrough, "learner_episodes": learner})
+
+
+async def _erase_at_learner(state: ProxyState, episode_ids: list[str]) -> int:
+    if state.feed is None or not episode_ids:
+        return 0
+    try:
+        return await state.feed.erase(episode_ids)
+    except grpc.aio.AioRpcError as failure:
+        raise ApiError(503, f"the learner at {state.feed.target} cannot be reached to erase its copy "
+                            f"({failure.details()}); nothing was erased, retry", "learner_unreachable") from None
