@@ -33,6 +33,7 @@ from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.quotas import Quotas
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
+from flywheel.proxy.retention import Retention
 from flywheel.proxy.rollout import Rollout
 from flywheel.proxy.routes import adapters, episodes, erasure, grading, learner, sql, ui
 from flywheel.proxy.routes.completions import completion_handler, stored_response_handler
@@ -99,8 +100,8 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig(),
     for method, path, handler, needs in _routes():
         access[app.router.add_route(method, path, handler)] = needs
     app[ROUTE_ACCESS] = access
-    app.cleanup_ctx.extend([_writer, _upstream, _registry, _rollout, _shadows, _grader, _feed, _tracer,
-                            _state])
+    app.cleanup_ctx.extend([_writer, _upstream, _registry, _rollout, _shadows, _grader, _feed, _retention,
+                            _tracer, _state])
     return app
 
 
@@ -254,6 +255,17 @@ async def _shadows(app: web.Application) -> AsyncIterator[None]:
     sampling = asyncio.get_running_loop().create_task(sampler.run())
     yield
     await _cancel(sampling)
+
+
+async def _retention(app: web.Application) -> AsyncIterator[None]:
+    """Old episodes and old content removed in the background, when retention is configured."""
+    retention = Retention(app[CONFIG], app[WRITER], app.get(FEED))
+    if not retention.enabled:
+        yield
+        return
+    pruning = asyncio.get_running_loop().create_task(_leading(app[WRITER], "retention", retention.run))
+    yield
+    await _cancel(pruning)
 
 
 async def _grader(app: web.Application) -> AsyncIterator[None]:

@@ -114,6 +114,14 @@ class ProxyConfig:
     # generation config's values here, so that what is recorded is what was sampled.
     # Fields: temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # days an episode is kept (then deleted with its calls and feedback, from the learner's buffer
+    # too); 0 = forever
+    retention_days: float = 0.0
+    # days a call's content (messages, completion, token ids, logprobs, error text) is kept; then
+    # only its metadata stays and its episode is no longer trained on; 0 = as long as the episode
+    content_retention_days: float = 0.0
+    # seconds between looks for what retention has to remove
+    retention_check_s: float = 3600.0
     # largest episode message the feed sends (and the learner accepts), bytes; a larger one is quarantined
     max_message_bytes: int = 64 * 1024 * 1024
     # OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces) for one GenAI span per LLM call;

@@ -26,6 +26,7 @@ from flywheel.store.records import (
     CallRecord,
     Erase,
     Erased,
+    StripContent,
     EpisodeClose,
     EpisodeOpen,
     EpisodeQuarantined,
@@ -209,6 +210,8 @@ class StoreBase(ABC):
                 results.append(None)
             elif isinstance(op, Erase):
                 results.append(self._erase(op))
+            elif isinstance(op, StripContent):
+                results.append(self._strip_content(op))
             elif isinstance(op, AuditEntry):
                 self._insert_rows(AUDIT_LOG, [asdict(op)])
                 results.append(None)
@@ -290,6 +293,18 @@ class StoreBase(ABC):
         erased = Erased(*counts)
         self._insert_rows(AUDIT_LOG, [dict(asdict(op.audit), row_count=erased.rows)])
         return erased
+
+    def _strip_content(self, op: StripContent) -> int:
+        """Content retention on these episodes' calls older than `op.before`; how many calls."""
+        ids = list(op.episode_ids)
+        stripped = len(self._execute(
+            "UPDATE calls SET request = NULL, response = NULL, prompt_token_ids = NULL, completion_token_ids = NULL, "
+            "completion_logprobs = NULL, error = CASE WHEN error IS NULL THEN NULL ELSE '(withheld: metadata only)' "
+            "END, stored = 'metadata' WHERE episode_id IN (SELECT unnest(?::VARCHAR[])) AND created_at < ? "
+            "AND stored = 'full' RETURNING 1", [ids, op.before]))
+        self._execute("UPDATE episodes SET train = false WHERE episode_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+        self._insert_rows(AUDIT_LOG, [dict(asdict(op.audit), row_count=stripped)])
+        return stripped
 
     def _infra_error(self, op: InfraError) -> None | Exception:
         try:
@@ -497,6 +512,18 @@ class StoreBase(ABC):
         """When the registry last changed (None: it is empty): cheap enough to poll every half
         second, so a proxy reloads `adapter_rows` only when another one changed it."""
         return self._dicts("SELECT max(updated_at) AS changed FROM adapters", [])[0]["changed"]
+
+    def expired_episodes(self, before: datetime, limit: int, timeout_s: float = 60.0) -> list[str]:
+        """Up to `limit` ids of episodes created before `before` (retention), oldest first."""
+        return [r["episode_id"] for r in self._dicts(
+            "SELECT episode_id FROM episodes WHERE created_at < ? ORDER BY created_at LIMIT ?", [before, limit],
+            timeout_s)]
+
+    def episodes_with_old_content(self, before: datetime, limit: int, timeout_s: float = 60.0) -> list[str]:
+        """Up to `limit` ids of episodes with a call made before `before` whose content is still stored."""
+        return [r["episode_id"] for r in self._dicts(
+            "SELECT DISTINCT episode_id FROM calls WHERE created_at < ? AND stored = 'full' ORDER BY episode_id "
+            "LIMIT ?", [before, limit], timeout_s)]
 
     def episodes_with_metadata(self, metadata: dict[str, str], timeout_s: float = 60.0) -> list[str]:
         """Ids of the episodes whose metadata has every one of these keys with these values (as text)."""

@@ -276,6 +276,8 @@ class StoreProcess:
     episodes_to_grade = _InChild()
     episodes_with_calls = _InChild()
     episodes_with_metadata = _InChild()
+    expired_episodes = _InChild()
+    episodes_with_old_content = _InChild()
     shadow_origin = _InChild()
     version_rewards = _InChild()
     adapter_rows = _InChild()

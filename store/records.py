@@ -216,6 +216,17 @@ class Erase:
 
 
 @dataclass(frozen=True)
+class StripContent:
+    """Content retention: the calls of these episodes made before `before` keep their metadata and
+    lose their content (as if stored under the `metadata` policy); the episodes are no longer
+    trainable. `audit` is written with the number of calls stripped."""
+
+    episode_ids: tuple[str, ...]
+    before: datetime
+    audit: AuditEntry
+
+
+@dataclass(frozen=True)
 class Erased:
     episodes: int
     calls: int
@@ -257,4 +268,4 @@ def approx_bytes(op: object) -> int:
 
 
 StoreOp = (EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined
-           | TrainRun | PassthroughRecord | GradeFailed | InfraError | AuditEntry | Erase)
+           | TrainRun | PassthroughRecord | GradeFailed | InfraError | AuditEntry | Erase | StripContent)
