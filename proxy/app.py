@@ -31,6 +31,7 @@ from flywheel.proxy.judge import JudgeScorer
 from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.quotas import Quotas
+from flywheel.proxy.redaction import detectors
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
 from flywheel.proxy.retention import Retention
@@ -81,6 +82,7 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig(),
     if grader.kind == "judge" and not (grader.judge_model or config.base_model):
         raise ValueError("[grader] kind = \"judge\" needs judge_model, or [proxy] base_model (flywheel up sets it)")
     _check_shadows(grader)
+    detectors(config.redact)  # UnknownDetector (a ValueError) for a name or regex it cannot use
     promotion.check()
     if config.otel_endpoint:
         try:
@@ -309,7 +311,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM],
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
                             tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS),
-                            rollout=app[ROLLOUT], quotas=Quotas())
+                            rollout=app[ROLLOUT], quotas=Quotas(), detectors=detectors(config.redact))
     log.info("proxy up: upstream %s, store %s, learner %s", ", ".join(config.upstream), shown(config.db), config.learner or "none")
     if not (config.client_keys or config.every_admin_key):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,

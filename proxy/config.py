@@ -114,6 +114,13 @@ class ProxyConfig:
     # generation config's values here, so that what is recorded is what was sampled.
     # Fields: temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # detectors whose matches in a request's messages are replaced by placeholders (<EMAIL_1>) before
+    # the model sees them, and so never stored or trained on: email, card (Luhn-checked), ipv4,
+    # phone, regex:PATTERN (flywheel.proxy.redaction)
+    redact: tuple[str, ...] = ()
+    # put the originals back into the client's response where the model repeated a placeholder
+    # (the store keeps the placeholders)
+    redact_restore: bool = False
     # days an episode is kept (then deleted with its calls and feedback, from the learner's buffer
     # too); 0 = forever
     retention_days: float = 0.0

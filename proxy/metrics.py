@@ -46,6 +46,8 @@ class Metrics:
                                   "the upstream, by agent", ["agent"], buckets=_OVERHEAD_S, registry=r)
         self.over_limit = Counter("flywheel_over_limit", "LLM calls refused with a 429 by a key's or an agent's "
                                   "limit, by agent and limit (rpm, tpm, max_concurrent)", ["agent", "limit"], registry=r)
+        self.redactions = Counter("flywheel_redactions", "matches replaced by placeholders before forwarding, by "
+                                  "detector", ["detector"], registry=r)
         self.sql_refused = Counter("flywheel_sql_refused", "SQL queries refused or failed, by reason",
                                    ["reason"], registry=r)
 

@@ -54,6 +54,7 @@ class CallRecord:
     choices: int = 1  # n: only choice 0's tokens are recorded
     shadow_of: str | None = None  # a shadow sample: the call it resamples (proxy/shadow.py)
     seq: int | None = None  # a shadow sample's: its original's
+    redactions: str | None = None  # JSON text {detector: matches replaced}; None: none
     stored: str = "full"  # full, or metadata: the content fields above are None (flywheel.proxy.policy)
     train: bool = True  # False: its episode is never trained on (episodes.train, like task_id the episode's)
 

@@ -192,6 +192,8 @@ CALLS = Table(
                backfill="coalesce(TRY_CAST(request->>'n' AS INTEGER), 1)"),
         Column("shadow_of", "VARCHAR", "a shadow sample of this call (same prompt tokens and adapter, never shown "
                "to a client; request is the original's); NULL for a client's call", proto=True),
+        Column("redactions", "JSON", "matches replaced by placeholders before forwarding, per detector "
+               "({\"email\": 2}); NULL: none"),
         Column("stored", "VARCHAR", "what its policy let the store keep: full, or metadata (request, response, "
                "token ids, logprobs and error text are NULL)", backfill="'full'"),
     ),

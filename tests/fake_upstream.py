@@ -59,7 +59,11 @@ def _invalid(body: dict, chat: bool) -> str | None:
 
 
 def _tokens(body: dict, choice: int = 0) -> list[tuple[int, str, float]]:
-    """Choice k of n: k tokens fewer, ids 100 * k higher (so the choices differ)."""
+    """Choice k of n: k tokens fewer, ids 100 * k higher (so the choices differ). With "fake_echo":
+    true, the last message's words instead, one token each."""
+    if body.get("fake_echo") and body.get("messages"):
+        words = str(body["messages"][-1].get("content")).split(" ")
+        return [(1000 + i, word if i == 0 else f" {word}", -0.125) for i, word in enumerate(words)]
     n = min(body.get("max_tokens") or body.get("max_completion_tokens") or 4, 64)  # a model's length limit
     return [(1000 + 100 * choice + i, f" w{i}", -0.125 * (i + 1)) for i in range(max(1, n - choice))]
 

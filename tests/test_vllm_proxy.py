@@ -156,3 +156,15 @@ async def test_shadow_samples_come_from_the_serving_adapter_with_their_tokens_af
     client_done = max(at(c) + c["latency_ms"] / 1000 for c in calls.values())
     first_shadow = min(at(s) - s["latency_ms"] / 1000 for s in shadows)
     assert first_shadow >= client_done - 0.05  # held back while the clients' calls were upstream
+
+
+async def test_redacted_prompts_are_what_vllm_tokenized_and_what_is_stored(start_proxy, vllm, tokenizer):
+    proxy = await start_proxy(upstream=vllm.url, base_model="smollm2", redact=("email",))
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    await client.chat.completions.create(model="smollm2", max_tokens=4, messages=[
+        {"role": "user", "content": "Reply to jane.doe@corp.example about the invoice."}])
+    [row] = await proxy.rows("SELECT prompt_token_ids, request, redactions FROM calls")
+    prompt = tokenizer.decode(row["prompt_token_ids"])
+    assert "Reply to <EMAIL_1> about the invoice." in prompt and "jane.doe" not in prompt
+    assert row["request"]["messages"][0]["content"] == "Reply to <EMAIL_1> about the invoice."
+    assert row["redactions"] == {"email": 1}

@@ -19,6 +19,7 @@ from flywheel.proxy.capture import CHAT, Capture, Wants, strip_unrequested, upst
 from flywheel.proxy.errors import MAX_ERROR_CHARS, ApiError, error_body, error_response, read_json_object
 from flywheel.proxy.policy import STORE_HEADER, TRAIN_HEADER, CallPolicy, covering, kept, narrowest, requested
 from flywheel.proxy.quotas import OverLimit, Ticket, limited
+from flywheel.proxy.redaction import Redaction
 from flywheel.proxy.registry import Version
 from flywheel.proxy.responses import RESPONSES, ResponseEvents, chat_request, response_object
 from flywheel.proxy.sampling import Sampling, resolve
@@ -45,6 +46,7 @@ class _Call:
     events: ResponseEvents | None  # a Responses call: what turns the chat answer into the client's format
     trace_parent: Any  # the caller's trace context, when spans are on
     policy: CallPolicy  # what the store keeps of it, and whether it may be trained on
+    redaction: Redaction | None  # the placeholders its request got, when redaction is on
     ttft_ms: float | None = None
     upstream_s: float = 0.0  # time spent waiting for the upstream's answer to begin
     upstream: UpstreamResponse | None = None  # its answer, which counts the time spent waiting for its body
@@ -53,6 +55,12 @@ class _Call:
     stream_response: web.StreamResponse | None = None  # once an SSE response to the client has begun
     forward: dict = field(default_factory=dict)  # the body sent upstream
     version: Version | None = None  # the adapter version it was routed to (None: the base model)
+
+    def for_client(self, raw: bytes) -> bytes:
+        """Response bytes as the client gets them: with the originals back, under redact_restore."""
+        if self.redaction is not None and self.redaction.originals and self.state.config.redact_restore:
+            return self.redaction.restore(raw)
+        return raw
 
     def overhead_s(self) -> float:
         """Time in Flywheel so far: all of it but the waits on the upstream."""
@@ -99,6 +107,7 @@ class _Call:
             status=status,
             error=error,
             task_id=self.who.task_id,
+            redactions=orjson.dumps(self.redaction.counts).decode() if self.redaction and self.redaction.counts else None,
             **asdict(self.sampling),
         )
         record = kept(record, self.policy)
@@ -119,6 +128,8 @@ class _Call:
         metrics, agent, cap = self.state.metrics, self.who.agent, self.capture
         metrics.calls.labels(agent, str(status)).inc()
         metrics.overhead.labels(agent).observe(self.overhead_s())
+        for detector, count in (self.redaction.counts.items() if self.redaction else ()):
+            metrics.redactions.labels(detector).inc(count)
         if self.ttft_ms is not None:
             metrics.ttft.labels(agent).observe(self.ttft_ms / 1000)
         for kind, count in (("prompt", cap.prompt_tokens()), ("completion", cap.completion_tokens())):
@@ -139,10 +150,13 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     created_at = datetime.now(timezone.utc)
     body = await read_json_object(request)
     who = attribute(request.match_info, request.headers, body, state.config.default_agent)
+    redaction = Redaction(state.detectors) if state.detectors else None
+    if redaction is not None:  # before anything is recorded or forwarded: the model sees placeholders only
+        redaction.body(body)
     grant = request.get(GRANT)
     rules = covering(grant.rule if grant else None, state.config.agents, who.agent)
     policy = narrowest([*rules, requested(request.headers)])
-    request_json = orjson.dumps(body).decode()  # as the client sent it: before defaults are filled in
+    request_json = orjson.dumps(body).decode()  # as the client sent it (redacted): before defaults are filled in
     events = ResponseEvents(body) if endpoint == RESPONSES else None
     upstream_endpoint = CHAT if events else endpoint
     forward, wants = upstream_body(chat_request(body) if events else body, upstream_endpoint)
@@ -152,6 +166,7 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
         stream=bool(body.get("stream")), capture=Capture(upstream_endpoint),
         sampling=resolve(forward, state.config.sampling_defaults), events=events,
         trace_parent=state.tracer.parent(request.headers) if state.tracer is not None else None, policy=policy,
+        redaction=redaction,
     )
     headers = state.config.upstream_headers()
     if state.config.serve_model:
@@ -245,7 +260,7 @@ async def _relay_whole(request: web.Request, call: _Call, upstream: UpstreamResp
     else:  # relayed as it came; nothing in it to capture
         content_type, error = upstream.content_type, "upstream answered 200 with a body that is not a JSON object"
     await call.record(200, error)
-    return web.Response(body=raw, content_type=content_type, headers=call.ids())
+    return web.Response(body=call.for_client(raw), content_type=content_type, headers=call.ids())
 
 
 async def _relay_stream(request: web.Request, call: _Call, upstream: UpstreamResponse,
@@ -295,7 +310,7 @@ async def _relay_lines(response: web.StreamResponse, call: _Call, lines: list[by
 
 def _joined(call: _Call, out: list[bytes]) -> bytes:
     """Relayed SSE lines back together; Responses events come whole, with their own framing."""
-    return b"".join(out) if call.events else b"\n".join(out) + b"\n"
+    return call.for_client(b"".join(out) if call.events else b"\n".join(out) + b"\n")
 
 
 def _stream_error(call: _Call, body: dict) -> bytes:
