@@ -11,14 +11,16 @@ cannot use up another's share). A call is admitted only if every rule that cover
 
 Refused, it gets a 429 in OpenAI's shape with `Retry-After`: the seconds until the oldest
 count leaves the window (1 for max_concurrent). Counters live in this process: each proxy
-counts its own calls, also where several share one PostgreSQL store.
+counts its own calls, also where several share one PostgreSQL store. Shadow samples never pass
+here, and calls in an evaluation episode opened through this proxy (`POST /v1/episodes` with
+metadata `{"eval": true}`) count against nothing.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,6 +29,7 @@ from flywheel.proxy.policy import KeyRule, Rule
 
 WINDOW_S = 60.0
 _MAX_IDLE_SUBJECTS = 10_000  # counters of subjects with nothing in their windows, kept before a sweep
+_MAX_EXEMPT = 100_000
 
 
 @dataclass
@@ -66,6 +69,17 @@ class Quotas:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._subjects: dict[tuple[int, str], _Counters] = {}
+        self._exempt: OrderedDict[str, None] = OrderedDict()  # held-out evaluation episodes, newest last
+
+    def exempt(self, episode_id: str) -> None:
+        """Calls in this episode count against no limit: it was opened as a held-out evaluation
+        (metadata eval true) through this proxy. The newest `_MAX_EXEMPT` are remembered."""
+        self._exempt[episode_id] = None
+        if len(self._exempt) > _MAX_EXEMPT:
+            self._exempt.popitem(last=False)
+
+    def is_exempt(self, episode_id: str | None) -> bool:
+        return episode_id is not None and episode_id in self._exempt
 
     def admit(self, limited: Sequence[tuple[Rule, str]]) -> Ticket:
         """Count a call against each (rule, subject), or raise OverLimit (counting nothing)."""

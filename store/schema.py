@@ -320,7 +320,8 @@ TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RU
 # SQL true for an evaluation episode (alias `e`), in both databases: metadata {"eval": true}. The
 # proxy never pushes these to the learner; `flywheel report` scores versions on them. It spells
 # out the values DuckDB's TRY_CAST(... AS BOOLEAN) takes for true: PostgreSQL has no TRY_CAST.
-IS_EVAL_EPISODE = "coalesce(lower(e.metadata->>'eval') IN ('true', 't', 'yes', 'y', '1'), false)"
+EVAL_TRUE = ("true", "t", "yes", "y", "1")  # metadata "eval" values (lower-cased text) that mark a held-out episode
+IS_EVAL_EPISODE = f"coalesce(lower(e.metadata->>'eval') IN ({', '.join(repr(v) for v in EVAL_TRUE)}), false)"
 
 Run = Callable[[str, Sequence], list[tuple]]  # statement with `?` parameters, values -> rows
 

@@ -97,3 +97,18 @@ async def test_every_call_reports_its_overhead_in_a_header_and_a_histogram(proxy
     assert 0 < overhead_ms < row["latency_ms"]
     _, text = await api_text(proxy, "/metrics")
     assert 'flywheel_overhead_seconds_count{agent="default"} 1.0' in text
+
+
+async def test_held_out_evaluation_calls_count_against_no_limit(start_proxy):
+    proxy = await start_proxy(agents=(AgentRule(match=".*", rpm=1),))
+    proxy.state.quotas.clock = Clock()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{proxy.url}/v1/episodes", json={"metadata": {"eval": True}}) as response:
+            held_out = (await response.json())["episode_id"]
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    for _ in range(3):
+        await client.chat.completions.create(model="m", messages=messages, extra_headers={"X-Flywheel-Episode": held_out})
+    await client.chat.completions.create(model="m", messages=messages)  # the client's one call this minute
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="m", messages=messages)

@@ -11,6 +11,7 @@ from aiohttp import web
 from flywheel.proxy.attribution import checked_name, new_id
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.state import STATE
+from flywheel.store.schema import EVAL_TRUE
 from flywheel.store.records import EpisodeClose, EpisodeOpen, Feedback, InfraError, UnknownCall, UnknownEpisode
 
 
@@ -58,6 +59,8 @@ async def create_episode(request: web.Request) -> web.Response:
         metadata=json.dumps(metadata) if metadata is not None else None,
     )
     await _commit(request, op)
+    if metadata is not None and str(metadata.get("eval")).lower() in EVAL_TRUE:  # held-out: outside every quota
+        request.app[STATE].quotas.exempt(op.episode_id)
     return web.json_response({"episode_id": op.episode_id, "task_id": op.task_id}, status=201)
 
 
