@@ -85,7 +85,8 @@ async def test_flywheel_status_shows_a_store_that_cannot_write(start_proxy, monk
     await asyncio.sleep(0.2)
     assert await asyncio.to_thread(main, ["status", "--url", proxy.url]) == 1
     store = json.loads(capsys.readouterr().out)["proxy"]["checks"]["store"]
-    assert not store["ok"] and "No space left" in store["detail"] and store["queued_records"] == 1
+    # the call, and perhaps the audit row of the SQL query the first status ran (if not committed yet)
+    assert not store["ok"] and "No space left" in store["detail"] and store["queued_records"] in (1, 2)
     monkeypatch.undo()
 
 
