@@ -516,7 +516,7 @@ class StoreBase(ABC):
     def expired_episodes(self, before: datetime, limit: int, timeout_s: float = 60.0) -> list[str]:
         """Up to `limit` ids of episodes created before `before` (retention), oldest first."""
         return [r["episode_id"] for r in self._dicts(
-            "SELECT episode_id FROM episodes WHERE created_at < ? ORDER BY created_at LIMIT ?", [before, limit],
+            "SELECT episode_id FROM episodes WHERE created_at < ? ORDER BY created_at, episode_id LIMIT ?", [before, limit],
             timeout_s)]
 
     def episodes_with_old_content(self, before: datetime, limit: int, timeout_s: float = 60.0) -> list[str]:

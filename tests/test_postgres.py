@@ -16,8 +16,8 @@ from flywheel.store import UnsupportedStore, open_store
 from flywheel.store.db import Store
 from flywheel.store.pg_sandbox import fetcher
 from flywheel.store.postgres import READER_ROLE, PostgresStore
-from flywheel.store.records import (AdapterRow, CallRecord, EpisodeClose, EpisodeOpen, EpisodesPushed, Feedback,
-                                    InfraError)
+from flywheel.store.records import (AdapterRow, AuditEntry, CallRecord, EpisodeClose, EpisodeOpen, EpisodesPushed,
+                                    Erase, Erased, Feedback, InfraError, StripContent)
 from flywheel.store.sandbox import QueryError, ReadOnlyViolation, collect
 from flywheel.store.schema import POSTGRES, SCHEMA_VERSION, TABLES
 from tests import postgres_server as server
@@ -158,6 +158,29 @@ def test_reads_answer_as_duckdbs_do(store, tmp_path):
                  lambda s: s.query("SELECT episode_id, task_id, status, reward, infra_error IS NOT NULL AS infra "
                                    "FROM episodes ORDER BY episode_id", 100, 10)):
         assert _normal(read(store)) == _normal(read(duck))
+    duck.close()
+
+
+def test_data_governance_writes_and_reads_do_as_duckdbs_do(store, tmp_path):
+    """Erasure, content retention, the audit log and untrainable calls, on both stores."""
+    duck = Store(str(tmp_path / "f.duckdb"))
+    audit = AuditEntry(NOW, "0123abcd4567", "erase", "ep-a", detail='{"metadata": {"user": "u1"}}')
+    for each in (duck, store):
+        each.apply(_scenario() + [call("p0", "ep-private", train=False), Feedback("fp", "ep-private", 1.0, NOW)])
+    for read in (lambda s: s.episodes_with_metadata({"user": "u1"}),
+                 lambda s: s.expired_episodes(NOW + timedelta(days=1), 2),
+                 lambda s: s.episodes_with_old_content(NOW + timedelta(seconds=0.5), 10),
+                 lambda s: [e["episode_id"] for e in s.episodes_to_push(10, 0)]):
+        assert read(store) == read(duck)
+    assert "ep-private" not in [e["episode_id"] for e in store.episodes_to_push(10, 0)]
+    for each in (duck, store):
+        assert each.apply([Erase(("ep-a",), audit), StripContent(("ep-eval",), NOW + timedelta(days=1), audit)]) == [
+            Erased(episodes=1, calls=3, feedback=2, passthrough=0), 1]
+    for sql in ("SELECT episode_id, stored, request IS NULL AS gone FROM calls ORDER BY call_id",
+                "SELECT episode_id, train FROM episodes ORDER BY episode_id",
+                "SELECT key_id, action, target, row_count FROM audit_log ORDER BY row_count"):
+        assert rows(store, sql) == rows(duck, sql)
+    assert rows(store, "SELECT row_count FROM audit_log ORDER BY row_count") == [[1], [6]]
     duck.close()
 
 
