@@ -29,7 +29,9 @@ agent, created_at, closed_at, status, reward, metadata (JSON text) and calls (ho
 its calls are in the export).
 
 Only generation calls are exported (endpoints chat.completions, completions, responses).
-Evaluation episodes (metadata `{"eval": true}`) are left out unless asked for. `--since`
+Episodes a data policy keeps from training (`episodes.train` false: X-Flywheel-Train: false,
+a store level short of full, a key's or agent's rule) are never exported. Evaluation episodes
+(metadata `{"eval": true}`) are left out unless asked for. `--since`
 and `--agent` select calls; credit is still computed over each episode's calls.
 
 Memory stays bounded on any store: episodes are read in batches and calls in pages, each
@@ -145,8 +147,9 @@ def call_filter(selection: Selection) -> str:
 
 
 def episode_filter(selection: Selection) -> str:
-    """SQL true for an episode (alias `e`) with an exported call, not an evaluation unless asked."""
-    has_call = f"EXISTS (SELECT 1 FROM calls c WHERE c.episode_id = e.episode_id AND {call_filter(selection)})"
+    """SQL true for an episode (alias `e`) with an exported call that may be trained on, not an
+    evaluation unless asked."""
+    has_call = f"e.train AND EXISTS (SELECT 1 FROM calls c WHERE c.episode_id = e.episode_id AND {call_filter(selection)})"
     return has_call if selection.include_eval else f"NOT {IS_EVAL_EPISODE} AND {has_call}"
 
 

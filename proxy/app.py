@@ -20,6 +20,7 @@ import grpc
 from aiohttp import web
 
 from flywheel.proxy.admin import upstream_base
+from flywheel.proxy.attribution import new_id
 from flywheel.proxy.auth import ROUTE_ACCESS, Access, check_bind, guard_middleware, is_loopback
 from flywheel.proxy.canary import PromotionConfig
 from flywheel.proxy.capture import CHAT, COMPLETIONS
@@ -30,7 +31,7 @@ from flywheel.proxy.grader import EndpointScorer, Grader, GraderConfig, Scorer, 
 from flywheel.proxy.judge import JudgeScorer
 from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from flywheel.proxy.openapi import openapi_handler
-from flywheel.proxy.quotas import Quotas
+from flywheel.proxy.quotas import Quotas, share
 from flywheel.proxy.redaction import detectors
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
@@ -62,6 +63,7 @@ GRADER_CONFIG = web.AppKey("flywheel_grader_config", GraderConfig)
 GRADER = web.AppKey("flywheel_grader", Grader)
 SHADOWS = web.AppKey("flywheel_shadows", ShadowSampler)
 PROMOTION = web.AppKey("flywheel_promotion", PromotionConfig)
+QUOTAS = web.AppKey("flywheel_quotas", Quotas)
 ROLLOUT = web.AppKey("flywheel_rollout", Rollout)
 TRACER: web.AppKey["CallTracer"] = web.AppKey("flywheel_tracer")
 
@@ -103,7 +105,7 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig(),
         access[app.router.add_route(method, path, handler)] = needs
     app[ROUTE_ACCESS] = access
     app.cleanup_ctx.extend([_writer, _upstream, _registry, _rollout, _shadows, _grader, _feed, _retention,
-                            _tracer, _state])
+                            _quotas, _tracer, _state])
     return app
 
 
@@ -270,6 +272,18 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
     await _cancel(pruning)
 
 
+async def _quotas(app: web.Application) -> AsyncIterator[None]:
+    """The keys' and agents' limits; shared with the other proxies on a PostgreSQL store."""
+    config, writer = app[CONFIG], app[WRITER]
+    app[QUOTAS] = quotas = Quotas()
+    counted = any(rule.rpm or rule.tpm for rule in (*config.keys, *config.agents))
+    sharing = (asyncio.get_running_loop().create_task(share(quotas, writer, new_id("proxy")))
+               if counted and writer.store.shared else None)
+    yield
+    if sharing is not None:
+        await _cancel(sharing)
+
+
 async def _grader(app: web.Application) -> AsyncIterator[None]:
     """The grader (the team's service or the LLM judge), grading closed episodes in the
     background, when one is configured."""
@@ -311,7 +325,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM],
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
                             tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS),
-                            rollout=app[ROLLOUT], quotas=Quotas(), detectors=detectors(config.redact))
+                            rollout=app[ROLLOUT], quotas=app[QUOTAS], detectors=detectors(config.redact))
     log.info("proxy up: upstream %s, store %s, learner %s", ", ".join(config.upstream), shown(config.db), config.learner or "none")
     if not (config.client_keys or config.every_admin_key):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,

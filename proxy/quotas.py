@@ -10,24 +10,32 @@ cannot use up another's share). A call is admitted only if every rule that cover
     max_concurrent  calls in progress < max_concurrent
 
 Refused, it gets a 429 in OpenAI's shape with `Retry-After`: the seconds until the oldest
-count leaves the window (1 for max_concurrent). Counters live in this process: each proxy
-counts its own calls, also where several share one PostgreSQL store. Shadow samples never pass
+count leaves the window (1 for max_concurrent). Proxies sharing one PostgreSQL store share rpm
+and tpm: every `SYNC_S` each adds its new counts to the store's `quota_usage` (per subject and
+second) and reads the others' totals over the window, which its own admissions count on top of
+its own; so the limit holds across proxies to within one sync's traffic. max_concurrent stays
+per proxy (calls in progress change faster than a sync). Shadow samples never pass
 here, and calls in an evaluation episode opened through this proxy (`POST /v1/episodes` with
 metadata `{"eval": true}`) count against nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
 from flywheel.proxy.errors import ApiError
 from flywheel.proxy.policy import KeyRule, Rule
+from flywheel.store.records import QuotaUsage
+from flywheel.store.writer import BatchWriter
 
 WINDOW_S = 60.0
+SYNC_S = 1.0  # how often proxies on a shared store exchange their counts
 _MAX_IDLE_SUBJECTS = 10_000  # counters of subjects with nothing in their windows, kept before a sweep
 _MAX_EXEMPT = 100_000
 
@@ -38,6 +46,8 @@ class _Counters:
     tokens: deque = field(default_factory=deque)  # (end time, tokens) within the window
     token_sum: int = 0
     in_progress: int = 0
+    others_calls: int = 0  # the other proxies' counts within the window, as of the last sync
+    others_tokens: int = 0
 
     def expire(self, now: float) -> None:
         while self.admitted and self.admitted[0] <= now - WINDOW_S:
@@ -47,7 +57,7 @@ class _Counters:
 
     @property
     def idle(self) -> bool:
-        return not (self.admitted or self.tokens or self.in_progress)
+        return not (self.admitted or self.tokens or self.in_progress or self.others_calls or self.others_tokens)
 
 
 class OverLimit(ApiError):
@@ -60,15 +70,16 @@ class OverLimit(ApiError):
 
 @dataclass(frozen=True)
 class Ticket:
-    """An admitted call's counters, to release when it ends."""
+    """An admitted call's counters (with their subjects' keys), to release when it ends."""
 
-    counters: tuple[_Counters, ...]
+    counters: tuple[tuple[str, _Counters], ...]
 
 
 class Quotas:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
-        self._subjects: dict[tuple[int, str], _Counters] = {}
+        self._subjects: dict[str, _Counters] = {}
+        self._unsynced: dict[tuple[str, int], list[int]] = {}  # (subject, unix second) -> [calls, tokens]
         self._exempt: OrderedDict[str, None] = OrderedDict()  # held-out evaluation episodes, newest last
 
     def exempt(self, episode_id: str) -> None:
@@ -86,30 +97,49 @@ class Quotas:
         now = self.clock()
         found = []
         for rule, subject in limited:
-            counters = self._subjects.setdefault((id(rule), subject), _Counters())
+            key = _key(rule, subject)
+            counters = self._subjects.setdefault(key, _Counters())
             counters.expire(now)
-            if rule.rpm and len(counters.admitted) >= rule.rpm:
-                raise OverLimit("rpm", rule.rpm, subject, counters.admitted[0] + WINDOW_S - now)
-            if rule.tpm and counters.token_sum >= rule.tpm:
-                raise OverLimit("tpm", rule.tpm, subject, self._tokens_free_in(counters, rule.tpm, now))
+            if rule.rpm and len(counters.admitted) + counters.others_calls >= rule.rpm:
+                own_share = len(counters.admitted) >= rule.rpm  # else the others' calls: wait a sync
+                raise OverLimit("rpm", rule.rpm, subject, counters.admitted[0] + WINDOW_S - now if own_share else 1)
+            if rule.tpm and counters.token_sum + counters.others_tokens >= rule.tpm:
+                raise OverLimit("tpm", rule.tpm, subject, self._tokens_free_in(counters, rule.tpm, now)
+                                if counters.token_sum >= rule.tpm else 1)
             if rule.max_concurrent and counters.in_progress >= rule.max_concurrent:
                 raise OverLimit("max_concurrent", rule.max_concurrent, subject, 1)
-            found.append(counters)
-        for counters in found:
+            found.append((key, counters))
+        second = int(time.time())
+        for key, counters in found:
             counters.admitted.append(now)
             counters.in_progress += 1
+            self._unsynced.setdefault((key, second), [0, 0])[0] += 1
         if len(self._subjects) > _MAX_IDLE_SUBJECTS:
             self._sweep(now)
         return Ticket(tuple(found))
 
     def release(self, ticket: Ticket, tokens: int) -> None:
         """The call ended having used `tokens` (prompt + completion)."""
-        now = self.clock()
-        for counters in ticket.counters:
+        now, second = self.clock(), int(time.time())
+        for key, counters in ticket.counters:
             counters.in_progress -= 1
             if tokens:
                 counters.tokens.append((now, tokens))
                 counters.token_sum += tokens
+                self._unsynced.setdefault((key, second), [0, 0])[1] += tokens
+
+    def take_unsynced(self) -> tuple[tuple[str, datetime, int, int], ...]:
+        """This proxy's counts since the last call, (subject, second, calls, tokens), for the store."""
+        counts, self._unsynced = self._unsynced, {}
+        return tuple((key, datetime.fromtimestamp(second, timezone.utc), calls, tokens)
+                     for (key, second), (calls, tokens) in counts.items())
+
+    def set_others(self, totals: dict[str, tuple[int, int]]) -> None:
+        """The other proxies' counts within the window, by subject (the store's answer to a sync)."""
+        for key, counters in self._subjects.items():
+            counters.others_calls, counters.others_tokens = totals.pop(key, (0, 0))
+        for key, (calls, tokens) in totals.items():
+            self._subjects[key] = _Counters(others_calls=calls, others_tokens=tokens)
 
     @staticmethod
     def _tokens_free_in(counters: _Counters, tpm: int, now: float) -> float:
@@ -128,7 +158,23 @@ class Quotas:
                 del self._subjects[key]
 
 
+def _key(rule: Rule, subject: str) -> str:
+    """A subject's counters' name, the same in every proxy with the same configuration."""
+    return subject if isinstance(rule, KeyRule) else f"agents {rule.match} {subject}"
+
+
 def limited(rules: Sequence[Rule], key_id: str | None, agent: str) -> list[tuple[Rule, str]]:
     """The (rule, subject) pairs a call counts against: a key's rule by key, an agent's by agent name."""
     return [(rule, f"key {key_id}" if isinstance(rule, KeyRule) else f"agent {agent!r}") for rule in rules
             if rule.rpm or rule.tpm or rule.max_concurrent]
+
+
+async def share(quotas: Quotas, writer: BatchWriter, proxy_id: str) -> None:
+    """Exchange counts with the other proxies on the (PostgreSQL) store every SYNC_S, until cancelled.
+    While the store cannot write, counts wait for the next round."""
+    while True:
+        await asyncio.sleep(SYNC_S)
+        if writer.failing is not None:
+            continue
+        since = datetime.now(timezone.utc) - timedelta(seconds=WINDOW_S)
+        quotas.set_others(await writer.submit(QuotaUsage(proxy_id, quotas.take_unsynced(), since)))

@@ -26,6 +26,7 @@ from flywheel.store.records import (
     CallRecord,
     Erase,
     Erased,
+    QuotaUsage,
     StripContent,
     EpisodeClose,
     EpisodeOpen,
@@ -50,6 +51,7 @@ from flywheel.store.schema import (
     EPISODES,
     IS_EVAL_EPISODE,
     PASSTHROUGH,
+    QUOTA_USAGE,
     TRAIN_RUNS,
     Dialect,
     Table,
@@ -210,6 +212,8 @@ class StoreBase(ABC):
                 results.append(None)
             elif isinstance(op, Erase):
                 results.append(self._erase(op))
+            elif isinstance(op, QuotaUsage):
+                results.append(self._quota_usage(op))
             elif isinstance(op, StripContent):
                 results.append(self._strip_content(op))
             elif isinstance(op, AuditEntry):
@@ -293,6 +297,18 @@ class StoreBase(ABC):
         erased = Erased(*counts)
         self._insert_rows(AUDIT_LOG, [dict(asdict(op.audit), row_count=erased.rows)])
         return erased
+
+    def _quota_usage(self, op: QuotaUsage) -> dict[str, tuple[int, int]]:
+        """Add this proxy's counts, drop expired ones, and return the other proxies' totals."""
+        if op.counts:
+            self._insert_rows(QUOTA_USAGE, [dict(subject=subject, proxy=op.proxy, counted_at=second, calls=calls,
+                                                 tokens=tokens) for subject, second, calls, tokens in op.counts],
+                              "ON CONFLICT (subject, proxy, counted_at) DO UPDATE SET calls = quota_usage.calls + "
+                              "excluded.calls, tokens = quota_usage.tokens + excluded.tokens")
+        self._execute("DELETE FROM quota_usage WHERE counted_at < ?", [op.since])
+        found = self._execute("SELECT subject, sum(calls), sum(tokens) FROM quota_usage WHERE proxy <> ? "
+                              "GROUP BY subject", [op.proxy])
+        return {subject: (int(calls), int(tokens)) for subject, calls, tokens in found}
 
     def _strip_content(self, op: StripContent) -> int:
         """Content retention on these episodes' calls older than `op.before`; how many calls."""

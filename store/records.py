@@ -228,6 +228,16 @@ class StripContent:
 
 
 @dataclass(frozen=True)
+class QuotaUsage:
+    """A proxy's counts since its last report, (subject, second, calls, tokens) each; counts older
+    than `since` are dropped. Its result: the other proxies' totals since `since`, by subject."""
+
+    proxy: str
+    counts: tuple[tuple[str, datetime, int, int], ...]
+    since: datetime
+
+
+@dataclass(frozen=True)
 class Erased:
     episodes: int
     calls: int
@@ -269,4 +279,4 @@ def approx_bytes(op: object) -> int:
 
 
 StoreOp = (EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined
-           | TrainRun | PassthroughRecord | GradeFailed | InfraError | AuditEntry | Erase | StripContent)
+           | TrainRun | PassthroughRecord | GradeFailed | InfraError | AuditEntry | Erase | StripContent | QuotaUsage)

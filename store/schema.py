@@ -307,6 +307,19 @@ AUDIT_LOG = Table(
     indexes=(Index(("logged_at",)),),
 )
 
+QUOTA_USAGE = Table(
+    "quota_usage",
+    (
+        Column("subject", "VARCHAR", "what a limit counts: a key, or an agent under an agents rule"),
+        Column("proxy", "VARCHAR", "the proxy that counted it"),
+        Column("counted_at", "TIMESTAMPTZ", "the second it was counted in"),
+        Column("calls", "BIGINT", "calls admitted"),
+        Column("tokens", "BIGINT", "prompt + completion tokens of calls that ended"),
+    ),
+    # on PostgreSQL, where proxies share limits; each adds to its own rows
+    indexes=(Index(("subject", "proxy", "counted_at"), unique=True),),
+)
+
 META = Table(
     "flywheel_meta",
     (
@@ -315,7 +328,8 @@ META = Table(
     ),
 )
 
-TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS, PASSTHROUGH, AUDIT_LOG)
+TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS, PASSTHROUGH, AUDIT_LOG,
+                             QUOTA_USAGE)
 
 # SQL true for an evaluation episode (alias `e`), in both databases: metadata {"eval": true}. The
 # proxy never pushes these to the learner; `flywheel report` scores versions on them. It spells

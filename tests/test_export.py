@@ -209,6 +209,20 @@ async def test_evaluation_episodes_only_with_the_flag(start_proxy, db_path, tmp_
     assert json.loads(episode["metadata"]) == {"eval": True} and episode["status"] == "open"
 
 
+async def test_episodes_a_policy_keeps_from_training_are_never_exported(start_proxy, db_path, tmp_path):
+    proxy = await start_proxy()
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/solver/v1", api_key="x", max_retries=0)
+    for episode, train in (("ep-ok", "true"), ("ep-private", "false")):
+        await client.chat.completions.create(model="base", messages=[{"role": "user", "content": "q"}],
+                                             extra_headers={"X-Flywheel-Episode": episode, "X-Flywheel-Train": train})
+        await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 1.0})
+    await proxy.stop()
+    assert await asyncio.to_thread(main, ["export", "--db", db_path, "--out", str(tmp_path / "out")]) == 0
+    calls, episodes = exported(tmp_path / "out")
+    assert [r["episode_id"] for r in duck_rows(calls)] == ["ep-ok"]
+    assert [e["episode_id"] for e in duck_rows(episodes)] == ["ep-ok"]
+
+
 async def test_agent_and_since_select_calls_while_credit_sees_the_whole_episode(start_proxy, db_path, tmp_path):
     proxy = await start_proxy()
     ids = await _traffic(proxy)

@@ -84,3 +84,23 @@ async def test_two_proxies_share_one_postgres_store(start_proxy, postgres_url, t
         assert (await _chat(one, "after-2")).model == "m"
     finally:
         await grpc_server.stop(0)
+
+
+async def test_proxies_on_one_store_share_their_rate_limits(start_proxy, postgres_url):
+    from flywheel.proxy.policy import AgentRule
+
+    settings = dict(db=postgres_url, agents=(AgentRule(match="noisy", rpm=4),))
+    one, two = await start_proxy(**settings), await start_proxy(**settings)
+    for _ in range(3):
+        await _chat(one, "ep-1", agent="noisy")
+
+    async def two_knows() -> bool:  # after a sync (1 s) the second proxy counts the first's calls
+        counters = two.state.quotas._subjects.get("agents noisy agent 'noisy'")
+        return counters is not None and counters.others_calls == 3
+
+    await eventually(two_knows, 10, "the other proxy's calls counted")
+    await _chat(two, "ep-2", agent="noisy")  # 3 + 1 = the limit
+    with pytest.raises(openai.RateLimitError) as refused:
+        await _chat(two, "ep-2", agent="noisy")
+    assert refused.value.response.headers["Retry-After"] == "1"  # the others' calls: look again after a sync
+    await _chat(two, "ep-3", agent="quiet")  # another agent is not held up
