@@ -32,9 +32,11 @@ def _serve(args: argparse.Namespace) -> int:
     from flywheel.proxy.canary import PromotionConfig
     from flywheel.proxy.grader import GraderConfig
 
-    config = load_config(ProxyConfig, "proxy", args.config, vars(args))
-    run(config, load_config(GraderConfig, "grader", args.config, {}),
-        load_config(PromotionConfig, "promotion", args.config, {}))
+    def load() -> ProxyConfig:  # at start, and again on SIGHUP or POST /v1/admin/reload
+        return load_config(ProxyConfig, "proxy", args.config, vars(args))
+
+    run(load(), load_config(GraderConfig, "grader", args.config, {}),
+        load_config(PromotionConfig, "promotion", args.config, {}), reload_from=load)
     return 0
 
 

@@ -14,6 +14,7 @@ import gc
 import logging
 import re
 import resource
+import signal
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from flywheel.proxy.admin import upstream_base
 from flywheel.proxy.attribution import new_id
-from flywheel.proxy.auth import ROUTE_ACCESS, Access, check_bind, guard_middleware, is_loopback
+from flywheel.proxy.auth import GRANT, ROUTE_ACCESS, Access, guard_middleware, is_loopback
 from flywheel.proxy.canary import PromotionConfig
 from flywheel.proxy.capture import CHAT, COMPLETIONS
 from flywheel.proxy.config import ProxyConfig
@@ -32,7 +33,7 @@ from flywheel.proxy.judge import JudgeScorer
 from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from flywheel.proxy.openapi import openapi_handler
 from flywheel.proxy.quotas import Quotas, share
-from flywheel.proxy.redaction import detectors
+from flywheel.proxy.reload import Loader, NothingToReload, Rules, reload_rules
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.responses import RESPONSES
 from flywheel.proxy.retention import Retention
@@ -64,6 +65,8 @@ GRADER = web.AppKey("flywheel_grader", Grader)
 SHADOWS = web.AppKey("flywheel_shadows", ShadowSampler)
 PROMOTION = web.AppKey("flywheel_promotion", PromotionConfig)
 QUOTAS = web.AppKey("flywheel_quotas", Quotas)
+RULES = web.AppKey("flywheel_rules", Rules)
+RELOAD_FROM = web.AppKey("flywheel_reload_from", object)  # a Loader, or None
 ROLLOUT = web.AppKey("flywheel_rollout", Rollout)
 TRACER: web.AppKey["CallTracer"] = web.AppKey("flywheel_tracer")
 
@@ -75,16 +78,14 @@ _PREFIXES = ("", "/agents/{agent}", "/agents/{agent}/episodes/{episode}")
 
 
 def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig(),
-              promotion: PromotionConfig = PromotionConfig()) -> web.Application:
+              promotion: PromotionConfig = PromotionConfig(), reload_from: Loader | None = None) -> web.Application:
     """The proxy for `config` (and `[grader]`); raises ValueError for settings it cannot serve
     with (InsecureConfig for keys or a bind address that would expose the store)."""
-    check_bind(config)
     if grader.kind == "endpoint" and not grader.url:
         raise ValueError("[grader] kind = \"endpoint\" needs a url")
     if grader.kind == "judge" and not (grader.judge_model or config.base_model):
         raise ValueError("[grader] kind = \"judge\" needs judge_model, or [proxy] base_model (flywheel up sets it)")
     _check_shadows(grader)
-    detectors(config.redact)  # UnknownDetector (a ValueError) for a name or regex it cannot use
     promotion.check()
     if config.otel_endpoint:
         try:
@@ -93,9 +94,12 @@ def build_app(config: ProxyConfig, grader: GraderConfig = GraderConfig(),
             raise ValueError(f"otel_endpoint is set but OpenTelemetry is not installed ({missing}): "
                              "pip install 'flywheel-rl[otel]'") from None
     config = dataclasses.replace(config, sampling_defaults=checked_defaults(config.sampling_defaults))
+    rules = Rules(config)  # InsecureConfig for keys or a bind that would expose the store, UnknownDetector
     metrics = Metrics()
-    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware, guard_middleware(config)],
+    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware,
+                                       guard_middleware(config, lambda: rules.keys)],
                           client_max_size=config.max_body_bytes)
+    app[RULES], app[RELOAD_FROM] = rules, reload_from
     app[CONFIG] = config
     app[GRADER_CONFIG] = grader
     app[PROMOTION] = promotion
@@ -147,6 +151,7 @@ def _routes():
     yield "POST", "/v1/episodes/{episode}/close", episodes.close_episode, Access.CLIENT
     yield "DELETE", "/v1/episodes/{episode}", erasure.erase_episode, Access.ADMIN
     yield "POST", "/v1/erase", erasure.erase_matching, Access.ADMIN
+    yield "POST", "/v1/admin/reload", _reload, Access.ADMIN
     yield "POST", "/v1/sql", sql.run_sql, Access.ADMIN
     yield "GET", "/v1/adapters", adapters.list_adapters, Access.ADMIN
     yield "POST", "/v1/adapters", adapters.register_adapter, Access.ADMIN
@@ -325,7 +330,8 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = ProxyState(config=config, writer=app[WRITER], upstream=app[UPSTREAM],
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
                             tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS),
-                            rollout=app[ROLLOUT], quotas=app[QUOTAS], detectors=detectors(config.redact))
+                            rollout=app[ROLLOUT], quotas=app[QUOTAS], rules=app[RULES],
+                            reload_from=app[RELOAD_FROM])
     log.info("proxy up: upstream %s, store %s, learner %s", ", ".join(config.upstream), shown(config.db), config.learner or "none")
     if not (config.client_keys or config.every_admin_key):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,
@@ -346,6 +352,19 @@ async def _cancel(task: asyncio.Task) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _reload(request: web.Request) -> web.Response:
+    """Read the configuration again and apply its keys, agent rules and redaction; 400 (the running
+    rules kept) for one that cannot serve, 409 for a proxy not started from a configuration."""
+    state, grant = request.app[STATE], request.get(GRANT)
+    try:
+        result = await reload_rules(state.rules, state.reload_from, state.writer, grant.key_id if grant else None)
+    except NothingToReload as nothing:
+        raise ApiError(409, str(nothing), "nothing_to_reload") from None
+    except ValueError as refused:
+        raise ApiError(400, f"reload refused, the running rules stay: {refused}", "invalid_config") from None
+    return web.json_response(result)
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -390,16 +409,31 @@ async def _answers(replica: Replica) -> tuple[bool, str]:
 
 
 def run(config: ProxyConfig, grader: GraderConfig = GraderConfig(),
-        promotion: PromotionConfig = PromotionConfig()) -> None:
+        promotion: PromotionConfig = PromotionConfig(), reload_from: Loader | None = None) -> None:
+    """Serve until SIGTERM or Ctrl-C; SIGHUP reloads the access rules through `reload_from`."""
     _raise_file_limit()
-    app = build_app(config, grader, promotion)
+    app = build_app(config, grader, promotion, reload_from)
     app.on_startup.append(_tune_gc)  # after the resources open: their objects are long-lived too
+    app.on_startup.append(_reload_on_sighup)
     if config.memory_headroom_mb:
         app.on_startup.append(lambda _: _cap_address_space(config.memory_headroom_mb))
     # handler_cancellation: a client that hangs up cancels its handler, which records the call
     # (499) and closes the upstream request, so vLLM stops generating for nobody
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
                 shutdown_timeout=config.shutdown_timeout_s, handler_cancellation=True, loop=_fast_loop())
+
+
+async def _reload_on_sighup(app: web.Application) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def reload() -> None:
+        state = app[STATE]
+        try:
+            await reload_rules(state.rules, state.reload_from, state.writer, None)
+        except (NothingToReload, ValueError) as refused:
+            log.error("SIGHUP: reload refused, the running rules stay: %s", refused)
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
 
 
 def _raise_file_limit() -> None:

@@ -1,8 +1,8 @@
 """The audit trail: each admin action as an `audit_log` row (who, when, what, how many rows).
 
-Written for erasures (in the erasure's own transaction), SQL queries (their text, the caller's
-key id and the row count), adapter registrations, promotions, rejections and rollbacks, and
-train triggers. `flywheel status --audit` shows the latest. Never stored content: the key is
+Written for erasures and retention rounds (in their own transactions), SQL queries (their
+text, the caller's key id and the row count), adapter registrations, promotions, rejections
+and rollbacks, train triggers and configuration reloads (`proxy.reload`). `flywheel status --audit` shows the latest. Never stored content: the key is
 named by the first 12 hex digits of its SHA-256 (`auth.Grant.key_id`).
 """
 

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass
+from typing import Callable
 
 from aiohttp import web
 
@@ -107,10 +108,10 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("X-Api-Key") or None
 
 
-def guard_middleware(config: ProxyConfig):
-    """Requests in flight capped, Host on a loopback bind, keys per route (ROUTE_ACCESS),
-    JSON-only POSTs, and the body read within `body_timeout_s`."""
-    keys = Keys(config)
+def guard_middleware(config: ProxyConfig, current_keys: Callable[[], Keys]):
+    """Requests in flight capped, Host on a loopback bind, keys per route (ROUTE_ACCESS; the
+    keys `current_keys` gives, which a reload replaces), JSON-only POSTs, and the body read
+    within `body_timeout_s`."""
     check_host = is_loopback(config.host)
     in_flight = 0
 
@@ -126,6 +127,7 @@ def guard_middleware(config: ProxyConfig):
             if check_host and not is_loopback(_hostname(request.host)):
                 raise ApiError(403, f"Host {request.host!r} is not this loopback proxy's; use 127.0.0.1 or "
                                     "localhost", "host_not_allowed")
+            keys = current_keys()
             if keys.enabled:
                 _authorize(request, keys)
             if request.method == "POST":

@@ -85,6 +85,11 @@ SPEC = {
             "get": _operation("an episode with its calls and feedback", 200, _OBJECT, params=("episode",)),
             "delete": _operation("erase an episode: its calls, feedback and the learner's copy (audited)", 200,
                                  _ERASED, params=("episode",), admin=True)},
+        "/v1/admin/reload": {"post": _operation(
+            "read the configuration again: keys, agent rules and redaction take effect now (audited)", 200, {
+                "type": "object", "properties": {"changed": {"type": "array", "items": {"type": "string"}},
+                                                 "needs_restart": {"type": "array", "items": {"type": "string"}}}},
+            admin=True)},
         "/v1/erase": {"post": _operation("erase every episode whose metadata has these values (audited)", 200,
                                          _ERASED, {"type": "object", "required": ["metadata"], "properties": {
                                              "metadata": {"type": "object", "minProperties": 1,

@@ -18,7 +18,7 @@ from flywheel.proxy.feed import Feed
 from flywheel.proxy.grader import Grader
 from flywheel.proxy.metrics import Metrics
 from flywheel.proxy.quotas import Quotas
-from flywheel.proxy.redaction import Detector
+from flywheel.proxy.reload import Loader, Rules
 from flywheel.proxy.registry import Registry
 from flywheel.proxy.replicas import Replicas
 from flywheel.proxy.rollout import Rollout
@@ -42,7 +42,8 @@ class ProxyState:
     shadows: ShadowSampler | None  # resamples one-off calls for comparison groups; None unless shadow_samples is set
     rollout: Rollout  # decides candidates and watches newly active versions ([promotion])
     quotas: Quotas  # the keys' and agents' rpm, tpm and max_concurrent counters
-    detectors: list[Detector]  # [proxy] redact, compiled (empty: no redaction)
+    rules: Rules  # keys, agent rules and redaction as configured now (a reload replaces them)
+    reload_from: Loader | None  # how to read the configuration again; None: built from code
 
     def require_writable_store(self) -> None:
         """A 503 at once while the store cannot write, for requests acknowledged only once committed

@@ -298,8 +298,8 @@ AUDIT_LOG = Table(
         Column("logged_at", "TIMESTAMPTZ", "when the action was taken"),
         Column("key_id", "VARCHAR", "the caller's key: the first 12 hex digits of its SHA-256 (NULL: no keys "
                "configured)"),
-        Column("action", "VARCHAR", "erase | sql | adapter_register | adapter_promote | adapter_reject | "
-               "adapter_rollback | train"),
+        Column("action", "VARCHAR", "erase | retention | content_retention | sql | adapter_register | "
+               "adapter_promote | adapter_reject | adapter_rollback | train | config_reload"),
         Column("target", "VARCHAR", "what it acted on: an episode id, an agent, an adapter version"),
         Column("row_count", "BIGINT", "rows the query returned (sql) or the erasure removed"),
         Column("detail", "JSON", "the action's parameters (sql: the query's text), never stored content"),

@@ -44,8 +44,8 @@ class Running:
 
 class Proxy(Running):
     def __init__(self, config: ProxyConfig, grader: GraderConfig = GraderConfig(),
-                 promotion: PromotionConfig = PromotionConfig()):
-        super().__init__(build_app(config, grader, promotion), config.port)
+                 promotion: PromotionConfig = PromotionConfig(), reload_from=None):
+        super().__init__(build_app(config, grader, promotion, reload_from), config.port)
         self.config = config
 
     @property
@@ -78,10 +78,10 @@ async def start_proxy(upstream, db_path):
     started: list[Proxy] = []
 
     async def start(grader: GraderConfig = GraderConfig(), promotion: PromotionConfig = PromotionConfig(),
-                    **overrides) -> Proxy:
+                    reload_from=None, **overrides) -> Proxy:
         config = dataclasses.replace(ProxyConfig(upstream=(upstream.url,), db=db_path, port=0,
                                                  adapter_roots=(str(Path(db_path).parent),)), **overrides)
-        proxy = await Proxy(config, grader, promotion).start()
+        proxy = await Proxy(config, grader, promotion, reload_from).start()
         started.append(proxy)
         return proxy
 
@@ -213,7 +213,8 @@ class ServeProcess:
     """`flywheel serve` in a process of its own (for what only a real process shows: its memory
     caps, a kill -9), started and stopped by the test."""
 
-    def __init__(self, tmp_path: Path, upstream_url: str, log_dir: Path | None = None, **settings):
+    def __init__(self, tmp_path: Path, upstream_url: str, log_dir: Path | None = None, args: tuple[str, ...] = (),
+                 **settings):
         import os
         import subprocess
         import sys
@@ -224,7 +225,7 @@ class ServeProcess:
         self.log = (log_dir or tmp_path) / "serve.log"
         env = {**os.environ, **{f"FLYWHEEL_PROXY_{k.upper()}": str(v) for k, v in settings.items()}}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flywheel", "serve", "--upstream", upstream_url, "--port", str(self.port),
+            [sys.executable, "-m", "flywheel", "serve", *args, "--upstream", upstream_url, "--port", str(self.port),
              "--db", self.db], stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
 
     async def ready(self, timeout_s: float = 60) -> "ServeProcess":
@@ -261,10 +262,10 @@ async def serve_process(upstream, tmp_path):
     """Factory: `flywheel serve` processes in front of the fake upstream, all stopped after the test."""
     started: list[ServeProcess] = []
 
-    async def start(**settings) -> ServeProcess:
+    async def start(args: tuple[str, ...] = (), **settings) -> ServeProcess:
         directory = tmp_path / f"serve{len(started)}"
         directory.mkdir()
-        started.append(ServeProcess(directory, upstream.url, **settings))
+        started.append(ServeProcess(directory, upstream.url, args=args, **settings))
         return await started[-1].ready()
 
     yield start

@@ -58,7 +58,7 @@ class _Call:
 
     def for_client(self, raw: bytes) -> bytes:
         """Response bytes as the client gets them: with the originals back, under redact_restore."""
-        if self.redaction is not None and self.redaction.originals and self.state.config.redact_restore:
+        if self.redaction is not None and self.redaction.originals and self.state.rules.config.redact_restore:
             return self.redaction.restore(raw)
         return raw
 
@@ -150,11 +150,11 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     created_at = datetime.now(timezone.utc)
     body = await read_json_object(request)
     who = attribute(request.match_info, request.headers, body, state.config.default_agent)
-    redaction = Redaction(state.detectors) if state.detectors else None
+    redaction = Redaction(state.rules.detectors) if state.rules.detectors else None
     if redaction is not None:  # before anything is recorded or forwarded: the model sees placeholders only
         redaction.body(body)
     grant = request.get(GRANT)
-    rules = covering(grant.rule if grant else None, state.config.agents, who.agent)
+    rules = covering(grant.rule if grant else None, state.rules.config.agents, who.agent)
     policy = narrowest([*rules, requested(request.headers)])
     request_json = orjson.dumps(body).decode()  # as the client sent it (redacted): before defaults are filled in
     events = ResponseEvents(body) if endpoint == RESPONSES else None
