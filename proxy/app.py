@@ -281,7 +281,7 @@ async def _quotas(app: web.Application) -> AsyncIterator[None]:
     """The keys' and agents' limits; shared with the other proxies on a PostgreSQL store."""
     config, writer = app[CONFIG], app[WRITER]
     app[QUOTAS] = quotas = Quotas()
-    counted = any(rule.rpm or rule.tpm for rule in (*config.keys, *config.agents))
+    counted = any(rule.rpm or rule.tpm or rule.max_concurrent for rule in (*config.keys, *config.agents))
     sharing = (asyncio.get_running_loop().create_task(share(quotas, writer, new_id("proxy")))
                if counted and writer.store.shared else None)
     yield

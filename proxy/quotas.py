@@ -10,13 +10,13 @@ cannot use up another's share). A call is admitted only if every rule that cover
     max_concurrent  calls in progress < max_concurrent
 
 Refused, it gets a 429 in OpenAI's shape with `Retry-After`: the seconds until the oldest
-count leaves the window (1 for max_concurrent). Proxies sharing one PostgreSQL store share rpm
-and tpm: every `SYNC_S` each adds its new counts to the store's `quota_usage` (per subject and
-second) and reads the others' totals over the window, which its own admissions count on top of
-its own; so the limit holds across proxies to within one sync's traffic. max_concurrent stays
-per proxy (calls in progress change faster than a sync). Shadow samples never pass
-here, and calls in an evaluation episode opened through this proxy (`POST /v1/episodes` with
-metadata `{"eval": true}`) count against nothing.
+count leaves the window (1 for max_concurrent). Proxies sharing one PostgreSQL store share the
+limits: every `SYNC_S` each adds its new counts to the store's `quota_usage` (per subject and
+second) and its calls in progress to `quota_in_progress`, and reads the others' totals, which
+its own admissions count on top of its own; so a limit holds across proxies to within one
+sync's traffic (a proxy silent for 5 s no longer counts as having calls in progress). Shadow
+samples never pass here, and calls in an evaluation episode opened through this proxy
+(`POST /v1/episodes` with metadata `{"eval": true}`) count against nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from flywheel.store.writer import BatchWriter
 
 WINDOW_S = 60.0
 SYNC_S = 1.0  # how often proxies on a shared store exchange their counts
+_SILENT_S = 5 * SYNC_S  # a proxy that has not reported for this long no longer counts as having calls in progress
 _MAX_IDLE_SUBJECTS = 10_000  # counters of subjects with nothing in their windows, kept before a sweep
 _MAX_EXEMPT = 100_000
 
@@ -48,6 +49,8 @@ class _Counters:
     in_progress: int = 0
     others_calls: int = 0  # the other proxies' counts within the window, as of the last sync
     others_tokens: int = 0
+    others_in_progress: int = 0
+    reported_in_progress: int = 0  # what this proxy last told the others
 
     def expire(self, now: float) -> None:
         while self.admitted and self.admitted[0] <= now - WINDOW_S:
@@ -57,7 +60,8 @@ class _Counters:
 
     @property
     def idle(self) -> bool:
-        return not (self.admitted or self.tokens or self.in_progress or self.others_calls or self.others_tokens)
+        return not (self.admitted or self.tokens or self.in_progress or self.reported_in_progress
+                    or self.others_calls or self.others_tokens or self.others_in_progress)
 
 
 class OverLimit(ApiError):
@@ -106,7 +110,7 @@ class Quotas:
             if rule.tpm and counters.token_sum + counters.others_tokens >= rule.tpm:
                 raise OverLimit("tpm", rule.tpm, subject, self._tokens_free_in(counters, rule.tpm, now)
                                 if counters.token_sum >= rule.tpm else 1)
-            if rule.max_concurrent and counters.in_progress >= rule.max_concurrent:
+            if rule.max_concurrent and counters.in_progress + counters.others_in_progress >= rule.max_concurrent:
                 raise OverLimit("max_concurrent", rule.max_concurrent, subject, 1)
             found.append((key, counters))
         second = int(time.time())
@@ -128,18 +132,25 @@ class Quotas:
                 counters.token_sum += tokens
                 self._unsynced.setdefault((key, second), [0, 0])[1] += tokens
 
-    def take_unsynced(self) -> tuple[tuple[str, datetime, int, int], ...]:
-        """This proxy's counts since the last call, (subject, second, calls, tokens), for the store."""
+    def take_unsynced(self) -> tuple[tuple[tuple[str, datetime, int, int], ...], tuple[tuple[str, int], ...]]:
+        """For the store: this proxy's counts since the last call, (subject, second, calls, tokens),
+        and its calls in progress, (subject, calls), for every subject with some or that had some."""
         counts, self._unsynced = self._unsynced, {}
-        return tuple((key, datetime.fromtimestamp(second, timezone.utc), calls, tokens)
-                     for (key, second), (calls, tokens) in counts.items())
-
-    def set_others(self, totals: dict[str, tuple[int, int]]) -> None:
-        """The other proxies' counts within the window, by subject (the store's answer to a sync)."""
+        in_progress = []
         for key, counters in self._subjects.items():
-            counters.others_calls, counters.others_tokens = totals.pop(key, (0, 0))
-        for key, (calls, tokens) in totals.items():
-            self._subjects[key] = _Counters(others_calls=calls, others_tokens=tokens)
+            if counters.in_progress or counters.reported_in_progress:
+                in_progress.append((key, counters.in_progress))
+                counters.reported_in_progress = counters.in_progress
+        return (tuple((key, datetime.fromtimestamp(second, timezone.utc), calls, tokens)
+                      for (key, second), (calls, tokens) in counts.items()), tuple(in_progress))
+
+    def set_others(self, totals: dict[str, tuple[int, int, int]]) -> None:
+        """The other proxies' counts within the window and calls in progress, by subject (the
+        store's answer to a sync)."""
+        for key, counters in self._subjects.items():
+            counters.others_calls, counters.others_tokens, counters.others_in_progress = totals.pop(key, (0, 0, 0))
+        for key, (calls, tokens, busy) in totals.items():
+            self._subjects[key] = _Counters(others_calls=calls, others_tokens=tokens, others_in_progress=busy)
 
     @staticmethod
     def _tokens_free_in(counters: _Counters, tpm: int, now: float) -> float:
@@ -176,5 +187,8 @@ async def share(quotas: Quotas, writer: BatchWriter, proxy_id: str) -> None:
         await asyncio.sleep(SYNC_S)
         if writer.failing is not None:
             continue
-        since = datetime.now(timezone.utc) - timedelta(seconds=WINDOW_S)
-        quotas.set_others(await writer.submit(QuotaUsage(proxy_id, quotas.take_unsynced(), since)))
+        now = datetime.now(timezone.utc)
+        counts, in_progress = quotas.take_unsynced()
+        quotas.set_others(await writer.submit(QuotaUsage(
+            proxy_id, counts, in_progress, now, since=now - timedelta(seconds=WINDOW_S),
+            reported_after=now - timedelta(seconds=_SILENT_S))))

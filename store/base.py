@@ -51,6 +51,7 @@ from flywheel.store.schema import (
     EPISODES,
     IS_EVAL_EPISODE,
     PASSTHROUGH,
+    QUOTA_IN_PROGRESS,
     QUOTA_USAGE,
     TRAIN_RUNS,
     Dialect,
@@ -298,17 +299,29 @@ class StoreBase(ABC):
         self._insert_rows(AUDIT_LOG, [dict(asdict(op.audit), row_count=erased.rows)])
         return erased
 
-    def _quota_usage(self, op: QuotaUsage) -> dict[str, tuple[int, int]]:
-        """Add this proxy's counts, drop expired ones, and return the other proxies' totals."""
+    def _quota_usage(self, op: QuotaUsage) -> dict[str, tuple[int, int, int]]:
+        """Add this proxy's counts and in-progress calls, drop expired ones, and return the other
+        proxies' (calls, tokens, in progress) by subject."""
         if op.counts:
             self._insert_rows(QUOTA_USAGE, [dict(subject=subject, proxy=op.proxy, counted_at=second, calls=calls,
                                                  tokens=tokens) for subject, second, calls, tokens in op.counts],
                               "ON CONFLICT (subject, proxy, counted_at) DO UPDATE SET calls = quota_usage.calls + "
                               "excluded.calls, tokens = quota_usage.tokens + excluded.tokens")
+        if op.in_progress:
+            self._insert_rows(QUOTA_IN_PROGRESS, [dict(subject=subject, proxy=op.proxy, in_progress=calls,
+                                                       reported_at=op.at) for subject, calls in op.in_progress],
+                              "ON CONFLICT (subject, proxy) DO UPDATE SET in_progress = excluded.in_progress, "
+                              "reported_at = excluded.reported_at")
         self._execute("DELETE FROM quota_usage WHERE counted_at < ?", [op.since])
-        found = self._execute("SELECT subject, sum(calls), sum(tokens) FROM quota_usage WHERE proxy <> ? "
-                              "GROUP BY subject", [op.proxy])
-        return {subject: (int(calls), int(tokens)) for subject, calls, tokens in found}
+        self._execute("DELETE FROM quota_in_progress WHERE reported_at < ?", [op.reported_after])
+        totals: dict[str, list[int]] = {}
+        for subject, calls, tokens in self._execute("SELECT subject, sum(calls), sum(tokens) FROM quota_usage "
+                                                    "WHERE proxy <> ? GROUP BY subject", [op.proxy]):
+            totals[subject] = [int(calls), int(tokens), 0]
+        for subject, calls in self._execute("SELECT subject, sum(in_progress) FROM quota_in_progress "
+                                            "WHERE proxy <> ? GROUP BY subject", [op.proxy]):
+            totals.setdefault(subject, [0, 0, 0])[2] = int(calls)
+        return {subject: (calls, tokens, busy) for subject, (calls, tokens, busy) in totals.items()}
 
     def _strip_content(self, op: StripContent) -> int:
         """Content retention on these episodes' calls older than `op.before`; how many calls."""

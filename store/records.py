@@ -229,12 +229,17 @@ class StripContent:
 
 @dataclass(frozen=True)
 class QuotaUsage:
-    """A proxy's counts since its last report, (subject, second, calls, tokens) each; counts older
-    than `since` are dropped. Its result: the other proxies' totals since `since`, by subject."""
+    """A proxy's counts since its last report, (subject, second, calls, tokens) each, and its calls
+    in progress now, (subject, calls); counts older than `since` and reports older than
+    `reported_after` are dropped. Its result: the other proxies' (calls, tokens, in progress)
+    by subject."""
 
     proxy: str
     counts: tuple[tuple[str, datetime, int, int], ...]
+    in_progress: tuple[tuple[str, int], ...]
+    at: datetime
     since: datetime
+    reported_after: datetime
 
 
 @dataclass(frozen=True)

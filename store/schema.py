@@ -320,6 +320,17 @@ QUOTA_USAGE = Table(
     indexes=(Index(("subject", "proxy", "counted_at"), unique=True),),
 )
 
+QUOTA_IN_PROGRESS = Table(
+    "quota_in_progress",
+    (
+        Column("subject", "VARCHAR", "what a max_concurrent limit counts: a key, or an agent under an agents rule"),
+        Column("proxy", "VARCHAR", "the proxy whose calls these are"),
+        Column("in_progress", "BIGINT", "its calls in progress at `reported_at`"),
+        Column("reported_at", "TIMESTAMPTZ", "when it said so (a proxy silent for a few seconds no longer counts)"),
+    ),
+    indexes=(Index(("subject", "proxy"), unique=True),),
+)
+
 META = Table(
     "flywheel_meta",
     (
@@ -329,7 +340,7 @@ META = Table(
 )
 
 TABLES: tuple[Table, ...] = (META, EPISODES, CALLS, FEEDBACK, ADAPTERS, TRAIN_RUNS, PASSTHROUGH, AUDIT_LOG,
-                             QUOTA_USAGE)
+                             QUOTA_USAGE, QUOTA_IN_PROGRESS)
 
 # SQL true for an evaluation episode (alias `e`), in both databases: metadata {"eval": true}. The
 # proxy never pushes these to the learner; `flywheel report` scores versions on them. It spells

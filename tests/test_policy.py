@@ -72,17 +72,24 @@ def test_keys_and_agents_load_as_arrays_of_tables(tmp_path):
             load_config(ProxyConfig, "proxy", str(path), {})
 
 
-async def test_store_none_leaves_no_trace_of_the_prompt_under_the_data_directory(start_proxy, db_path):
-    proxy = await start_proxy()
-    hidden, kept = marker(), marker()
-    headers = await call(proxy, f"say {hidden}", "ep-none", **{"X-Flywheel-Store": "none"})
+async def test_store_none_leaves_no_trace_of_the_prompt_in_the_store_or_the_learner(
+        start_proxy, start_learner, tmp_path):
+    address, state = f"127.0.0.1:{free_port()}", tmp_path / "state"
+    server = await start_learner(LearnerConfig(listen=address, state_dir=str(state)), "unused")
+    proxy = await start_proxy(learner=address, push_after_s=0.0, push_interval_s=0.05)
+    hidden, kept = marker(), marker()  # in the prompt and as the task id (what of an episode the learner gets)
+    headers = await call(proxy, f"say {hidden}", "ep-none", **{"X-Flywheel-Store": "none", "X-Flywheel-Task": hidden})
     assert headers["X-Flywheel-Store"] == "none" and headers["X-Flywheel-Train"] == "false"
-    await call(proxy, f"say {kept}", "ep-full")
+    await call(proxy, f"say {kept}", "ep-full", **{"X-Flywheel-Task": kept})
+    for episode in ("ep-none", "ep-full"):
+        await api(proxy, "POST", f"/v1/episodes/{episode}/feedback", {"reward": 1.0})
+        await api(proxy, "POST", f"/v1/episodes/{episode}/close")
+    await wait_buffered(server, 1)
     assert [r["episode_id"] for r in await proxy.rows("SELECT episode_id FROM calls")] == ["ep-full"]
     assert await proxy.rows("SELECT * FROM episodes WHERE episode_id = 'ep-none'") == []
     await proxy.stop()  # the store closes: its WAL checkpointed into the file
-    found = bytes_under(Path(db_path).parent)
-    assert kept.encode() in found  # the scan finds what was stored...
+    found = bytes_under(tmp_path)  # the store's file and the learner's state directory
+    assert kept.encode() in found and kept.encode() in bytes_under(state)  # the scan finds what was kept...
     assert hidden.encode() not in found  # ...and not what was not
 
 

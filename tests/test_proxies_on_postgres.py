@@ -104,3 +104,28 @@ async def test_proxies_on_one_store_share_their_rate_limits(start_proxy, postgre
         await _chat(two, "ep-2", agent="noisy")
     assert refused.value.response.headers["Retry-After"] == "1"  # the others' calls: look again after a sync
     await _chat(two, "ep-3", agent="quiet")  # another agent is not held up
+
+
+async def test_proxies_on_one_store_share_max_concurrent(start_proxy, postgres_url):
+    from flywheel.proxy.policy import AgentRule
+
+    settings = dict(db=postgres_url, agents=(AgentRule(match="slow", max_concurrent=1),))
+    one, two = await start_proxy(**settings), await start_proxy(**settings)
+    client = openai.AsyncOpenAI(base_url=f"{one.url}/agents/slow/v1", api_key="x", max_retries=0)
+    long_call = asyncio.create_task(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], extra_body={"fake_delay_ms": 4000}))
+
+    async def two_knows() -> bool:
+        counters = two.state.quotas._subjects.get("agents slow agent 'slow'")
+        return counters is not None and counters.others_in_progress == 1
+
+    await eventually(two_knows, 10, "the other proxy's call in progress counted")
+    with pytest.raises(openai.RateLimitError, match="max_concurrent"):
+        await _chat(two, "ep-x", agent="slow")
+    await long_call
+
+    async def two_sees_it_end() -> bool:
+        return two.state.quotas._subjects["agents slow agent 'slow'"].others_in_progress == 0
+
+    await eventually(two_sees_it_end, 10, "the other proxy's call seen to end")
+    await _chat(two, "ep-x", agent="slow")
