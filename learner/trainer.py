@@ -215,7 +215,9 @@ class PolicyTrainer:
         Logits divided by the call's sampling temperature, as vLLM's processed logprobs are.
         """
         B, T = mb.completion_ids_BT.shape
-        if self._lm_head_weight is not None:
+        head = self.model.base_model.model.get_output_embeddings()
+        # the head checked at start, unless an adapter loaded since put LoRA layers on it
+        if self._lm_head_weight is not None and type(head) is torch.nn.Linear:
             hidden_BTD = self._completion_hidden(mb)
             logp_N, entropy_N = token_logprobs(hidden_BTD.reshape(B * T, -1), self._lm_head_weight,
                                                mb.completion_ids_BT.reshape(-1),

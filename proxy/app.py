@@ -32,6 +32,7 @@ from flywheel.proxy.grader import EndpointScorer, Grader, GraderConfig, Scorer, 
 from flywheel.proxy.judge import JudgeScorer
 from flywheel.proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from flywheel.proxy.openapi import openapi_handler
+from flywheel.proxy.policy import RecentIds
 from flywheel.proxy.quotas import Quotas, share
 from flywheel.proxy.reload import Loader, NothingToReload, Rules, reload_rules
 from flywheel.proxy.registry import Registry
@@ -279,11 +280,14 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
 
 async def _quotas(app: web.Application) -> AsyncIterator[None]:
     """The keys' and agents' limits; shared with the other proxies on a PostgreSQL store."""
-    config, writer = app[CONFIG], app[WRITER]
+    writer, rules = app[WRITER], app[RULES]
     app[QUOTAS] = quotas = Quotas()
-    counted = any(rule.rpm or rule.tpm or rule.max_concurrent for rule in (*config.keys, *config.agents))
-    sharing = (asyncio.get_running_loop().create_task(share(quotas, writer, new_id("proxy")))
-               if counted and writer.store.shared else None)
+
+    def any_limits() -> bool:  # as configured now: a reload may add or remove them
+        return any(rule.rpm or rule.tpm or rule.max_concurrent for rule in (*rules.config.keys, *rules.config.agents))
+
+    sharing = (asyncio.get_running_loop().create_task(share(quotas, writer, new_id("proxy"), any_limits))
+               if writer.store.shared else None)
     yield
     if sharing is not None:
         await _cancel(sharing)
@@ -331,7 +335,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
                             registry=app[REGISTRY], feed=app.get(FEED), metrics=app[METRICS],
                             tracer=app.get(TRACER), grader=app.get(GRADER), shadows=app.get(SHADOWS),
                             rollout=app[ROLLOUT], quotas=app[QUOTAS], rules=app[RULES],
-                            reload_from=app[RELOAD_FROM])
+                            reload_from=app[RELOAD_FROM], untrainable=RecentIds(), erased=RecentIds())
     log.info("proxy up: upstream %s, store %s, learner %s", ", ".join(config.upstream), shown(config.db), config.learner or "none")
     if not (config.client_keys or config.every_admin_key):
         log.warning("no keys configured: every route is open to whoever reaches %s%s", config.host,

@@ -14,7 +14,7 @@ _NAME = {"type": "string", "minLength": 1, "maxLength": 256}
 _NUMBER = {"type": "number"}
 _OBJECT = {"type": "object"}
 _ERASED = {"type": "object", "properties": {name: {"type": "integer"} for name in (
-    "episodes", "calls", "feedback", "passthrough", "learner_episodes")}}
+    "episodes", "calls", "feedback", "passthrough", "judge_episodes", "learner_episodes")}}
 
 
 def _json(schema: dict) -> dict:

@@ -17,6 +17,7 @@ An episode any of whose calls may not be trained on is never pushed to the learn
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Literal, Mapping, Sequence
 
@@ -114,3 +115,20 @@ def kept(record: CallRecord, policy: CallPolicy) -> CallRecord:
     return replace(record, request=None, response=None, prompt_token_ids=None, completion_token_ids=None,
                    completion_logprobs=None, error="(withheld: metadata only)" if record.error else None,
                    stored="metadata", train=False)
+
+
+class RecentIds:
+    """The newest `limit` ids added, for a policy to remember across an episode's calls."""
+
+    def __init__(self, limit: int = 100_000):
+        self.limit = limit
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, episode_id: str) -> None:
+        self._ids[episode_id] = None
+        self._ids.move_to_end(episode_id)
+        if len(self._ids) > self.limit:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, episode_id: object) -> bool:
+        return episode_id in self._ids

@@ -15,30 +15,33 @@ limits: every `SYNC_S` each adds its new counts to the store's `quota_usage` (pe
 second) and its calls in progress to `quota_in_progress`, and reads the others' totals, which
 its own admissions count on top of its own; so a limit holds across proxies to within one
 sync's traffic (a proxy silent for 5 s no longer counts as having calls in progress). Shadow
-samples never pass here, and calls in an evaluation episode opened through this proxy
-(`POST /v1/episodes` with metadata `{"eval": true}`) count against nothing.
+samples never pass here, and calls in an evaluation episode opened through this proxy with an
+admin key (or with no keys configured; `POST /v1/episodes` with metadata `{"eval": true}`)
+count against nothing: a client key cannot open its way out of its limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
 from flywheel.proxy.errors import ApiError
-from flywheel.proxy.policy import KeyRule, Rule
+from flywheel.proxy.policy import KeyRule, RecentIds, Rule
 from flywheel.store.records import QuotaUsage
 from flywheel.store.writer import BatchWriter
+
+log = logging.getLogger("flywheel.proxy")
 
 WINDOW_S = 60.0
 SYNC_S = 1.0  # how often proxies on a shared store exchange their counts
 _SILENT_S = 5 * SYNC_S  # a proxy that has not reported for this long no longer counts as having calls in progress
 _MAX_IDLE_SUBJECTS = 10_000  # counters of subjects with nothing in their windows, kept before a sweep
-_MAX_EXEMPT = 100_000
 
 
 @dataclass
@@ -84,17 +87,7 @@ class Quotas:
         self.clock = clock
         self._subjects: dict[str, _Counters] = {}
         self._unsynced: dict[tuple[str, int], list[int]] = {}  # (subject, unix second) -> [calls, tokens]
-        self._exempt: OrderedDict[str, None] = OrderedDict()  # held-out evaluation episodes, newest last
-
-    def exempt(self, episode_id: str) -> None:
-        """Calls in this episode count against no limit: it was opened as a held-out evaluation
-        (metadata eval true) through this proxy. The newest `_MAX_EXEMPT` are remembered."""
-        self._exempt[episode_id] = None
-        if len(self._exempt) > _MAX_EXEMPT:
-            self._exempt.popitem(last=False)
-
-    def is_exempt(self, episode_id: str | None) -> bool:
-        return episode_id is not None and episode_id in self._exempt
+        self.exempt = RecentIds()  # held-out evaluation episodes opened here with an admin key: no limit
 
     def admit(self, limited: Sequence[tuple[Rule, str]]) -> Ticket:
         """Count a call against each (rule, subject), or raise OverLimit (counting nothing)."""
@@ -180,15 +173,22 @@ def limited(rules: Sequence[Rule], key_id: str | None, agent: str) -> list[tuple
             if rule.rpm or rule.tpm or rule.max_concurrent]
 
 
-async def share(quotas: Quotas, writer: BatchWriter, proxy_id: str) -> None:
+async def share(quotas: Quotas, writer: BatchWriter, proxy_id: str, any_limits: Callable[[], bool]) -> None:
     """Exchange counts with the other proxies on the (PostgreSQL) store every SYNC_S, until cancelled.
-    While the store cannot write, counts wait for the next round."""
+    While the store cannot write, counts wait for the next round; a round that fails is logged and
+    its counts are not shared (the limits hold a little looser for a second). `any_limits`: whether
+    the rules as configured now (a reload may change them) set any limit; none, no round."""
     while True:
         await asyncio.sleep(SYNC_S)
         if writer.failing is not None:
             continue
+        if not any_limits():
+            continue
         now = datetime.now(timezone.utc)
         counts, in_progress = quotas.take_unsynced()
-        quotas.set_others(await writer.submit(QuotaUsage(
-            proxy_id, counts, in_progress, now, since=now - timedelta(seconds=WINDOW_S),
-            reported_after=now - timedelta(seconds=_SILENT_S))))
+        try:
+            quotas.set_others(await writer.submit(QuotaUsage(
+                proxy_id, counts, in_progress, now, since=now - timedelta(seconds=WINDOW_S),
+                reported_after=now - timedelta(seconds=_SILENT_S))))
+        except Exception as failed:  # noqa: BLE001 - a background loop: log it and try next round
+            log.warning("sharing quota counts with the other proxies failed: %r", failed)

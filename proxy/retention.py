@@ -45,6 +45,8 @@ class Retention:
                 log.warning("retention waits for the learner (its copies go first): %s", unreachable)
             except StoreUnavailable as failing:
                 log.warning("retention waits for the store: %s", failing)
+            except Exception as failed:  # noqa: BLE001 - a background loop: a round that failed is tried again
+                log.error("retention round failed, tried again in %g s: %r", self.config.retention_check_s, failed)
             await asyncio.sleep(self.config.retention_check_s)
 
     async def prune(self) -> tuple[int, int]:

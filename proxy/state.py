@@ -17,6 +17,7 @@ from flywheel.proxy.errors import ApiError
 from flywheel.proxy.feed import Feed
 from flywheel.proxy.grader import Grader
 from flywheel.proxy.metrics import Metrics
+from flywheel.proxy.policy import RecentIds
 from flywheel.proxy.quotas import Quotas
 from flywheel.proxy.reload import Loader, Rules
 from flywheel.proxy.registry import Registry
@@ -43,6 +44,10 @@ class ProxyState:
     rollout: Rollout  # decides candidates and watches newly active versions ([promotion])
     quotas: Quotas  # the keys' and agents' rpm, tpm and max_concurrent counters
     rules: Rules  # keys, agent rules and redaction as configured now (a reload replaces them)
+    # episodes with a call under `none` (no record, so no row to mark): their later calls are not trainable
+    untrainable: RecentIds
+    # episodes erased here: a call still in flight then (a stream, a shadow sample) is not recorded
+    erased: RecentIds
     reload_from: Loader | None  # how to read the configuration again; None: built from code
 
     def require_writable_store(self) -> None:

@@ -28,6 +28,7 @@ from flywheel.store.records import (
     Erased,
     QuotaUsage,
     StripContent,
+    Untrainable,
     EpisodeClose,
     EpisodeOpen,
     EpisodeQuarantined,
@@ -213,6 +214,9 @@ class StoreBase(ABC):
                 results.append(None)
             elif isinstance(op, Erase):
                 results.append(self._erase(op))
+            elif isinstance(op, Untrainable):
+                self._execute("UPDATE episodes SET train = false WHERE episode_id = ? AND train", [op.episode_id])
+                results.append(None)
             elif isinstance(op, QuotaUsage):
                 results.append(self._quota_usage(op))
             elif isinstance(op, StripContent):
@@ -291,11 +295,20 @@ class StoreBase(ABC):
                               reasons)
 
     def _erase(self, op: Erase) -> Erased:
-        """Delete the episodes and every row that names them; the audit row says how many."""
-        ids = [list(op.episode_ids)]
-        counts = [len(self._execute(f"DELETE FROM {table} WHERE episode_id IN (SELECT unnest(?::VARCHAR[])) "
-                                    "RETURNING 1", ids)) for table in ("episodes", "calls", "feedback", "passthrough")]
-        erased = Erased(*counts)
+        """Delete the episodes, every row that names them and the judge's episodes that quote them
+        (metadata {"flywheel": "judge", "judged": [ids]}); the audit row says how many rows."""
+        ids = list(op.episode_ids)
+        judges = [row[0] for row in self._execute(
+            "SELECT episode_id FROM episodes WHERE metadata->>'flywheel' = 'judge' AND "
+            f"{self.dialect.json_list_has_any.format(json='metadata', key='judged')}", [ids])] if ids else []
+        gone = [ids + judges]
+
+        def delete(table: str) -> int:
+            return len(self._execute(f"DELETE FROM {table} WHERE episode_id IN (SELECT unnest(?::VARCHAR[])) "
+                                     "RETURNING 1", gone))
+
+        episodes = delete("episodes")
+        erased = Erased(episodes - len(judges), delete("calls"), delete("feedback"), delete("passthrough"), len(judges))
         self._insert_rows(AUDIT_LOG, [dict(asdict(op.audit), row_count=erased.rows)])
         return erased
 

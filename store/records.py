@@ -109,6 +109,14 @@ class GradeFailed:
 
 
 @dataclass(frozen=True)
+class Untrainable:
+    """A call of this episode went unrecorded under the `none` policy: if the episode is stored,
+    it is no longer trainable (nothing else is written)."""
+
+    episode_id: str
+
+
+@dataclass(frozen=True)
 class EpisodeClose:
     episode_id: str
     closed_at: datetime
@@ -244,14 +252,15 @@ class QuotaUsage:
 
 @dataclass(frozen=True)
 class Erased:
-    episodes: int
-    calls: int
+    episodes: int  # the episodes asked for (and found)
+    calls: int  # theirs, and those of the judge's episodes that quoted them
     feedback: int
     passthrough: int
+    judge_episodes: int  # the LLM judge's episodes whose prompts quoted them
 
     @property
     def rows(self) -> int:
-        return self.episodes + self.calls + self.feedback + self.passthrough
+        return self.episodes + self.calls + self.feedback + self.passthrough + self.judge_episodes
 
 
 class UnknownEpisode(LookupError):
@@ -284,4 +293,5 @@ def approx_bytes(op: object) -> int:
 
 
 StoreOp = (EpisodeOpen | CallRecord | Feedback | EpisodeClose | AdapterRow | EpisodesPushed | EpisodeQuarantined
-           | TrainRun | PassthroughRecord | GradeFailed | InfraError | AuditEntry | Erase | StripContent | QuotaUsage)
+           | TrainRun | PassthroughRecord | GradeFailed | InfraError | AuditEntry | Erase | StripContent | QuotaUsage
+           | Untrainable)

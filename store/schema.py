@@ -61,6 +61,9 @@ class Dialect:
     name: str
     types: dict[str, str]  # spec type -> this database's, as its information_schema reports it
     indexes: bool  # whether it creates the tables' `Index`es
+    # SQL true when the JSON column {json}'s list under {key} holds any of the strings of the
+    # statement's (VARCHAR[]) parameter
+    json_list_has_any: str
 
     def column_type(self, column: Column) -> str:
         return self.types[column.sql_type]
@@ -71,6 +74,7 @@ DUCKDB = Dialect(
     types={t: t for t in ("VARCHAR", "JSON", "INTEGER", "BIGINT", "DOUBLE", "BOOLEAN", "TIMESTAMPTZ", "INTEGER[]",
                           "FLOAT[]")},
     indexes=False,
+    json_list_has_any="list_has_any(json_extract_string({json}, '$.{key}[*]'), ?::VARCHAR[])",
 )
 POSTGRES = Dialect(
     "postgres",
@@ -78,6 +82,7 @@ POSTGRES = Dialect(
            "BOOLEAN": "boolean", "TIMESTAMPTZ": "timestamp with time zone", "INTEGER[]": "integer[]",
            "FLOAT[]": "real[]"},
     indexes=True,
+    json_list_has_any="jsonb_exists_any({json}->'{key}', ?::text[])",
 )
 
 _ARROW_TYPES = {

@@ -6,6 +6,7 @@ import json
 
 import aiohttp
 import openai
+import pytest
 
 from flywheel.client import KEY_VARIABLE
 from flywheel.learner.config import LearnerConfig
@@ -50,7 +51,8 @@ async def test_erasing_a_user_removes_their_data_from_the_store_and_the_learner_
 
     status, counts = await api(proxy, "POST", "/v1/erase", {"metadata": {"user": "u-17"}}, key=ADMIN)
     assert status == 200
-    assert counts == {"episodes": 2, "calls": 2, "feedback": 2, "passthrough": 0, "learner_episodes": 2}
+    assert counts == {"episodes": 2, "calls": 2, "feedback": 2, "passthrough": 0, "judge_episodes": 0,
+                      "learner_episodes": 2}
     assert sorted(server.learner.buffer.pending) == [kept]
     assert theirs.encode() not in bytes_under(state) and others.encode() in bytes_under(state)
     assert await calls_mentioning(proxy, theirs) == 0 and await calls_mentioning(proxy, others) == 1
@@ -104,3 +106,34 @@ async def test_erasure_and_the_audit_trail_need_an_admin_key(start_proxy):
         async with session.get(f"{proxy.url}/openapi.json") as response:
             spec = await response.json()
     assert "delete" in spec["paths"]["/v1/episodes/{episode}"] and "post" in spec["paths"]["/v1/erase"]
+
+
+async def test_a_stream_in_flight_when_its_episode_is_erased_is_not_recorded(start_proxy):
+    proxy = await start_proxy()
+    _, created = await api(proxy, "POST", "/v1/episodes", {"metadata": {"user": "u-5"}})
+    episode = created["episode_id"]
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=8,
+        extra_headers={"X-Flywheel-Episode": episode}, extra_body={"fake_chunk_delay_ms": 100})
+    status, counts = await api(proxy, "POST", "/v1/erase", {"metadata": {"user": "u-5"}})
+    assert status == 200 and counts["episodes"] == 1
+    [chunk async for chunk in stream]  # the stream ends after the erasure
+    await proxy.state.writer.flush()
+    assert await proxy.rows("SELECT * FROM episodes") == [] and await proxy.rows("SELECT * FROM calls") == []
+
+
+async def test_a_client_key_cannot_open_an_evaluation_episode_outside_its_limits(start_proxy):
+    from flywheel.proxy.policy import AgentRule
+
+    proxy = await start_proxy(api_keys=("client-key-0123456789",), admin_keys=(ADMIN,),
+                              agents=(AgentRule(match=".*", rpm=1),))
+    status, created = await api(proxy, "POST", "/v1/episodes", {"metadata": {"eval": True}},
+                                key="client-key-0123456789")
+    assert status == 201
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="client-key-0123456789", max_retries=0)
+    headers = {"X-Flywheel-Episode": created["episode_id"]}
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], extra_headers=headers)
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}],
+                                             extra_headers=headers)

@@ -145,3 +145,16 @@ async def test_episodes_that_may_not_be_trained_on_never_reach_the_learner(start
                     {"episode_id": "ep-train", "train": True, "pushed": True}]
     assert sorted(server.learner.buffer.pending) == ["ep-train"]
     assert trained.encode() in bytes_under(state) and hidden.encode() not in bytes_under(state)
+
+
+async def test_an_episode_with_a_call_under_none_is_not_trained_on_whatever_the_order(start_proxy):
+    proxy = await start_proxy()
+    await call(proxy, "a", "ep-none-first", **{"X-Flywheel-Store": "none"})
+    await call(proxy, "b", "ep-none-first")  # stored, but its episode had a call nobody may keep
+    await call(proxy, "c", "ep-none-last")
+    await call(proxy, "d", "ep-none-last", **{"X-Flywheel-Store": "none"})
+    await call(proxy, "e", "ep-plain")
+    rows = await proxy.rows("SELECT episode_id, train FROM episodes ORDER BY episode_id")
+    assert rows == [{"episode_id": "ep-none-first", "train": False}, {"episode_id": "ep-none-last", "train": False},
+                    {"episode_id": "ep-plain", "train": True}]
+    assert len(await proxy.rows("SELECT * FROM calls")) == 3

@@ -166,7 +166,10 @@ def test_data_governance_writes_and_reads_do_as_duckdbs_do(store, tmp_path):
     duck = Store(str(tmp_path / "f.duckdb"))
     audit = AuditEntry(NOW, "0123abcd4567", "erase", "ep-a", detail='{"metadata": {"user": "u1"}}')
     for each in (duck, store):
-        each.apply(_scenario() + [call("p0", "ep-private", train=False), Feedback("fp", "ep-private", 1.0, NOW)])
+        each.apply(_scenario() + [call("p0", "ep-private", train=False), Feedback("fp", "ep-private", 1.0, NOW),
+                                  EpisodeOpen("judge-1", NOW, agent="flywheel-judge",
+                                              metadata='{"flywheel": "judge", "judged": ["ep-a", "ep-x"]}'),
+                                  call("j0", "judge-1")])
     for read in (lambda s: s.episodes_with_metadata({"user": "u1"}),
                  lambda s: s.expired_episodes(NOW + timedelta(days=1), 2),
                  lambda s: s.episodes_with_old_content(NOW + timedelta(seconds=0.5), 10),
@@ -175,12 +178,12 @@ def test_data_governance_writes_and_reads_do_as_duckdbs_do(store, tmp_path):
     assert "ep-private" not in [e["episode_id"] for e in store.episodes_to_push(10, 0)]
     for each in (duck, store):
         assert each.apply([Erase(("ep-a",), audit), StripContent(("ep-eval",), NOW + timedelta(days=1), audit)]) == [
-            Erased(episodes=1, calls=3, feedback=2, passthrough=0), 1]
+            Erased(episodes=1, calls=4, feedback=2, passthrough=0, judge_episodes=1), 1]
     for sql in ("SELECT episode_id, stored, request IS NULL AS gone FROM calls ORDER BY call_id",
                 "SELECT episode_id, train FROM episodes ORDER BY episode_id",
                 "SELECT key_id, action, target, row_count FROM audit_log ORDER BY row_count"):
         assert rows(store, sql) == rows(duck, sql)
-    assert rows(store, "SELECT row_count FROM audit_log ORDER BY row_count") == [[1], [6]]
+    assert rows(store, "SELECT row_count FROM audit_log ORDER BY row_count") == [[1], [8]]
     duck.close()
 
 

@@ -25,7 +25,7 @@ from flywheel.proxy.responses import RESPONSES, ResponseEvents, chat_request, re
 from flywheel.proxy.sampling import Sampling, resolve
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamError, UpstreamResponse
-from flywheel.store.records import CallRecord
+from flywheel.store.records import CallRecord, Untrainable
 
 
 @dataclass
@@ -111,10 +111,16 @@ class _Call:
             **asdict(self.sampling),
         )
         record = kept(record, self.policy)
-        if self.policy.store != "none":  # if this wait is cancelled (the client left), the 499 is recorded
+        erased = self.who.episode_id in self.state.erased  # while it ran: its record must not bring it back
+        if self.policy.store == "none":
+            self.state.untrainable.add(self.who.episode_id)
+            await self.state.writer.put(Untrainable(self.who.episode_id))
+        elif not erased:  # if this wait is cancelled (the client left), the 499 is recorded
             await self.state.writer.put(record)
         self.recorded = True
         self._count(status)
+        if erased or self.policy.store == "none":
+            return
         if self.state.shadows is not None and status == 200 and error is None and self.policy.train:
             self.state.shadows.offer(
                 call_id=self.call_id, episode_id=self.who.episode_id, agent=self.who.agent, task_id=self.who.task_id,
@@ -155,7 +161,8 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
         redaction.body(body)
     grant = request.get(GRANT)
     rules = covering(grant.rule if grant else None, state.rules.config.agents, who.agent)
-    policy = narrowest([*rules, requested(request.headers)])
+    policy = narrowest([*rules, requested(request.headers),
+                        *([CallPolicy("full", False)] if who.episode_id in state.untrainable else [])])
     request_json = orjson.dumps(body).decode()  # as the client sent it (redacted): before defaults are filled in
     events = ResponseEvents(body) if endpoint == RESPONSES else None
     upstream_endpoint = CHAT if events else endpoint
@@ -177,7 +184,7 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     call.forward = forward
     ticket = None
     try:
-        held_out = state.quotas.is_exempt(who.episode_id)
+        held_out = who.episode_id in state.quotas.exempt
         ticket = _admit(state, [] if held_out else limited(rules, grant.key_id if grant else None, who.agent),
                         who.agent)
         return await _exchange(request, call, forward, headers, wants)

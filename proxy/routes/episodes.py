@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from flywheel.proxy.attribution import checked_name, new_id
+from flywheel.proxy.auth import GRANT, Access
 from flywheel.proxy.errors import ApiError, read_json_object
 from flywheel.proxy.state import STATE
 from flywheel.store.schema import EVAL_TRUE
@@ -59,8 +60,10 @@ async def create_episode(request: web.Request) -> web.Response:
         metadata=json.dumps(metadata) if metadata is not None else None,
     )
     await _commit(request, op)
-    if metadata is not None and str(metadata.get("eval")).lower() in EVAL_TRUE:  # held-out: outside every quota
-        request.app[STATE].quotas.exempt(op.episode_id)
+    grant = request.get(GRANT)
+    if metadata is not None and str(metadata.get("eval")).lower() in EVAL_TRUE and (
+            grant is None or grant.access is Access.ADMIN):  # held out by the team: outside every quota
+        request.app[STATE].quotas.exempt.add(op.episode_id)
     return web.json_response({"episode_id": op.episode_id, "task_id": op.task_id}, status=201)
 
 

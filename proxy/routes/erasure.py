@@ -3,9 +3,12 @@
 `POST /v1/erase {"metadata": {"user": "u-17"}}` erases every episode whose metadata (as given
 to `POST /v1/episodes`) has all those keys with those values. The learner drops the episodes
 from its buffer first, then the store deletes the episodes with their calls, feedback and
-pass-through rows and writes an `audit_log` row (who, when, how many rows, never content) in
-the same transaction, then the learner is asked again, for an episode pushed in between. If
-the learner cannot be reached nothing is erased (a 503; the request may be repeated).
+pass-through rows, and the LLM judge's episodes that quote them, and writes an `audit_log` row
+(who, when, how many rows, never content) in the same transaction, then the learner is asked
+again, for an episode pushed in between. If the learner cannot be reached at first nothing is
+erased (a 503; the request may be repeated); if only the second time, the reply says so in
+`learner_error`. A call of an erased episode still in flight on this proxy is not recorded
+when it ends.
 Adapters already trained on the data keep what they learned.
 """
 
@@ -44,11 +47,17 @@ async def _erase(request: web.Request, episode_ids: list[str], target: str | Non
     state = request.app[STATE]
     state.require_writable_store()
     learner = await _erase_at_learner(state, episode_ids)
+    for episode_id in episode_ids:  # a call of it still in flight here is not recorded when it ends
+        state.erased.add(episode_id)
     erased = await state.writer.submit(Erase(tuple(episode_ids), audit_entry(request, "erase", target,
                                                                               detail={**detail, "episodes": len(episode_ids)})))
-    learner = max(learner, await _erase_at_learner(state, episode_ids))
-    return web.json_response({"episodes": erased.episodes, "calls": erased.calls, "feedback": erased.feedback,
-                              "passthrough": erased.passthrough, "learner_episodes": learner})
+    reply = {"episodes": erased.episodes, "calls": erased.calls, "feedback": erased.feedback,
+             "passthrough": erased.passthrough, "judge_episodes": erased.judge_episodes, "learner_episodes": learner}
+    try:
+        reply["learner_episodes"] = max(learner, await _erase_at_learner(state, episode_ids))
+    except ApiError as unreachable:  # the store's part is done: say what is left, for a repeat of the request
+        reply["learner_error"] = unreachable.message
+    return web.json_response(reply)
 
 
 async def _erase_at_learner(state: ProxyState, episode_ids: list[str]) -> int:
