@@ -1,10 +1,13 @@
 """The LoRA policy trainer: one peft adapter per trained agent (or one shared), on the CPU or CUDA.
 
 Where the time goes is where TRL loses it: we run the LM head only on completion
-positions (not on every prompt position), compute log-probs with a gather and a
-logsumexp instead of a full log_softmax, and never keep a second copy of the logits. The
-LoRA layers run `fused_lora`'s forward: the scaling on the rank-r intermediate, the sum in
-the GEMM.
+positions (not on every prompt position), and where the model's logits are plain
+hidden @ W^T (checked at start) `logprobs.token_logprobs` computes them 64 positions at a
+time, log-probs by a gather and a logsumexp, the backward recomputing each chunk: no
+(positions x vocabulary) fp32 tensor is ever kept. The LoRA layers run `fused_lora`'s
+forward: the scaling on the rank-r intermediate, the sum in the GEMM. On the CPU, attention
+over short rows is `attention`'s plain matmul-softmax-matmul (the CPU flash kernel's backward
+is ~3x slower there).
 The base model stays frozen in bf16 (on the CPU its matmuls run on AMX/oneDNN); the
 adapters and their AdamW state are fp32.
 """
