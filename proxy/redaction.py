@@ -2,7 +2,7 @@
 
 Configured detectors (`[proxy] redact`) run over the text a request sends the model: chat
 messages' content (strings and text parts) and tool-call arguments, a completion's prompt, a
-Responses call's input and instructions. Each distinct value found becomes a numbered
+Responses call's input and instructions, the texts to embed and to tokenize. Each distinct value found becomes a numbered
 placeholder of its kind, the same one wherever it recurs in the call:
 
     email     name@example.com                       <EMAIL_1>
@@ -116,7 +116,8 @@ class Redaction:
                 body[key] = [self.text(p) if isinstance(p, str) else p for p in body[key]]
         if isinstance(body.get("input"), str):
             body["input"] = self.text(body["input"])
-        elif isinstance(body.get("input"), list):
+        elif isinstance(body.get("input"), list):  # Responses input items, or the texts to embed
+            body["input"] = [self.text(item) if isinstance(item, str) else item for item in body["input"]]
             for item in body["input"]:
                 if isinstance(item, dict):
                     self._message(item)

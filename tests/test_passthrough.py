@@ -40,3 +40,19 @@ async def test_a_model_is_retrieved_by_id(proxy):
     assert model.id == "fake-model" and model.owned_by == "fake"
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         await client.models.retrieve("no-such-model")
+
+
+async def test_policies_limits_and_redaction_apply_to_pass_through_calls(start_proxy):
+    from flywheel.proxy.policy import AgentRule
+
+    proxy = await start_proxy(redact=("email",), agents=(AgentRule(match="private", store="none"),
+                                                         AgentRule(match="limited", rpm=1)))
+    embedded = await sdk(proxy, "/agents/retriever/v1").embeddings.create(model="fake-model", input=["mail a@b.co"])
+    assert embedded.data[0].embedding[0] == len("mail <EMAIL_1>")  # the upstream embedded the placeholder
+    await sdk(proxy, "/agents/private/v1").embeddings.create(model="fake-model", input="x")
+    limited = sdk(proxy, "/agents/limited/v1")
+    await limited.embeddings.create(model="fake-model", input="x")
+    with pytest.raises(openai.RateLimitError):
+        await limited.embeddings.create(model="fake-model", input="x")
+    rows = await proxy.rows("SELECT agent FROM passthrough ORDER BY created_at")
+    assert [r["agent"] for r in rows] == ["retriever", "limited"]  # "private" keeps nothing; a 429 is no call

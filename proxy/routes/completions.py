@@ -14,14 +14,13 @@ import orjson
 from aiohttp import web
 
 from flywheel.proxy.attribution import Attribution, attribute, new_id
-from flywheel.proxy.auth import GRANT
 from flywheel.proxy.capture import CHAT, Capture, Wants, strip_unrequested, upstream_body
 from flywheel.proxy.errors import MAX_ERROR_CHARS, ApiError, error_body, error_response, read_json_object
-from flywheel.proxy.policy import STORE_HEADER, TRAIN_HEADER, CallPolicy, covering, kept, narrowest, requested
-from flywheel.proxy.quotas import OverLimit, Ticket, limited
+from flywheel.proxy.policy import STORE_HEADER, TRAIN_HEADER, CallPolicy, kept
 from flywheel.proxy.redaction import Redaction
 from flywheel.proxy.registry import Version
 from flywheel.proxy.responses import RESPONSES, ResponseEvents, chat_request, response_object
+from flywheel.proxy.routes.governed import admit, govern
 from flywheel.proxy.sampling import Sampling, resolve
 from flywheel.proxy.state import STATE, ProxyState
 from flywheel.proxy.upstream import UpstreamError, UpstreamResponse
@@ -159,10 +158,7 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     redaction = Redaction(state.rules.detectors) if state.rules.detectors else None
     if redaction is not None:  # before anything is recorded or forwarded: the model sees placeholders only
         redaction.body(body)
-    grant = request.get(GRANT)
-    rules = covering(grant.rule if grant else None, state.rules.config.agents, who.agent)
-    policy = narrowest([*rules, requested(request.headers),
-                        *([CallPolicy("full", False)] if who.episode_id in state.untrainable else [])])
+    governed = govern(request, state, who)
     request_json = orjson.dumps(body).decode()  # as the client sent it (redacted): before defaults are filled in
     events = ResponseEvents(body) if endpoint == RESPONSES else None
     upstream_endpoint = CHAT if events else endpoint
@@ -172,7 +168,7 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
         started=started, request_json=request_json, model=body.get("model"),
         stream=bool(body.get("stream")), capture=Capture(upstream_endpoint),
         sampling=resolve(forward, state.config.sampling_defaults), events=events,
-        trace_parent=state.tracer.parent(request.headers) if state.tracer is not None else None, policy=policy,
+        trace_parent=state.tracer.parent(request.headers) if state.tracer is not None else None, policy=governed.policy,
         redaction=redaction,
     )
     headers = state.config.upstream_headers()
@@ -184,24 +180,13 @@ async def _forward(request: web.Request, endpoint: str) -> web.StreamResponse:
     call.forward = forward
     ticket = None
     try:
-        held_out = who.episode_id in state.quotas.exempt
-        ticket = _admit(state, [] if held_out else limited(rules, grant.key_id if grant else None, who.agent),
-                        who.agent)
+        ticket = admit(state, governed, who)
         return await _exchange(request, call, forward, headers, wants)
     finally:
         if ticket is not None:
             state.quotas.release(ticket, (call.capture.prompt_tokens() or 0) + (call.capture.completion_tokens() or 0))
         if version is not None:
             state.registry.release(version)
-
-
-def _admit(state: ProxyState, limited_by: list, agent: str) -> Ticket:
-    """Count the call against its limits, or refuse it with a 429 (counted in the metrics)."""
-    try:
-        return state.quotas.admit(limited_by)
-    except OverLimit as over:
-        state.metrics.over_limit.labels(agent, over.limit).inc()
-        raise
 
 
 async def _exchange(request: web.Request, call: _Call, forward: dict, headers: dict,
