@@ -22,7 +22,8 @@ from aiohttp import web
 
 from flywheel.proxy.admin import upstream_base
 from flywheel.proxy.attribution import new_id
-from flywheel.proxy.auth import GRANT, ROUTE_ACCESS, Access, guard_middleware, is_loopback
+from flywheel.proxy.audit import caller_key_id
+from flywheel.proxy.auth import ROUTE_ACCESS, Access, guard_middleware, is_loopback
 from flywheel.proxy.canary import PromotionConfig
 from flywheel.proxy.capture import CHAT, COMPLETIONS
 from flywheel.proxy.config import ProxyConfig
@@ -284,7 +285,7 @@ async def _quotas(app: web.Application) -> AsyncIterator[None]:
     app[QUOTAS] = quotas = Quotas()
 
     def any_limits() -> bool:  # as configured now: a reload may add or remove them
-        return any(rule.rpm or rule.tpm or rule.max_concurrent for rule in (*rules.config.keys, *rules.config.agents))
+        return any(rule.limits for rule in (*rules.config.keys, *rules.config.agents))
 
     sharing = (asyncio.get_running_loop().create_task(share(quotas, writer, new_id("proxy"), any_limits))
                if writer.store.shared else None)
@@ -361,9 +362,9 @@ async def _cancel(task: asyncio.Task) -> None:
 async def _reload(request: web.Request) -> web.Response:
     """Read the configuration again and apply its keys, agent rules and redaction; 400 (the running
     rules kept) for one that cannot serve, 409 for a proxy not started from a configuration."""
-    state, grant = request.app[STATE], request.get(GRANT)
+    state = request.app[STATE]
     try:
-        result = await reload_rules(state.rules, state.reload_from, state.writer, grant.key_id if grant else None)
+        result = await reload_rules(state.rules, state.reload_from, state.writer, caller_key_id(request))
     except NothingToReload as nothing:
         raise ApiError(409, str(nothing), "nothing_to_reload") from None
     except ValueError as refused:

@@ -8,9 +8,6 @@ named by the first 12 hex digits of its SHA-256 (`auth.Grant.key_id`).
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timezone
-
 from aiohttp import web
 
 from flywheel.proxy.auth import GRANT
@@ -18,12 +15,16 @@ from flywheel.proxy.state import STATE
 from flywheel.store.records import AuditEntry
 
 
+def caller_key_id(request: web.Request) -> str | None:
+    """The id of the key this request was let in with (None: no keys configured)."""
+    grant = request.get(GRANT)
+    return grant.key_id if grant else None
+
+
 def audit_entry(request: web.Request, action: str, target: str | None = None, row_count: int | None = None,
                 detail: dict | None = None) -> AuditEntry:
     """An `audit_log` row for an admin action taken by this request's caller."""
-    grant = request.get(GRANT)
-    return AuditEntry(logged_at=datetime.now(timezone.utc), key_id=grant.key_id if grant else None, action=action,
-                      target=target, row_count=row_count, detail=json.dumps(detail) if detail is not None else None)
+    return AuditEntry.now(caller_key_id(request), action, target, row_count, detail)
 
 
 async def audit(request: web.Request, action: str, target: str | None = None, row_count: int | None = None,

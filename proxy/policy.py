@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, Mapping, Sequence
 
 from flywheel.proxy.errors import ApiError
-from flywheel.store.records import CallRecord
+from flywheel.store.records import CONTENT_FIELDS, WITHHELD_ERROR, CallRecord
 
 Store = Literal["full", "metadata", "none"]
 _WIDTH = {"none": 0, "metadata": 1, "full": 2}
@@ -48,6 +48,11 @@ class Rule:
         for name in ("rpm", "tpm", "max_concurrent"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def limits(self) -> bool:
+        """Whether it sets any limit (so that its calls are counted)."""
+        return bool(self.rpm or self.tpm or self.max_concurrent)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,8 +117,7 @@ def kept(record: CallRecord, policy: CallPolicy) -> CallRecord:
     """What the store may keep of `record` under `policy` (for `none`, what metrics and spans see)."""
     if policy.store == "full":
         return record if policy.train else replace(record, train=False)
-    return replace(record, request=None, response=None, prompt_token_ids=None, completion_token_ids=None,
-                   completion_logprobs=None, error="(withheld: metadata only)" if record.error else None,
+    return replace(record, **dict.fromkeys(CONTENT_FIELDS), error=WITHHELD_ERROR if record.error else None,
                    stored="metadata", train=False)
 
 

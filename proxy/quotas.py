@@ -170,7 +170,7 @@ def _key(rule: Rule, subject: str) -> str:
 def limited(rules: Sequence[Rule], key_id: str | None, agent: str) -> list[tuple[Rule, str]]:
     """The (rule, subject) pairs a call counts against: a key's rule by key, an agent's by agent name."""
     return [(rule, f"key {key_id}" if isinstance(rule, KeyRule) else f"agent {agent!r}") for rule in rules
-            if rule.rpm or rule.tpm or rule.max_concurrent]
+            if rule.limits]
 
 
 async def share(quotas: Quotas, writer: BatchWriter, proxy_id: str, any_limits: Callable[[], bool]) -> None:

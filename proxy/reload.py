@@ -12,9 +12,7 @@ names those that changed. Each reload is audited (the names of what changed, nev
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from datetime import datetime, timezone
 from typing import Callable
 
 from flywheel.proxy.auth import Keys, check_bind
@@ -65,8 +63,7 @@ async def reload_rules(rules: Rules, load: Loader | None, writer: BatchWriter, k
         raise NothingToReload("this proxy was not started from a configuration (flywheel serve): nothing to reload")
     fresh = load()  # ConfigError (a ValueError) for a file or variable it cannot use
     result = rules.reload(dataclasses.replace(fresh, sampling_defaults=checked_defaults(fresh.sampling_defaults)))
-    await writer.put(AuditEntry(logged_at=datetime.now(timezone.utc), key_id=key_id, action="config_reload",
-                                detail=json.dumps(result)))
+    await writer.put(AuditEntry.now(key_id, "config_reload", detail=result))
     log.info("configuration reloaded: changed %s; needing a restart %s", result["changed"] or "nothing",
              result["needs_restart"] or "nothing")
     return result

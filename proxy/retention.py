@@ -13,7 +13,6 @@ Adapters already trained on the data keep what they learned.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from datetime import datetime, timedelta, timezone
 
@@ -73,5 +72,4 @@ class Retention:
 
     @staticmethod
     def _audit(action: str, before: datetime, episodes: int) -> AuditEntry:
-        return AuditEntry(logged_at=datetime.now(timezone.utc), key_id=None, action=action,
-                          detail=json.dumps({"before": before.isoformat(), "episodes": episodes}))
+        return AuditEntry.now(None, action, detail={"before": before.isoformat(), "episodes": episodes})

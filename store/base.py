@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import orjson
 
 from flywheel.store.records import (
+    CONTENT_FIELDS,
+    WITHHELD_ERROR,
     AdapterRow,
     AuditEntry,
     CallRecord,
@@ -215,7 +217,7 @@ class StoreBase(ABC):
             elif isinstance(op, Erase):
                 results.append(self._erase(op))
             elif isinstance(op, Untrainable):
-                self._execute("UPDATE episodes SET train = false WHERE episode_id = ? AND train", [op.episode_id])
+                self._mark_untrainable([op.episode_id])
                 results.append(None)
             elif isinstance(op, QuotaUsage):
                 results.append(self._quota_usage(op))
@@ -281,10 +283,8 @@ class StoreBase(ABC):
                 state.next_seq += 1
             rows.append(row)
         self._insert_rows(CALLS, rows, self.calls_conflict)
-        untrainable = sorted({c.episode_id for c in calls if not c.train})
-        if untrainable:  # a policy that forbids training on one call keeps its whole episode from the learner
-            self._execute("UPDATE episodes SET train = false WHERE episode_id IN (SELECT unnest(?::VARCHAR[])) "
-                          "AND train", [untrainable])
+        # a policy that forbids training on one call keeps its whole episode from the learner
+        self._mark_untrainable(sorted({c.episode_id for c in calls if not c.train}))
         self._mark_infra_error([(f"the upstream failed call {c.call_id}: {c.status} {(c.error or '')[:200]}",
                                  c.episode_id) for c in calls if c.status >= 500])
 
@@ -293,6 +293,12 @@ class StoreBase(ABC):
         if reasons:
             self._executemany("UPDATE episodes SET infra_error = ? WHERE episode_id = ? AND infra_error IS NULL",
                               reasons)
+
+    def _mark_untrainable(self, episode_ids: list[str]) -> None:
+        """These episodes (those stored) may no longer be trained on."""
+        if episode_ids:
+            self._execute("UPDATE episodes SET train = false WHERE episode_id IN (SELECT unnest(?::VARCHAR[])) "
+                          "AND train", [episode_ids])
 
     def _erase(self, op: Erase) -> Erased:
         """Delete the episodes, every row that names them and the judge's episodes that quote them
@@ -339,12 +345,12 @@ class StoreBase(ABC):
     def _strip_content(self, op: StripContent) -> int:
         """Content retention on these episodes' calls older than `op.before`; how many calls."""
         ids = list(op.episode_ids)
+        cleared = ", ".join(f"{name} = NULL" for name in CONTENT_FIELDS)
         stripped = len(self._execute(
-            "UPDATE calls SET request = NULL, response = NULL, prompt_token_ids = NULL, completion_token_ids = NULL, "
-            "completion_logprobs = NULL, error = CASE WHEN error IS NULL THEN NULL ELSE '(withheld: metadata only)' "
-            "END, stored = 'metadata' WHERE episode_id IN (SELECT unnest(?::VARCHAR[])) AND created_at < ? "
-            "AND stored = 'full' RETURNING 1", [ids, op.before]))
-        self._execute("UPDATE episodes SET train = false WHERE episode_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+            f"UPDATE calls SET {cleared}, error = CASE WHEN error IS NULL THEN NULL ELSE ? END, stored = 'metadata' "
+            "WHERE episode_id IN (SELECT unnest(?::VARCHAR[])) AND created_at < ? AND stored = 'full' RETURNING 1",
+            [WITHHELD_ERROR, ids, op.before]))
+        self._mark_untrainable(ids)
         self._insert_rows(AUDIT_LOG, [dict(asdict(op.audit), row_count=stripped)])
         return stripped
 

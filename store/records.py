@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ class CallRecord:
     redactions: str | None = None  # JSON text {detector: matches replaced}; None: none
     stored: str = "full"  # full, or metadata: the content fields above are None (flywheel.proxy.policy)
     train: bool = True  # False: its episode is never trained on (episodes.train, like task_id the episode's)
+
+
+# what the `metadata` policy and content retention take from a call (NULL), and the error text
+# they leave in place of an error's own (which may quote the request)
+CONTENT_FIELDS = ("request", "response", "prompt_token_ids", "completion_token_ids", "completion_logprobs")
+WITHHELD_ERROR = "(withheld: metadata only)"
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,14 @@ class AuditEntry:
     target: str | None = None
     row_count: int | None = None
     detail: str | None = None  # JSON text: the action's parameters
+
+    @classmethod
+    def now(cls, key_id: str | None, action: str, target: str | None = None, row_count: int | None = None,
+            detail: dict | None = None) -> AuditEntry:
+        """The row for an action taken now by the holder of `key_id` (None: the proxy itself, or no
+        keys configured)."""
+        return cls(datetime.now(timezone.utc), key_id, action, target, row_count,
+                   json.dumps(detail) if detail is not None else None)
 
 
 @dataclass(frozen=True)

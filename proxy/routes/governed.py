@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from flywheel.proxy.attribution import Attribution
+from flywheel.proxy.audit import caller_key_id
 from flywheel.proxy.auth import GRANT
 from flywheel.proxy.policy import CallPolicy, Rule, covering, narrowest, requested
 from flywheel.proxy.quotas import OverLimit, Ticket, limited
@@ -28,7 +29,7 @@ def govern(request: web.Request, state: ProxyState, who: Attribution) -> Governe
     rules = covering(grant.rule if grant else None, state.rules.config.agents, who.agent)
     policy = narrowest([*rules, requested(request.headers),
                         *([CallPolicy("full", False)] if who.episode_id in state.untrainable else [])])
-    return Governed(policy, tuple(rules), grant.key_id if grant else None)
+    return Governed(policy, tuple(rules), caller_key_id(request))
 
 
 def admit(state: ProxyState, governed: Governed, who: Attribution) -> Ticket:

@@ -18,7 +18,7 @@ from flywheel.proxy.errors import MAX_ERROR_CHARS, ApiError
 from flywheel.proxy.redaction import Redaction
 from flywheel.proxy.routes.governed import admit, govern
 from flywheel.proxy.state import STATE, ProxyState
-from flywheel.store.records import PassthroughRecord
+from flywheel.store.records import WITHHELD_ERROR, PassthroughRecord
 
 
 # (method, path from the upstream's root): the routes forwarded as they are
@@ -44,7 +44,7 @@ def forward_handler(path: str):
                 call_id=call_id, agent=who.agent, episode_id=who.episode_id, created_at=created_at,
                 method=request.method, path=path, status=status, latency_ms=(time.perf_counter() - started) * 1000,
                 request_bytes=len(body or b""), response_bytes=len(raw),
-                error=error if governed.policy.store == "full" or error is None else "(withheld: metadata only)"))
+                error=error if governed.policy.store == "full" or error is None else WITHHELD_ERROR))
         return web.Response(status=status, body=raw, content_type=content_type, headers={"X-Flywheel-Call": call_id})
 
     return handler
