@@ -1,4 +1,4 @@
-"""Which number format runs fast where: bf16 only where the hardware has it.
+"""What runs fast where: bf16 only where the hardware has it, torch.compile where it can build.
 
 On a CPU without AVX512-BF16 or AMX (AVX2 machines, many AMD EPYCs) torch and vLLM emulate
 bf16 matmuls: measured on such a 2-core VM, a SmolLM2-135M forward and backward over 604
@@ -6,6 +6,9 @@ tokens took 113 s in bf16 and 8.7 s in fp32. There `auto` means float32.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 
 def fast_bf16(device_type: str) -> bool:
@@ -24,3 +27,14 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if fast_bf16(device_type) else "float32"
+
+
+def compile_unavailable(device_type: str) -> str:
+    """Why torch.compile's inductor cannot build kernels for `device_type` here ("" = it can):
+    on the CPU it compiles C++ (a compiler must be on PATH; $CXX names one), on CUDA Triton."""
+    if device_type == "cpu":
+        compiler = os.environ.get("CXX", "g++")
+        return "" if shutil.which(compiler) else f"no C++ compiler ({compiler}) on PATH"
+    from torch.utils._triton import has_triton
+
+    return "" if has_triton() else "Triton is not installed"

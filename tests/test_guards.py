@@ -58,7 +58,7 @@ async def test_a_blown_up_step_is_kept_not_published_until_a_calm_update_or_forc
                               promotion=PromotionConfig(mode="direct"))
     config = LearnerConfig(model=smollm2, listen=address, proxy=proxy.url, state_dir=str(tmp_path / "state"),
                            min_episodes=0, group_size=2, credit=CreditConfig(skip_truncated=False),
-                           trainer=TrainerConfig(lora_rank=4, lora_alpha=8, lr=0.3))  # 1000x the default step
+                           trainer=TrainerConfig(compile=False, lora_rank=4, lora_alpha=8, lr=0.3))  # 1000x the default step
     server = await start_learner(config, smollm2)
     await _distinct_attempts(proxy, "t1")
     await wait_buffered(server, 2)

@@ -24,7 +24,7 @@ from tests.test_feedback import api
 DIRECT = PromotionConfig(mode="direct")  # the learner's versions go live at once: hot-swap is tested here
 
 
-TINY_TRAINER = TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32")
+TINY_TRAINER = TrainerConfig(compile=False, lora_rank=4, lora_alpha=8, dtype="float32")
 
 
 @pytest.fixture(scope="module")

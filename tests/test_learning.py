@@ -51,7 +51,7 @@ def sample(trainer: PolicyTrainer, generator: torch.Generator) -> list[Transitio
 
 
 def test_reward_rises_within_a_few_updates(tiny_llama):
-    config = TrainerConfig(lora_rank=8, lora_alpha=16, lr=1e-2, dtype="float32")
+    config = TrainerConfig(compile=False, lora_rank=8, lora_alpha=16, lr=1e-2, dtype="float32")
     trainer = PolicyTrainer(tiny_llama, config, LossConfig(loss_type="dapo", is_cap=0.0))
     trainer.ensure_adapter("tiny")
     generator = torch.Generator().manual_seed(1)
@@ -68,7 +68,7 @@ def test_reward_rises_within_a_few_updates(tiny_llama):
 
 
 def test_recomputed_logprobs_match_sampling_and_saved_adapters_reload(tiny_llama, tmp_path):
-    trainer = PolicyTrainer(tiny_llama, TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32"))
+    trainer = PolicyTrainer(tiny_llama, TrainerConfig(compile=False, lora_rank=4, lora_alpha=8, dtype="float32"))
     trainer.ensure_adapter("a")
     transitions = sample(trainer, torch.Generator().manual_seed(2))[:4]
     scored, _ = compute_advantages([t if i % 2 else Transition(**{**t.__dict__, "reward": 1.0})
@@ -79,7 +79,7 @@ def test_recomputed_logprobs_match_sampling_and_saved_adapters_reload(tiny_llama
     assert before != after
     saved = trainer.save("a", tmp_path / "v1")
     assert (saved / "adapter_config.json").is_file() and (saved / "optimizer.pt").is_file()
-    fresh = PolicyTrainer(tiny_llama, TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32"))
+    fresh = PolicyTrainer(tiny_llama, TrainerConfig(compile=False, lora_rank=4, lora_alpha=8, dtype="float32"))
     fresh.ensure_adapter("a", resume_from=str(saved))
     torch.testing.assert_close(torch.tensor(fresh.score("a", scored)), torch.tensor(after))
     assert fresh.optimizers["a"].state_dict()["state"]  # optimizer state resumed too

@@ -12,7 +12,7 @@ from flywheel.learner.credit import Transition
 from flywheel.learner.trainer import PolicyTrainer, TrainerConfig
 
 VOCAB = 32
-TINY = TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32")
+TINY = TrainerConfig(compile=False, lora_rank=4, lora_alpha=8, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +92,12 @@ def assert_lists_close(actual: list[list[float]], expected: list[list[float]], a
 
 
 def test_resume_takes_the_configured_lr_and_weight_decay_and_keeps_the_moments(tiny_llama, tmp_path):
-    trainer = trainer_with_adapter(tiny_llama, TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32", lr=1e-3))
+    trainer = trainer_with_adapter(tiny_llama, dataclasses.replace(TINY, lr=1e-3))
     trainer.update("tiny", ITEMS)
     saved = trainer.save("tiny", tmp_path / "v1")
     saved_state = trainer.optimizers["tiny"].state_dict()["state"]
 
-    resumed = PolicyTrainer(tiny_llama, TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32", lr=5e-2,
-                                                      weight_decay=0.1))
+    resumed = PolicyTrainer(tiny_llama, dataclasses.replace(TINY, lr=5e-2, weight_decay=0.1))
     resumed.ensure_adapter("tiny", resume_from=str(saved))
     optimizer = resumed.optimizers["tiny"]
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(5e-2, 0.1)]
@@ -112,7 +111,7 @@ def test_resume_takes_the_configured_lr_and_weight_decay_and_keeps_the_moments(t
 def test_the_model_and_micro_batches_go_to_the_configured_device(tiny_llama):
     expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert PolicyTrainer(tiny_llama, TINY).device == expected
-    trainer = PolicyTrainer(tiny_llama, TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32", device="cpu"))
+    trainer = PolicyTrainer(tiny_llama, dataclasses.replace(TINY, device="cpu"))
     assert trainer.device == torch.device("cpu")
     assert {p.device for p in trainer.model.parameters()} == {torch.device("cpu")}
 
@@ -127,8 +126,8 @@ def test_the_model_and_micro_batches_go_to_the_configured_device(tiny_llama):
 @pytest.mark.parametrize("checkpointing", [False, True])  # the recompute in the backward needs autocast too
 def test_bf16_base_with_fp32_adapters_scores_and_updates_under_autocast(tiny_llama, checkpointing):
     fp32 = trainer_with_adapter(tiny_llama)
-    bf16 = trainer_with_adapter(tiny_llama, TrainerConfig(lora_rank=4, lora_alpha=8, dtype="bfloat16",
-                                                          gradient_checkpointing=checkpointing))
+    bf16 = trainer_with_adapter(tiny_llama, dataclasses.replace(TINY, dtype="bfloat16",
+                                                                gradient_checkpointing=checkpointing))
     assert bf16.model.base_model.model.lm_head.weight.dtype == torch.bfloat16
     assert {p.dtype for p in lora_params(bf16).values()} == {torch.float32}
     assert_lists_close(bf16.score("tiny", ITEMS), fp32.score("tiny", ITEMS), atol=0.1)  # bf16's precision
@@ -137,11 +136,13 @@ def test_bf16_base_with_fp32_adapters_scores_and_updates_under_autocast(tiny_lla
     assert {p.dtype for p in lora_params(bf16).values()} == {torch.float32}
 
 
-def update_recorded(model_dir: str, checkpointing: bool):
+def update_recorded(model_dir: str, checkpointing: bool, compiled: bool = False):
     """One update: its stats, the LoRA gradients before the step, the weights after it, and how many
     tensors autograd kept for the backward outside checkpointed layers."""
-    config = TrainerConfig(lora_rank=4, lora_alpha=8, dtype="float32", lr=1e-2, gradient_checkpointing=checkpointing)
+    config = TrainerConfig(compile=compiled, lora_rank=4, lora_alpha=8, dtype="float32", lr=1e-2,
+                           gradient_checkpointing=checkpointing)
     trainer = trainer_with_adapter(model_dir, config)
+    assert trainer.compiled == compiled
     assert trainer.model.base_model.model.is_gradient_checkpointing == checkpointing
     grads, saved = {}, []
 
@@ -164,6 +165,23 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_update(tiny_ll
         torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-5, rtol=0)
     for name, weight in plain_weights.items():
         torch.testing.assert_close(ckpt_weights[name], weight, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_blocks_give_the_same_loss_gradients_and_update(tiny_llama, checkpointing):
+    from torch._dynamo.utils import counters
+
+    plain, plain_grads, plain_weights, _ = update_recorded(tiny_llama, checkpointing)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled, compiled_grads, compiled_weights, _ = update_recorded(tiny_llama, checkpointing, compiled=True)
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the blocks
+    assert compiled.loss == pytest.approx(plain.loss, abs=1e-6)
+    assert compiled.grad_norm == pytest.approx(plain.grad_norm, abs=1e-5) and plain.grad_norm > 0
+    assert compiled_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=0)
+    for name, weight in plain_weights.items():  # AdamW's first step is lr g/|g|: 1e-2 x rounding where g ~ 0
+        torch.testing.assert_close(compiled_weights[name], weight, atol=1e-4, rtol=0)
 
 
 def test_logprobs_equal_a_full_forward_with_log_softmax(tiny_llama):
@@ -212,7 +230,7 @@ def test_logprobs_keep_the_models_own_logit_processing(tiny_gemma2):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_on_cuda_scores_and_updates(tiny_llama):
-    config = TrainerConfig(lora_rank=4, lora_alpha=8, dtype="bfloat16", device="cuda", gradient_checkpointing=True)
+    config = dataclasses.replace(TINY, dtype="bfloat16", device="cuda", gradient_checkpointing=True)
     trainer = trainer_with_adapter(tiny_llama, config)
     assert {(p.device.type, p.dtype) for p in lora_params(trainer).values()} == {("cuda", torch.float32)}
     before = trainer.score("tiny", ITEMS)
