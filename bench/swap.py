@@ -5,7 +5,7 @@
    registration call to the first response served by the new version, counting
    failed requests.
 2. Throughput: 64 completions of 12 tokens (ignore_eos), base model vs a rank-16 LoRA
-   on all projections, median of 3 rounds, with Flywheel's grouped CPU LoRA ops (the
+   on all projections, and vs three such adapters sharing each batch, median of 3 rounds, with Flywheel's grouped CPU LoRA ops (the
    vLLM plugin) and, for comparison, with vLLM's own ops (FLYWHEEL_VLLM_LORA_OPS=0).
 
     python bench/swap.py [--skip-stock-ops]
@@ -60,13 +60,13 @@ def post(url: str, payload: dict):
         return text
 
 
-async def throughput(client: openai.AsyncOpenAI, model: str, rounds: int = 3) -> float:
-    """Median seconds for 64 concurrent 12-token completions."""
+async def throughput(client: openai.AsyncOpenAI, models: list[str], rounds: int = 3) -> float:
+    """Median seconds for 64 concurrent 12-token completions, request i asking for models[i % len]."""
 
     async def batch() -> float:
         started = time.perf_counter()
         await asyncio.gather(*(client.completions.create(
-            model=model, prompt=f"Story {i}: once upon a time", max_tokens=12, temperature=1.0,
+            model=models[i % len(models)], prompt=f"Story {i}: once upon a time", max_tokens=12, temperature=1.0,
             extra_body={"ignore_eos": True}) for i in range(64)))
         return time.perf_counter() - started
 
@@ -74,11 +74,15 @@ async def throughput(client: openai.AsyncOpenAI, model: str, rounds: int = 3) ->
     return statistics.median([await batch() for _ in range(rounds)])
 
 
-async def adapter_vs_base(vllm_url: str, lora: str) -> tuple[float, float]:
-    await asyncio.to_thread(post, f"{vllm_url}/v1/load_lora_adapter", {"lora_name": "tput", "lora_path": lora})
+async def adapter_vs_base(vllm_url: str, loras: list[str]) -> tuple[float, float, float]:
+    """Seconds for the batch on the base model, on one adapter, and spread over all `loras` at once."""
+    names = [f"tput{i}" for i in range(len(loras))]
+    for name, lora in zip(names, loras):
+        await asyncio.to_thread(post, f"{vllm_url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": lora})
     client = openai.AsyncOpenAI(base_url=f"{vllm_url}/v1", api_key="x", max_retries=0, timeout=300)
     try:
-        return await throughput(client, "smollm2"), await throughput(client, "tput")
+        return (await throughput(client, ["smollm2"]), await throughput(client, names[:1]),
+                await throughput(client, names))
     finally:
         await client.close()
 
@@ -155,19 +159,22 @@ def main() -> None:
 
         async def with_plugin(vllm_url, proxy_url):
             latencies, failures, served = await swaps(proxy_url, loras, args.swaps)
-            return (latencies, failures, served) + await adapter_vs_base(vllm_url, loras[0])
+            return (latencies, failures, served) + await adapter_vs_base(vllm_url, loras)
 
-        latencies, failures, served, base_s, lora_s = run_stack(model, True, with_plugin)
+        latencies, failures, served, base_s, lora_s, mixed_s = run_stack(model, True, with_plugin)
         print(f"hot-swap: {len(latencies)} changes (register and rollback) under 4 busy clients, {served} requests")
         print(f"  register/rollback -> first response by the new version: median {statistics.median(latencies):.3f} s, "
               f"max {max(latencies):.3f} s; failed requests: {failures}")
         print(f"  each change, in order: {', '.join(f'{t:.2f}' for t in latencies)} s")
         print(f"throughput, 64 x 12-token completions: base {base_s:.2f} s, rank-16 all-projection LoRA {lora_s:.2f} s "
-              f"-> adapter/base throughput {base_s / lora_s:.2f} (Flywheel grouped ops)")
+              f"-> adapter/base throughput {base_s / lora_s:.2f} (Flywheel grouped ops); {len(loras)} adapters in "
+              f"each batch {mixed_s:.2f} s -> {base_s / mixed_s:.2f}")
         if not args.skip_stock_ops:
-            stock_base, stock_lora = run_stack(model, False, lambda vllm_url, _: adapter_vs_base(vllm_url, loras[0]))
+            stock_base, stock_lora, stock_mixed = run_stack(model, False,
+                                                            lambda vllm_url, _: adapter_vs_base(vllm_url, loras))
             print(f"  with vLLM's own CPU LoRA ops: base {stock_base:.2f} s, LoRA {stock_lora:.2f} s "
-                  f"-> adapter/base throughput {stock_base / stock_lora:.2f}")
+                  f"-> adapter/base throughput {stock_base / stock_lora:.2f}; {len(loras)} adapters in each batch "
+                  f"{stock_mixed:.2f} s -> {stock_base / stock_mixed:.2f}")
 
 
 if __name__ == "__main__":
