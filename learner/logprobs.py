@@ -15,8 +15,8 @@ Computed as one autograd graph, every elementwise step of the log-softmax alloca
 walks a fresh (positions, V) fp32 tensor: on SmolLM2's 49,152-token vocabulary a 1,024-token
 micro-batch's 384 completion positions make 75 MB per step, about a dozen of them per
 forward and backward (each a fresh mmap to fault in), which was a third of the learner's
-CPU step. Here only `chunk` rows of logits exist at a time, in two buffers allocated once
-per call and rewritten in place (no allocator traffic, no page faults), and the backward
+CPU step. Here only `chunk` rows of logits exist at a time, in buffers allocated once per
+call and rewritten in place (no allocator traffic, no page faults), and the backward
 recomputes them from h (one more (chunk, D) x (D, V) matmul) instead of keeping them. The
 logits are the LM head's output in the model's dtype, then fp32, as the model's own forward
 gives them.
@@ -39,10 +39,9 @@ class _Chunks:
         self.inv_temperature_N = inv_temperature_N if bool((inv_temperature_N != 1).any()) else None
         rows, vocab = min(chunk, hidden_ND.shape[0]), weight_VD.shape[0]
         self.logits_CV = torch.empty(rows, vocab, dtype=torch.float32, device=hidden_ND.device)
-        # the matmul's own output when the head is not fp32, and the scratch for exp
+        # the matmul's own output when the head is not fp32
         self.low_CV = (None if weight_VD.dtype == torch.float32
                        else torch.empty(rows, vocab, dtype=weight_VD.dtype, device=hidden_ND.device))
-        self.scratch_CV = torch.empty_like(self.logits_CV)
 
     def __iter__(self):
         for start in range(0, self.hidden_ND.shape[0], self.chunk):
@@ -69,11 +68,12 @@ class _TokenLogprobs(torch.autograd.Function):
         lse_N = torch.empty_like(logp_N)
         entropy_N = torch.empty_like(logp_N) if with_entropy else logp_N.new_empty(0)
         chunks = _Chunks(hidden_ND, weight_VD, inv_temperature_N, chunk)
+        scratch_CV = torch.empty_like(chunks.logits_CV)  # exp of the shifted logits (the backward needs none)
         for rows in chunks:
             shifted_CV = chunks.logits(rows)
             max_C = shifted_CV.amax(-1)
             shifted_CV.sub_(max_C[:, None])
-            exp_CV = torch.exp(shifted_CV, out=chunks.scratch_CV[:shifted_CV.shape[0]])
+            exp_CV = torch.exp(shifted_CV, out=scratch_CV[:shifted_CV.shape[0]])
             sum_C = exp_CV.sum(-1)
             log_sum_C = sum_C.log()
             lse_N[rows] = max_C + log_sum_C
