@@ -129,7 +129,7 @@ async def swaps(proxy_url: str, loras: list[str], rounds: int) -> tuple[list[flo
     return latencies, failures, len(served)
 
 
-def run_stack(model: str, lora_ops: bool, work) -> object:
+def run_stack(model: str, adapter_root: str, lora_ops: bool, work) -> object:
     settings = VllmSettings(model=model, served_name="smollm2", port=free_port(), max_loras=4)
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "stack.log", "w") as log:
         supervisor = Supervisor(log)
@@ -142,6 +142,7 @@ def run_stack(model: str, lora_ops: bool, work) -> object:
                                     "--port", str(proxy_port), "--db", f"{tmp}/swap.duckdb"],
                           ready_url=f"http://127.0.0.1:{proxy_port}/healthz")
             proxy.env["FLYWHEEL_PROXY_BASE_MODEL"] = "smollm2"
+            proxy.env["FLYWHEEL_PROXY_ADAPTER_ROOTS"] = adapter_root
             supervisor.wait_ready(supervisor.start(proxy), 60, "proxy")
             return asyncio.run(work(settings.url, f"http://127.0.0.1:{proxy_port}"))
         finally:
@@ -161,7 +162,7 @@ def main() -> None:
             latencies, failures, served = await swaps(proxy_url, loras, args.swaps)
             return (latencies, failures, served) + await adapter_vs_base(vllm_url, loras)
 
-        latencies, failures, served, base_s, lora_s, mixed_s = run_stack(model, True, with_plugin)
+        latencies, failures, served, base_s, lora_s, mixed_s = run_stack(model, tmp, True, with_plugin)
         print(f"hot-swap: {len(latencies)} changes (register and rollback) under 4 busy clients, {served} requests")
         print(f"  register/rollback -> first response by the new version: median {statistics.median(latencies):.3f} s, "
               f"max {max(latencies):.3f} s; failed requests: {failures}")
@@ -170,7 +171,7 @@ def main() -> None:
               f"-> adapter/base throughput {base_s / lora_s:.2f} (Flywheel grouped ops); {len(loras)} adapters in "
               f"each batch {mixed_s:.2f} s -> {base_s / mixed_s:.2f}")
         if not args.skip_stock_ops:
-            stock_base, stock_lora, stock_mixed = run_stack(model, False,
+            stock_base, stock_lora, stock_mixed = run_stack(model, tmp, False,
                                                             lambda vllm_url, _: adapter_vs_base(vllm_url, loras))
             print(f"  with vLLM's own CPU LoRA ops: base {stock_base:.2f} s, LoRA {stock_lora:.2f} s "
                   f"-> adapter/base throughput {stock_base / stock_lora:.2f}; {len(loras)} adapters in each batch "

@@ -67,3 +67,91 @@ def test_bf16_weights_are_used_in_the_output_dtype():
     reference.bgmv_shrink(x.bfloat16(), a.bfloat16(), want, idx, 1.0)
     ours.bgmv_shrink(x.bfloat16(), a.bfloat16(), got, idx, 1.0)
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+
+
+
+class _Wrapper:
+    """What the replaced methods read of vLLM's CPU punica wrapper."""
+
+    def __init__(self, token_lora_indices):
+        self.token_lora_indices = self.sampler_indices = token_lora_indices
+
+
+def _reference_add_lora_linear(y, x, a, b, indices, scale, slices):
+    """vLLM's add_lora_linear over its reference ops: shrink into an fp32 buffer, expand each slice;
+    on the rows with an adapter (vLLM's ops would index slot -1 for the others)."""
+    kept = indices >= 0
+    expected, offset = y.clone(), 0
+    for a_i, b_i, size in zip(a, b, slices):
+        down = torch.zeros(int(kept.sum()), a_i.shape[2])
+        reference.bgmv_shrink(x[kept], a_i, down, indices[kept], scale)
+        up = torch.zeros(int(kept.sum()), size, dtype=y.dtype)
+        reference.bgmv_expand(down, b_i, up, indices[kept], False)
+        expected[kept, offset:offset + size] += up
+        offset += size
+    return expected
+
+
+def _qkv_case(n_tokens, dtype=torch.float32, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    slices = (96, 32, 32)  # q, k, v
+    x = torch.randn(n_tokens, 64, generator=g).to(dtype)
+    a = tuple(torch.randn(4, 1, 8, 64, generator=g).to(dtype) for _ in slices)
+    b = tuple(torch.randn(4, 1, size, 8, generator=g).to(dtype) for size in slices)
+    y = torch.randn(n_tokens, sum(slices), generator=g).to(dtype)
+    return x, a, b, y, slices
+
+
+# one adapter (two matmuls), a small mixed batch with base rows (every slot masked, decode) and
+# a large one (per slot over its rows, prefill)
+@pytest.mark.parametrize("indices", [torch.full((37,), 2), torch.tensor([-1, 0, 3, 3, 1] * 7 + [2, -1]),
+                                     torch.tensor([-1, 0, 3, 3, 1] * 60 + [2, -1])],
+                         ids=["one-adapter", "small-mixed-with-base-rows", "large-mixed-with-base-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_lora_linear_gives_vllms_shrink_then_expand_over_the_slices(indices, dtype):
+    x, a, b, y, slices = _qkv_case(len(indices), dtype)
+    expected = _reference_add_lora_linear(y, x, a, b, indices, 0.5, slices)
+    got = y.clone()
+    ours.add_lora_linear(_Wrapper(indices), got, x, a, b, 0.5, slices)
+    tolerance = dict(atol=0.25, rtol=0.02) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got, expected, **tolerance)
+    assert torch.equal(got[indices < 0], y[indices < 0])
+
+
+def test_add_lora_linear_follows_slots_vllm_loads_and_clears_in_place():
+    x, a, b, y, slices = _qkv_case(20)
+    indices = torch.tensor([0, 1] * 10)
+    ours.add_lora_linear(_Wrapper(indices), y.clone(), x, a, b, 1.0, slices)  # lays out the slots
+    for a_i, b_i in zip(a, b):  # as vLLM's set_lora and reset_lora write them
+        a_i[1].copy_(torch.randn_like(a_i[1]))
+        b_i[0] = 0
+    got = y.clone()
+    ours.add_lora_linear(_Wrapper(indices), got, x, a, b, 1.0, slices)
+    torch.testing.assert_close(got, _reference_add_lora_linear(y, x, a, b, indices, 1.0, slices), atol=1e-4, rtol=1e-5)
+    assert torch.equal(got[indices == 0], y[indices == 0])  # the cleared slot adds nothing
+
+
+@pytest.mark.parametrize("lm_head_trained", [False, True])
+def test_lm_head_lora_runs_only_where_a_slot_in_the_batch_has_weights(lm_head_trained):
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    g = torch.Generator().manual_seed(5)
+    x, logits = torch.randn(6, 64, generator=g), torch.randn(6, 300, generator=g)
+    a, b = torch.zeros(4, 1, 8, 64), torch.zeros(4, 1, 300, 8)
+    if lm_head_trained:
+        a[2].normal_(generator=g)
+        b[2].normal_(generator=g)
+    vllm_method = getattr(PunicaWrapperCPU, "vllm_add_lora_logits", PunicaWrapperCPU.add_lora_logits)
+    calls = []
+
+    def vllm_add_lora_logits(*args, **kwargs):
+        calls.append(args)
+        return vllm_method(*args, **kwargs)
+
+    wrapper = _Wrapper(torch.tensor([2, 2, 0, -1, 0, 0]))
+    got, expected = logits.clone(), logits.clone()
+    ours.skipping_dead_logits(vllm_add_lora_logits)(wrapper, got, x, a, b, 1.0)
+    vllm_method(wrapper, expected, x, a, b, 1.0)
+    assert len(calls) == int(lm_head_trained)
+    assert torch.equal(got, expected)
+    assert torch.equal(got, logits) != lm_head_trained

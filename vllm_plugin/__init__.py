@@ -2,8 +2,9 @@
 
 vLLM finds `register` through the `vllm.general_plugins` entry point (pyproject.toml) and calls
 it at start-up; it swaps the grouped CPU LoRA matmuls of `lora_ops` into vLLM's CPU punica
-wrapper. FLYWHEEL_VLLM_LORA_OPS=0 turns it off. Imports torch and vLLM only (both are there
-wherever vLLM runs); nothing else of Flywheel.
+wrapper, its `add_lora_linear` (every LoRA linear layer's call) for two matmuls per call, and
+skips its `add_lora_logits` where no adapter in the batch trains the LM head. FLYWHEEL_VLLM_LORA_OPS=0 turns it off. Imports torch and vLLM only (both
+are there wherever vLLM runs); nothing else of Flywheel.
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ def register() -> None:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:  # a vLLM without the CPU LoRA path: nothing to fix
         return
-    from flywheel.vllm_plugin.lora_ops import OPS
+    from flywheel.vllm_plugin.lora_ops import OPS, add_lora_linear, skipping_dead_logits
 
     for name, op in OPS.items():
         setattr(punica_cpu, name, op)
+    wrapper = punica_cpu.PunicaWrapperCPU
+    wrapper.add_lora_linear = add_lora_linear
+    # vLLM's own method, kept from the first call so that registering twice wraps it once
+    if not hasattr(wrapper, "vllm_add_lora_logits"):
+        wrapper.vllm_add_lora_logits = wrapper.add_lora_logits
+    wrapper.add_lora_logits = skipping_dead_logits(wrapper.vllm_add_lora_logits)
     from vllm.logger import init_logger
 
     init_logger("vllm.flywheel_lora_ops").info("Flywheel: grouped LoRA matmuls installed in vLLM's CPU LoRA path")

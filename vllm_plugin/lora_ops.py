@@ -11,6 +11,15 @@ Semantics are those of the originals, with one fix: a token whose LoRA index is 
 (no adapter, i.e. a base-model request in a mixed batch) gets no LoRA contribution,
 where the originals index slot -1, the last adapter slot.
 
+`add_lora_linear` replaces the CPU wrapper's method of that name, which every LoRA linear
+layer calls once per forward: vLLM's shrinks each output slice (q, k, v; gate, up) into a
+fresh fp32 buffer, then expands each, about twenty small torch calls per slice, 210 slices
+per SmolLM2 decode step. At decode sizes each torch call costs 25-100 us whatever its
+arithmetic, so here a layer's call is two matmuls over all its slices and, in a small
+mixed batch, all its adapter slots (`_SlotStack`). The layout is a copy of the slots'
+weights (B^T block-diagonal, so about slices x the B memory), rebuilt when vLLM loads or
+clears a slot.
+
 Installed into vLLM by `flywheel.vllm_plugin.register`.
 """
 
@@ -18,27 +27,38 @@ from __future__ import annotations
 
 import torch
 
-_recent_groups: list[tuple[torch.Tensor, list]] = []  # (indices, their grouping), newest last
+
+class _Batch:
+    """What every LoRA layer of one forward pass derives from the same token indices."""
+
+    def __init__(self, indices: torch.Tensor):
+        self.indices = indices.clone()
+        slots = [s for s in torch.unique(indices).tolist() if s >= 0]
+        if len(slots) == 1 and bool((indices == slots[0]).all()):
+            self.groups = [(slots[0], None)]
+        else:
+            self.groups = [(s, (indices == s).nonzero().squeeze(1)) for s in slots]
+        self.masks: dict[tuple, torch.Tensor] = {}
+
+
+_recent_batches: list[_Batch] = []  # newest last
+
+
+def _batch(indices: torch.Tensor) -> _Batch:
+    """The batch of these indices, remembered while they repeat: every layer of a forward pass
+    sees the same ones, so grouping costs one small comparison per layer instead of a
+    torch.unique and a few nonzeros."""
+    for seen in reversed(_recent_batches):
+        if seen.indices.shape == indices.shape and torch.equal(seen.indices, indices):
+            return seen
+    _recent_batches.append(_Batch(indices))
+    del _recent_batches[:-4]
+    return _recent_batches[-1]
 
 
 def _slot_groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """[(slot, rows)] for each adapter slot in the batch; rows None means every row.
-
-    Every LoRA layer of a forward pass sees the same indices, so the grouping (a
-    torch.unique and a few nonzeros) is remembered and reused while the indices are equal,
-    which costs one small comparison per layer instead of the grouping.
-    """
-    for seen, groups in reversed(_recent_groups):
-        if seen.shape == indices.shape and torch.equal(seen, indices):
-            return groups
-    slots = [s for s in torch.unique(indices).tolist() if s >= 0]
-    if len(slots) == 1 and bool((indices == slots[0]).all()):
-        groups = [(slots[0], None)]
-    else:
-        groups = [(s, (indices == s).nonzero().squeeze(1)) for s in slots]
-    _recent_groups.append((indices.clone(), groups))
-    del _recent_groups[:-4]
-    return groups
+    """[(slot, rows)] for each adapter slot in the batch; rows None means every row."""
+    return _batch(indices).groups
 
 
 def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
@@ -58,6 +78,112 @@ def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
     for slot, rows in groups:
         out_TO.index_copy_(0, rows, x_TI.index_select(0, rows) @ weights[slot].to(dtype).t())
     return out_TO
+
+
+class _SlotStack:
+    """One LoRA layer's adapter slots laid out for one shrink and one expand per call.
+
+    For slot s, with slices i (q, k, v; or gate, up) of rank R at output offset o_i:
+    a_SKI[s] stacks the slices' A (K = slices x R rows) and bt_SKO[s] is the block-diagonal
+    B^T, bt_SKO[s, iR:(i+1)R, o_i:o_i+size_i] = B_i[s]^T, so x @ a_SKI[s]^T @ bt_SKO[s] is
+    every slice's LoRA output side by side. `live[s]`: the slot has weights in this layer.
+    """
+
+    def __init__(self, a_stacked: tuple[torch.Tensor, ...], b_stacked: tuple[torch.Tensor, ...],
+                 output_slices: tuple[int, ...]):
+        slots, rank = a_stacked[0].shape[0], a_stacked[0].shape[2]
+        self.a_SKI = torch.cat([a[:, 0] for a in a_stacked], dim=1)
+        self.bt_SKO = a_stacked[0].new_zeros(slots, len(output_slices) * rank, sum(output_slices))
+        offset = 0
+        for i, (b, size) in enumerate(zip(b_stacked, output_slices)):
+            self.bt_SKO[:, i * rank:(i + 1) * rank, offset:offset + size] = b[:, 0, :size].transpose(1, 2)
+            offset += size
+        self.live = _live_slots(a_stacked, b_stacked)
+
+
+def _live_slots(a_stacked, b_stacked) -> list[bool]:
+    """Per slot: whether it has nonzero A and B in this layer (vLLM zeroes the slots of layers
+    an adapter does not train, and empty slots)."""
+    a_any = torch.stack([a.flatten(1).any(1) for a in a_stacked]).any(0)
+    b_any = torch.stack([b.flatten(1).any(1) for b in b_stacked]).any(0)
+    return (a_any & b_any).tolist()
+
+
+_derived: dict[tuple[str, int], tuple[tuple[torch.Tensor, ...], tuple[int, ...], object]] = {}
+_DENSE_TOKENS = 256  # up to this many tokens a mixed batch runs every slot masked, in 3 calls
+
+
+def _from_weights(kind: str, weights: tuple[torch.Tensor, ...], build):
+    """build(), remembered until vLLM writes one of `weights` in place (that is how it loads and
+    clears adapter slots; a tensor's `_version` counts such writes). The weights are held, so
+    their ids, the key, cannot be reused."""
+    versions = tuple(t._version for t in weights)
+    held = _derived.get((kind, id(weights[0])))
+    if held is None or held[0][0] is not weights[0] or held[1] != versions:
+        held = _derived[kind, id(weights[0])] = (weights, versions, build())
+    return held[2]
+
+
+def _slot_mask(indices: torch.Tensor, slots: int, rank_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """(T, slots x K) ones where column block s belongs to token t's slot; zeros on index -1 rows."""
+    masks = _batch(indices).masks
+    if (slots, rank_rows, dtype) not in masks:
+        mask_TS = (indices[:, None] == torch.arange(slots)[None, :]).to(dtype)
+        masks[slots, rank_rows, dtype] = mask_TS.repeat_interleave(rank_rows, dim=1)
+    return masks[slots, rank_rows, dtype]
+
+
+def add_lora_linear(wrapper, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                    lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...], *,
+                    buffer=None, **kwargs) -> None:
+    """`PunicaWrapperCPU.add_lora_linear`: for each token t of adapter slot k = indices[t] and
+    each output slice i at column offset o_i,
+
+        y[t, o_i : o_i + size_i] += scale * (x[t] @ A_i[k]^T) @ B_i[k]^T
+
+    with A_i (slots, 1, rank, in) and B_i (slots, 1, size_i, rank); rows of index -1 get nothing.
+    All slices at once through the layer's `_SlotStack`: a batch of one adapter is two matmuls;
+    a small mixed batch (decode) runs every slot in the same two matmuls, each token's columns
+    of the other slots masked to zero, because there a call costs more than the arithmetic;
+    a large mixed batch (prefill) runs two matmuls per slot over its rows.
+    """
+    indices = wrapper.token_lora_indices
+    n_tokens = indices.shape[0]
+    stack = _from_weights("stack", (*lora_a_stacked, *lora_b_stacked),
+                          lambda: _SlotStack(lora_a_stacked, lora_b_stacked, output_slices))
+    groups = [(slot, rows) for slot, rows in _slot_groups(indices) if stack.live[slot]]
+    if not groups:
+        return
+    x_TI = x.view(-1, x.shape[-1])[:n_tokens]
+    y_TO = y.view(-1, y.shape[-1])[:n_tokens, :stack.bt_SKO.shape[2]]
+    a_SKI, bt_SKO = stack.a_SKI.to(x_TI.dtype), stack.bt_SKO.to(y_TO.dtype)
+    if len(groups) == 1 and groups[0][1] is None:
+        y_TO.addmm_(x_TI @ a_SKI[groups[0][0]].t(), bt_SKO[groups[0][0]], alpha=scale)
+    elif n_tokens <= _DENSE_TOKENS:
+        slots, rank_rows = a_SKI.shape[0], a_SKI.shape[1]
+        down_TJ = x_TI @ a_SKI.view(slots * rank_rows, -1).t()  # J = slots x K
+        down_TJ.mul_(_slot_mask(indices, slots, rank_rows, down_TJ.dtype))
+        y_TO.addmm_(down_TJ, bt_SKO.view(slots * rank_rows, -1), alpha=scale)
+    else:
+        for slot, rows in groups:
+            rows = torch.arange(n_tokens) if rows is None else rows
+            up_RO = (x_TI.index_select(0, rows) @ a_SKI[slot].t()) @ bt_SKO[slot]
+            y_TO.index_add_(0, rows, up_RO, alpha=scale)
+
+
+def skipping_dead_logits(add_lora_logits):
+    """vLLM's `PunicaWrapperCPU.add_lora_logits`, skipped when no slot in the batch has LM-head
+    weights (adapters that do not train the LM head: nearly all). It would otherwise add a zero
+    (T, vocab) delta at every step, about a fifth of a SmolLM2 decode step."""
+
+    def add_lora_logits_if_live(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs):
+        live = _from_weights("live", (lora_a_stacked, lora_b_stacked),
+                             lambda: _live_slots((lora_a_stacked,), (lora_b_stacked,)))
+        if any(live[slot] for slot, _ in _slot_groups(wrapper.sampler_indices)):
+            return add_lora_logits(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs)
+        return None
+
+    return add_lora_logits_if_live
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
@@ -106,5 +232,6 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
                       slice_offset, slice_size, add_inputs)
 
 
+# vLLM's module-level ops, which the CPU wrapper's other methods (embeddings, logits) still call
 OPS = {f.__name__: f for f in (bgmv_shrink, bgmv_expand, bgmv_expand_slice, sgmv_shrink, sgmv_expand,
                                 sgmv_expand_slice)}
