@@ -5,8 +5,9 @@
    registration call to the first response served by the new version, counting
    failed requests.
 2. Throughput: 64 completions of 12 tokens (ignore_eos), base model vs a rank-16 LoRA
-   on all projections, and vs three such adapters sharing each batch, median of 3 rounds, with Flywheel's grouped CPU LoRA ops (the
-   vLLM plugin) and, for comparison, with vLLM's own ops (FLYWHEEL_VLLM_LORA_OPS=0).
+   on all projections, and vs three such adapters sharing each batch, median of 3 rounds,
+   with Flywheel's grouped CPU LoRA ops (the vLLM plugin) and, for comparison, with vLLM's
+   own ops (FLYWHEEL_VLLM_LORA_OPS=0).
 
     python bench/swap.py [--skip-stock-ops]
 """

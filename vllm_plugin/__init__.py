@@ -3,8 +3,9 @@
 vLLM finds `register` through the `vllm.general_plugins` entry point (pyproject.toml) and calls
 it at start-up; it swaps the grouped CPU LoRA matmuls of `lora_ops` into vLLM's CPU punica
 wrapper, its `add_lora_linear` (every LoRA linear layer's call) for two matmuls per call, and
-skips its `add_lora_logits` where no adapter in the batch trains the LM head. FLYWHEEL_VLLM_LORA_OPS=0 turns it off. Imports torch and vLLM only (both
-are there wherever vLLM runs); nothing else of Flywheel.
+skips its `add_lora_logits` where no adapter in the batch trains the LM head.
+FLYWHEEL_VLLM_LORA_OPS=0 turns it off. Imports torch and vLLM only (both are there wherever
+vLLM runs); nothing else of Flywheel.
 """
 
 from __future__ import annotations

@@ -38,7 +38,14 @@ class _Batch:
             self.groups = [(slots[0], None)]
         else:
             self.groups = [(s, (indices == s).nonzero().squeeze(1)) for s in slots]
-        self.masks: dict[tuple, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def slot_mask(self, slots: int, rank_rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """(T, slots x K) ones where column block s belongs to token t's slot; zeros on index -1 rows."""
+        if (slots, rank_rows, dtype) not in self._masks:
+            mask_TS = (self.indices[:, None] == torch.arange(slots)[None, :]).to(dtype)
+            self._masks[slots, rank_rows, dtype] = mask_TS.repeat_interleave(rank_rows, dim=1)
+        return self._masks[slots, rank_rows, dtype]
 
 
 _recent_batches: list[_Batch] = []  # newest last
@@ -124,15 +131,6 @@ def _from_weights(kind: str, weights: tuple[torch.Tensor, ...], build):
     return held[2]
 
 
-def _slot_mask(indices: torch.Tensor, slots: int, rank_rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """(T, slots x K) ones where column block s belongs to token t's slot; zeros on index -1 rows."""
-    masks = _batch(indices).masks
-    if (slots, rank_rows, dtype) not in masks:
-        mask_TS = (indices[:, None] == torch.arange(slots)[None, :]).to(dtype)
-        masks[slots, rank_rows, dtype] = mask_TS.repeat_interleave(rank_rows, dim=1)
-    return masks[slots, rank_rows, dtype]
-
-
 def add_lora_linear(wrapper, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                     lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...], *,
                     buffer=None, **kwargs) -> None:
@@ -151,7 +149,8 @@ def add_lora_linear(wrapper, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: t
     n_tokens = indices.shape[0]
     stack = _from_weights("stack", (*lora_a_stacked, *lora_b_stacked),
                           lambda: _SlotStack(lora_a_stacked, lora_b_stacked, output_slices))
-    groups = [(slot, rows) for slot, rows in _slot_groups(indices) if stack.live[slot]]
+    batch = _batch(indices)
+    groups = [(slot, rows) for slot, rows in batch.groups if stack.live[slot]]
     if not groups:
         return
     x_TI = x.view(-1, x.shape[-1])[:n_tokens]
@@ -162,11 +161,10 @@ def add_lora_linear(wrapper, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: t
     elif n_tokens <= _DENSE_TOKENS:
         slots, rank_rows = a_SKI.shape[0], a_SKI.shape[1]
         down_TJ = x_TI @ a_SKI.view(slots * rank_rows, -1).t()  # J = slots x K
-        down_TJ.mul_(_slot_mask(indices, slots, rank_rows, down_TJ.dtype))
+        down_TJ.mul_(batch.slot_mask(slots, rank_rows, down_TJ.dtype))
         y_TO.addmm_(down_TJ, bt_SKO.view(slots * rank_rows, -1), alpha=scale)
-    else:
+    else:  # each group has its rows: a group of every row is the first case
         for slot, rows in groups:
-            rows = torch.arange(n_tokens) if rows is None else rows
             up_RO = (x_TI.index_select(0, rows) @ a_SKI[slot].t()) @ bt_SKO[slot]
             y_TO.index_add_(0, rows, up_RO, alpha=scale)
 
