@@ -155,3 +155,88 @@ def test_lm_head_lora_runs_only_where_a_slot_in_the_batch_has_weights(lm_head_tr
     assert len(calls) == int(lm_head_trained)
     assert torch.equal(got, expected)
     assert torch.equal(got, logits) != lm_head_trained
+
+
+class _LoRALinear:
+    """What `merged_apply_sync` reads of a vLLM LoRA linear layer, over a base linear packed by
+    vLLM's own CPU dispatch (so the packed weight is only reachable through `cpu_linear`)."""
+
+    def __init__(self, weight_OI, a, b, slices, indices):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        self.base_layer = torch.nn.Module()
+        self.base_layer.weight = torch.nn.Parameter(weight_OI.clone(), requires_grad=False)
+        dispatch_cpu_unquantized_gemm(self.base_layer, remove_weight=True)
+        self.lora_a_stacked, self.lora_b_stacked, self.output_slices = a, b, slices
+        self.punica_wrapper = _Wrapper(indices)
+
+
+def _unmerged_apply_sync(calls):
+    """vLLM's `_apply_sync` over the reference ops: base linear, then each slice's LoRA."""
+
+    def apply_sync(layer, x, bias=None):
+        calls.append(layer)
+        y = layer.base_layer.cpu_linear(x, layer.base_layer.weight, bias)
+        indices = layer.punica_wrapper.token_lora_indices
+        return _reference_add_lora_linear(y.float(), x.float(), tuple(a.float() for a in layer.lora_a_stacked),
+                                          tuple(b.float() for b in layer.lora_b_stacked), indices, 1.0,
+                                          layer.output_slices).to(y.dtype)
+
+    return apply_sync
+
+
+def _merged_case(indices, seed=6):
+    x, a, b, _, slices = _qkv_case(len(indices), torch.bfloat16, seed)
+    a = tuple(t * 0.1 for t in a)  # a LoRA delta the size of trained ones, small next to W
+    weight_OI = torch.randn(sum(slices), x.shape[1], generator=torch.Generator().manual_seed(seed)).bfloat16()
+    return x, _LoRALinear(weight_OI, a, b, slices, indices), weight_OI
+
+
+def test_the_base_weight_reads_back_exactly_through_vllms_packed_linear():
+    _, layer, weight_OI = _merged_case(torch.full((5,), 1))
+    assert torch.equal(ours._MergedLayer.read_back(layer).weight_OI, weight_OI)
+
+
+def test_a_one_adapter_batch_runs_on_the_merged_weight_with_the_unmerged_result():
+    x, layer, _ = _merged_case(torch.full((37,), 2))
+    calls = []
+    apply_sync = ours.merged_apply_sync(_unmerged_apply_sync(calls))
+    got, expected = apply_sync(layer, x), _unmerged_apply_sync([])(layer, x)
+    assert calls == []
+    # bf16 rounding of W + B A against that of W x and the LoRA term apart: both ~2^-8 of |y|
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.02)
+    assert (got.float() - expected.float()).abs().mean() < 0.01 * expected.float().abs().mean()
+
+
+@pytest.mark.parametrize("indices", [torch.tensor([2, 2, 1, 2]), torch.tensor([2, -1, 2, 2])],
+                         ids=["two-adapters", "base-rows"])
+def test_a_batch_of_more_than_one_adapter_or_with_base_rows_is_not_merged(indices):
+    x, layer, _ = _merged_case(indices)
+    calls = []
+    got = ours.merged_apply_sync(_unmerged_apply_sync(calls))(layer, x)
+    assert calls == [layer]
+    assert torch.equal(got, _unmerged_apply_sync([])(layer, x))
+
+
+def test_a_slot_written_in_place_is_merged_again_and_the_others_are_kept():
+    x, layer, _ = _merged_case(torch.full((8,), 2))
+    apply_sync = ours.merged_apply_sync(_unmerged_apply_sync([]))
+    apply_sync(layer, x)
+    layer.punica_wrapper = _Wrapper(torch.full((8,), 1))
+    apply_sync(layer, x)
+    kept = layer.flywheel_merged.slots[2][1]
+    for a_i in layer.lora_a_stacked:  # a new version into slot 1, as vLLM's set_lora writes it
+        a_i[1].mul_(-1)
+    got = apply_sync(layer, x)
+    torch.testing.assert_close(got.float(), _unmerged_apply_sync([])(layer, x).float(), atol=0.1, rtol=0.02)
+    layer.punica_wrapper = _Wrapper(torch.full((8,), 2))
+    apply_sync(layer, x)
+    assert layer.flywheel_merged.slots[2][1] is kept
+
+
+def test_past_the_memory_budget_a_layer_stays_unmerged(monkeypatch):
+    x, layer, weight_OI = _merged_case(torch.full((8,), 2))
+    monkeypatch.setattr(ours, "_merge_spent_bytes", ours._MERGE_BUDGET_BYTES - weight_OI.nbytes)
+    calls = []
+    ours.merged_apply_sync(_unmerged_apply_sync(calls))(layer, x)
+    assert calls == [layer] and not hasattr(layer, "flywheel_merged")

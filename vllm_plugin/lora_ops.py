@@ -20,10 +20,19 @@ mixed batch, all its adapter slots (`_SlotStack`). The layout is a copy of the s
 weights (B^T block-diagonal, so about slices x the B memory), rebuilt when vLLM loads or
 clears a slot.
 
+A batch in which every token has the same adapter (one agent's traffic, or one agent's turn)
+skips the LoRA matmuls altogether: `merged_apply_sync` runs the layer on a merged weight
+W + B A kept per slot (`_MergedLayer`), so such a batch costs what the base model costs. The
+merged weights are copies (the base weight, read back once, and one per slot used), spent from
+a budget of FLYWHEEL_VLLM_LORA_MERGE_GB (default 2 GiB; 0 turns merging off); layers past the
+budget take the two-matmul path.
+
 Installed into vLLM by `flywheel.vllm_plugin.register`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -167,6 +176,86 @@ def add_lora_linear(wrapper, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: t
         for slot, rows in groups:
             up_RO = (x_TI.index_select(0, rows) @ a_SKI[slot].t()) @ bt_SKO[slot]
             y_TO.index_add_(0, rows, up_RO, alpha=scale)
+
+
+_MERGE_BUDGET_BYTES = int(float(os.environ.get("FLYWHEEL_VLLM_LORA_MERGE_GB", "2")) * 2**30)
+_merge_spent_bytes = 0  # on base weight copies and merged weights, all layers together
+
+
+class _MergedLayer:
+    """One LoRA layer's base weight W (O, I), read back from vLLM's prepacked linear, and per
+    adapter slot a prepacked linear of W + B A (the layer's whole output, all slices)."""
+
+    def __init__(self, weight_OI: torch.Tensor):
+        self.weight_OI = weight_OI
+        self.slots: dict[int, tuple[_SlotStack, torch.nn.Module]] = {}  # slot -> (layout merged, linear)
+
+    @classmethod
+    def read_back(cls, layer) -> "_MergedLayer":
+        """The base weight through the layer's own linear: I @ W^T is W^T exactly (one nonzero
+        product per output), whatever packing vLLM chose, and it keeps no weight of its own."""
+        base = layer.base_layer
+        eye_II = torch.eye(layer.lora_a_stacked[0].shape[-1], dtype=base.weight.dtype)
+        return cls(base.cpu_linear(eye_II, base.weight, None).t().contiguous())
+
+    def linear(self, slot: int, stack: _SlotStack) -> torch.nn.Module:
+        """The slot's merged linear, rebuilt when the slot's weights changed since it was merged
+        (a write to any slot renews the layout; the other slots' linears stay)."""
+        held = self.slots.get(slot)
+        if held is None or held[0] is not stack and not _same_slot(held[0], stack, slot):
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            delta_OI = stack.bt_SKO[slot].t().float() @ stack.a_SKI[slot].float()
+            merged_OI = self.weight_OI.float()
+            merged_OI[:delta_OI.shape[0]] += delta_OI
+            linear = torch.nn.Module()
+            linear.weight = torch.nn.Parameter(merged_OI.to(self.weight_OI.dtype), requires_grad=False)
+            dispatch_cpu_unquantized_gemm(linear, remove_weight=True)  # vLLM's packing for this shape
+            held = (stack, linear)
+        self.slots[slot] = (stack, held[1])
+        return held[1]
+
+
+def _same_slot(old: _SlotStack, new: _SlotStack, slot: int) -> bool:
+    return torch.equal(old.a_SKI[slot], new.a_SKI[slot]) and torch.equal(old.bt_SKO[slot], new.bt_SKO[slot])
+
+
+def _merged_linear(layer) -> torch.nn.Module | None:
+    """The merged linear for this forward's batch, or None: the batch mixes slots (or has
+    base rows), the slot does not train this layer, the layer is not an unquantized CPU linear,
+    or the budget is spent."""
+    global _merge_spent_bytes
+    groups = _batch(layer.punica_wrapper.token_lora_indices).groups
+    if len(groups) != 1 or groups[0][1] is not None or not hasattr(layer.base_layer, "cpu_linear"):
+        return None
+    slot = groups[0][0]
+    stack = _from_weights("stack", (*layer.lora_a_stacked, *layer.lora_b_stacked),
+                          lambda: _SlotStack(layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices))
+    merged = getattr(layer, "flywheel_merged", None)
+    if not stack.live[slot] or merged is None and _MERGE_BUDGET_BYTES <= 0:
+        return None
+    if merged is None or slot not in merged.slots:
+        shape = (sum(layer.output_slices), layer.lora_a_stacked[0].shape[-1])
+        cost = (1 if merged else 2) * shape[0] * shape[1] * layer.base_layer.weight.element_size()
+        if _merge_spent_bytes + cost > _MERGE_BUDGET_BYTES:
+            return None
+        _merge_spent_bytes += cost
+        if merged is None:
+            merged = layer.flywheel_merged = _MergedLayer.read_back(layer)
+    return merged.linear(slot, stack)
+
+
+def merged_apply_sync(apply_sync):
+    """vLLM's `BaseLinearLayerWithLoRA._apply_sync` (base linear, then `add_lora_linear`), run as
+    one linear on the slot's merged weight when every token of the batch has that slot."""
+
+    def apply_sync_merged(layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        linear = _merged_linear(layer)
+        if linear is None:
+            return apply_sync(layer, x, bias)
+        return linear.cpu_linear(x, linear.weight, bias)
+
+    return apply_sync_merged
 
 
 def skipping_dead_logits(add_lora_logits):
