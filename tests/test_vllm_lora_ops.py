@@ -192,12 +192,29 @@ def _merged_case(indices, seed=6):
     return x, _LoRALinear(weight_OI, a, b, slices, indices), weight_OI
 
 
+class _Clock:
+    """time.monotonic for lora_ops: still unless a test moves it."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    monkeypatch.setattr(ours, "time", _Clock())
+    monkeypatch.setattr(ours, "_merge_resume_at", 0.0)
+    return ours.time
+
+
 def test_the_base_weight_reads_back_exactly_through_vllms_packed_linear():
     _, layer, weight_OI = _merged_case(torch.full((5,), 1))
     assert torch.equal(ours._MergedLayer.read_back(layer).weight_OI, weight_OI)
 
 
-def test_a_one_adapter_batch_runs_on_the_merged_weight_with_the_unmerged_result():
+def test_a_one_adapter_batch_runs_on_the_merged_weight_with_the_unmerged_result(clock):
     x, layer, _ = _merged_case(torch.full((37,), 2))
     calls = []
     apply_sync = ours.merged_apply_sync(_unmerged_apply_sync(calls))
@@ -218,7 +235,7 @@ def test_a_batch_of_more_than_one_adapter_or_with_base_rows_is_not_merged(indice
     assert torch.equal(got, _unmerged_apply_sync([])(layer, x))
 
 
-def test_a_slot_written_in_place_is_merged_again_and_the_others_are_kept():
+def test_a_slot_written_in_place_is_merged_again_and_the_others_are_kept(clock):
     x, layer, _ = _merged_case(torch.full((8,), 2))
     apply_sync = ours.merged_apply_sync(_unmerged_apply_sync([]))
     apply_sync(layer, x)
@@ -234,9 +251,27 @@ def test_a_slot_written_in_place_is_merged_again_and_the_others_are_kept():
     assert layer.flywheel_merged.slots[2][1] is kept
 
 
-def test_past_the_memory_budget_a_layer_stays_unmerged(monkeypatch):
+def test_past_the_memory_budget_a_layer_stays_unmerged(monkeypatch, clock):
     x, layer, weight_OI = _merged_case(torch.full((8,), 2))
     monkeypatch.setattr(ours, "_merge_spent_bytes", ours._MERGE_BUDGET_BYTES - weight_OI.nbytes)
     calls = []
     ours.merged_apply_sync(_unmerged_apply_sync(calls))(layer, x)
     assert calls == [layer] and not hasattr(layer, "flywheel_merged")
+
+
+def test_merging_takes_at_most_a_quarter_of_the_time(clock):
+    """A layer merged in 0.2 s holds the next merge back 3 x 0.2 s; meanwhile the next layer
+    runs unmerged, with the same result."""
+    x, first, _ = _merged_case(torch.full((8,), 2))
+    _, second, _ = _merged_case(torch.full((8,), 2), seed=7)
+    times = iter([clock.now, clock.now, clock.now + 0.2])  # its turn, the merge's start and end
+    clock.monotonic = lambda: next(times, clock.now)
+    calls = []
+    apply_sync = ours.merged_apply_sync(_unmerged_apply_sync(calls))
+    apply_sync(first, x)
+    clock.now += 0.2 + 0.55
+    assert torch.equal(apply_sync(second, x), _unmerged_apply_sync([])(second, x))
+    assert calls == [second] and not hasattr(second, "flywheel_merged")
+    clock.now += 0.1
+    apply_sync(second, x)
+    assert calls == [second] and 2 in second.flywheel_merged.slots

@@ -24,8 +24,9 @@ A batch in which every token has the same adapter (one agent's traffic, or one a
 skips the LoRA matmuls altogether: `merged_apply_sync` runs the layer on a merged weight
 W + B A kept per slot (`_MergedLayer`), so such a batch costs what the base model costs. The
 merged weights are copies (the base weight, read back once, and one per slot used), spent from
-a budget of FLYWHEEL_VLLM_LORA_MERGE_GB (default 2 GiB; 0 turns merging off); layers past the
-budget take the two-matmul path.
+a budget of FLYWHEEL_VLLM_LORA_MERGE_GB (default 2 GiB, about 5x SmolLM2's linears; 0 turns
+merging off); layers past the budget take the two-matmul path, as do layers whose merge waits
+its turn (merging takes at most a quarter of the engine's time).
 
 Installed into vLLM by `flywheel.vllm_plugin.register`.
 """
@@ -33,6 +34,7 @@ Installed into vLLM by `flywheel.vllm_plugin.register`.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -180,6 +182,12 @@ def add_lora_linear(wrapper, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: t
 
 _MERGE_BUDGET_BYTES = int(float(os.environ.get("FLYWHEEL_VLLM_LORA_MERGE_GB", "2")) * 2**30)
 _merge_spent_bytes = 0  # on base weight copies and merged weights, all layers together
+# No layer merges before this time.monotonic(): after each layer's merge the engine runs
+# _MERGE_IDLE_PER_BUSY times as long without merging, so a new adapter version's merge (~0.3 s
+# on SmolLM2) is spread over its first second or so, each layer on the two-matmul path until its
+# turn, instead of stalling one step for every request.
+_merge_resume_at = 0.0
+_MERGE_IDLE_PER_BUSY = 3
 
 
 class _MergedLayer:
@@ -198,22 +206,26 @@ class _MergedLayer:
         eye_II = torch.eye(layer.lora_a_stacked[0].shape[-1], dtype=base.weight.dtype)
         return cls(base.cpu_linear(eye_II, base.weight, None).t().contiguous())
 
-    def linear(self, slot: int, stack: _SlotStack) -> torch.nn.Module:
-        """The slot's merged linear, rebuilt when the slot's weights changed since it was merged
-        (a write to any slot renews the layout; the other slots' linears stay)."""
+    def current(self, slot: int, stack: _SlotStack) -> torch.nn.Module | None:
+        """The slot's merged linear if it was merged from the slot's weights in `stack` (a write
+        to any slot renews the layout; the other slots' linears stay)."""
         held = self.slots.get(slot)
         if held is None or held[0] is not stack and not _same_slot(held[0], stack, slot):
-            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-            delta_OI = stack.bt_SKO[slot].t().float() @ stack.a_SKI[slot].float()
-            merged_OI = self.weight_OI.float()
-            merged_OI[:delta_OI.shape[0]] += delta_OI
-            linear = torch.nn.Module()
-            linear.weight = torch.nn.Parameter(merged_OI.to(self.weight_OI.dtype), requires_grad=False)
-            dispatch_cpu_unquantized_gemm(linear, remove_weight=True)  # vLLM's packing for this shape
-            held = (stack, linear)
+            return None
         self.slots[slot] = (stack, held[1])
         return held[1]
+
+    def merge(self, slot: int, stack: _SlotStack) -> torch.nn.Module:
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        delta_OI = stack.bt_SKO[slot].t().float() @ stack.a_SKI[slot].float()
+        merged_OI = self.weight_OI.float()
+        merged_OI[:delta_OI.shape[0]] += delta_OI
+        linear = torch.nn.Module()
+        linear.weight = torch.nn.Parameter(merged_OI.to(self.weight_OI.dtype), requires_grad=False)
+        dispatch_cpu_unquantized_gemm(linear, remove_weight=True)  # vLLM's packing for this shape
+        self.slots[slot] = (stack, linear)
+        return linear
 
 
 def _same_slot(old: _SlotStack, new: _SlotStack, slot: int) -> bool:
@@ -223,26 +235,32 @@ def _same_slot(old: _SlotStack, new: _SlotStack, slot: int) -> bool:
 def _merged_linear(layer) -> torch.nn.Module | None:
     """The merged linear for this forward's batch, or None: the batch mixes slots (or has
     base rows), the slot does not train this layer, the layer is not an unquantized CPU linear,
-    or the budget is spent."""
-    global _merge_spent_bytes
+    its merge waits its turn, or the budget is spent."""
+    global _merge_spent_bytes, _merge_resume_at
     groups = _batch(layer.punica_wrapper.token_lora_indices).groups
     if len(groups) != 1 or groups[0][1] is not None or not hasattr(layer.base_layer, "cpu_linear"):
         return None
     slot = groups[0][0]
     stack = _from_weights("stack", (*layer.lora_a_stacked, *layer.lora_b_stacked),
                           lambda: _SlotStack(layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices))
-    merged = getattr(layer, "flywheel_merged", None)
-    if not stack.live[slot] or merged is None and _MERGE_BUDGET_BYTES <= 0:
+    if not stack.live[slot]:
         return None
-    if merged is None or slot not in merged.slots:
-        shape = (sum(layer.output_slices), layer.lora_a_stacked[0].shape[-1])
-        cost = (1 if merged else 2) * shape[0] * shape[1] * layer.base_layer.weight.element_size()
-        if _merge_spent_bytes + cost > _MERGE_BUDGET_BYTES:
-            return None
-        _merge_spent_bytes += cost
-        if merged is None:
-            merged = layer.flywheel_merged = _MergedLayer.read_back(layer)
-    return merged.linear(slot, stack)
+    merged = getattr(layer, "flywheel_merged", None)
+    linear = merged.current(slot, stack) if merged is not None else None
+    if linear is not None or time.monotonic() < _merge_resume_at:
+        return linear
+    copies = 2 if merged is None else 0 if slot in merged.slots else 1  # (base and) the slot's
+    weight_bytes = sum(layer.output_slices) * layer.lora_a_stacked[0].shape[-1] * layer.base_layer.weight.element_size()
+    if _merge_spent_bytes + copies * weight_bytes > _MERGE_BUDGET_BYTES:
+        return None
+    _merge_spent_bytes += copies * weight_bytes
+    started = time.monotonic()
+    if merged is None:
+        merged = layer.flywheel_merged = _MergedLayer.read_back(layer)
+    linear = merged.merge(slot, stack)
+    finished = time.monotonic()
+    _merge_resume_at = finished + _MERGE_IDLE_PER_BUSY * (finished - started)
+    return linear
 
 
 def merged_apply_sync(apply_sync):
