@@ -185,11 +185,20 @@ def _unmerged_apply_sync(calls):
     return apply_sync
 
 
-def _merged_case(indices, seed=6):
-    x, a, b, _, slices = _qkv_case(len(indices), torch.bfloat16, seed)
+def _merged_case(indices, seed=6, dtype=torch.bfloat16):
+    x, a, b, _, slices = _qkv_case(len(indices), dtype, seed)
     a = tuple(t * 0.1 for t in a)  # a LoRA delta the size of trained ones, small next to W
-    weight_OI = torch.randn(sum(slices), x.shape[1], generator=torch.Generator().manual_seed(seed)).bfloat16()
+    weight_OI = torch.randn(sum(slices), x.shape[1], generator=torch.Generator().manual_seed(seed)).to(dtype)
     return x, _LoRALinear(weight_OI, a, b, slices, indices), weight_OI
+
+
+def _assert_unmerged_result(got, layer, x):
+    """Within bf16 rounding of W + B A against that of W x and the LoRA term apart (both ~2^-8
+    of |y|); in fp32, within summation order."""
+    expected = _unmerged_apply_sync([])(layer, x)
+    bf16 = got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), **(dict(atol=0.1, rtol=0.02) if bf16 else {}))
+    assert (got.float() - expected.float()).abs().mean() < (0.01 if bf16 else 1e-5) * expected.float().abs().mean()
 
 
 class _Clock:
@@ -206,6 +215,8 @@ class _Clock:
 def clock(monkeypatch):
     monkeypatch.setattr(ours, "time", _Clock())
     monkeypatch.setattr(ours, "_merge_resume_at", 0.0)
+    monkeypatch.setattr(ours, "_merge_spent_bytes", 0)
+    monkeypatch.setattr(ours, "_MERGE_BUDGET_BYTES", 2**30)
     return ours.time
 
 
@@ -214,15 +225,13 @@ def test_the_base_weight_reads_back_exactly_through_vllms_packed_linear():
     assert torch.equal(ours._MergedLayer.read_back(layer).weight_OI, weight_OI)
 
 
-def test_a_one_adapter_batch_runs_on_the_merged_weight_with_the_unmerged_result(clock):
-    x, layer, _ = _merged_case(torch.full((37,), 2))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_one_adapter_batch_runs_on_the_merged_weight_with_the_unmerged_result(clock, dtype):
+    x, layer, _ = _merged_case(torch.full((37,), 2), dtype=dtype)
     calls = []
-    apply_sync = ours.merged_apply_sync(_unmerged_apply_sync(calls))
-    got, expected = apply_sync(layer, x), _unmerged_apply_sync([])(layer, x)
+    got = ours.merged_apply_sync(_unmerged_apply_sync(calls))(layer, x)
     assert calls == []
-    # bf16 rounding of W + B A against that of W x and the LoRA term apart: both ~2^-8 of |y|
-    torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.02)
-    assert (got.float() - expected.float()).abs().mean() < 0.01 * expected.float().abs().mean()
+    _assert_unmerged_result(got, layer, x)
 
 
 @pytest.mark.parametrize("indices", [torch.tensor([2, 2, 1, 2]), torch.tensor([2, -1, 2, 2])],
@@ -235,20 +244,22 @@ def test_a_batch_of_more_than_one_adapter_or_with_base_rows_is_not_merged(indice
     assert torch.equal(got, _unmerged_apply_sync([])(layer, x))
 
 
-def test_a_slot_written_in_place_is_merged_again_and_the_others_are_kept(clock):
-    x, layer, _ = _merged_case(torch.full((8,), 2))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_slot_written_in_place_is_merged_again_and_the_others_are_kept(clock, dtype):
+    x, layer, _ = _merged_case(torch.full((8,), 2), dtype=dtype)
     apply_sync = ours.merged_apply_sync(_unmerged_apply_sync([]))
-    apply_sync(layer, x)
-    layer.punica_wrapper = _Wrapper(torch.full((8,), 1))
-    apply_sync(layer, x)
-    kept = layer.flywheel_merged.slots[2][1]
+    on_slot = {slot: _Wrapper(torch.full((8,), slot)) for slot in (1, 2)}
+    for slot in (2, 1):
+        layer.punica_wrapper = on_slot[slot]
+        apply_sync(layer, x)
+    kept, old = layer.flywheel_merged.slots[2][3], layer.flywheel_merged.slots[1][3]
     for a_i in layer.lora_a_stacked:  # a new version into slot 1, as vLLM's set_lora writes it
         a_i[1].mul_(-1)
-    got = apply_sync(layer, x)
-    torch.testing.assert_close(got.float(), _unmerged_apply_sync([])(layer, x).float(), atol=0.1, rtol=0.02)
-    layer.punica_wrapper = _Wrapper(torch.full((8,), 2))
-    apply_sync(layer, x)
-    assert layer.flywheel_merged.slots[2][1] is kept
+    _assert_unmerged_result(apply_sync(layer, x), layer, x)
+    assert layer.flywheel_merged.slots[1][3] is not old
+    layer.punica_wrapper = on_slot[2]
+    _assert_unmerged_result(apply_sync(layer, x), layer, x)
+    assert layer.flywheel_merged.slots[2][3] is kept
 
 
 def test_past_the_memory_budget_a_layer_stays_unmerged(monkeypatch, clock):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 import torch
 
@@ -196,7 +197,8 @@ class _MergedLayer:
 
     def __init__(self, weight_OI: torch.Tensor):
         self.weight_OI = weight_OI
-        self.slots: dict[int, tuple[_SlotStack, torch.nn.Module]] = {}  # slot -> (layout merged, linear)
+        # slot -> (the layout merged from, held weakly; its A and B^T rows of the slot; the linear)
+        self.slots: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor, torch.nn.Module]] = {}
 
     @classmethod
     def read_back(cls, layer) -> "_MergedLayer":
@@ -210,26 +212,25 @@ class _MergedLayer:
         """The slot's merged linear if it was merged from the slot's weights in `stack` (a write
         to any slot renews the layout; the other slots' linears stay)."""
         held = self.slots.get(slot)
-        if held is None or held[0] is not stack and not _same_slot(held[0], stack, slot):
+        if held is None:
             return None
-        self.slots[slot] = (stack, held[1])
-        return held[1]
+        if held[0]() is not stack:
+            if not (torch.equal(held[1], stack.a_SKI[slot]) and torch.equal(held[2], stack.bt_SKO[slot])):
+                return None
+            self.slots[slot] = (weakref.ref(stack), *held[1:])
+        return held[3]
 
     def merge(self, slot: int, stack: _SlotStack) -> torch.nn.Module:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-        delta_OI = stack.bt_SKO[slot].t().float() @ stack.a_SKI[slot].float()
-        merged_OI = self.weight_OI.float()
-        merged_OI[:delta_OI.shape[0]] += delta_OI
+        merged_OI = self.weight_OI.to(torch.float32, copy=True)  # a copy also of an fp32 base
+        rows = stack.bt_SKO.shape[2]
+        merged_OI[:rows].addmm_(stack.bt_SKO[slot].t().float(), stack.a_SKI[slot].float())
         linear = torch.nn.Module()
         linear.weight = torch.nn.Parameter(merged_OI.to(self.weight_OI.dtype), requires_grad=False)
         dispatch_cpu_unquantized_gemm(linear, remove_weight=True)  # vLLM's packing for this shape
-        self.slots[slot] = (stack, linear)
+        self.slots[slot] = (weakref.ref(stack), stack.a_SKI[slot].clone(), stack.bt_SKO[slot].clone(), linear)
         return linear
-
-
-def _same_slot(old: _SlotStack, new: _SlotStack, slot: int) -> bool:
-    return torch.equal(old.a_SKI[slot], new.a_SKI[slot]) and torch.equal(old.bt_SKO[slot], new.bt_SKO[slot])
 
 
 def _merged_linear(layer) -> torch.nn.Module | None:
