@@ -52,6 +52,11 @@ class _Batch:
             self.groups = [(s, (indices == s).nonzero().squeeze(1)) for s in slots]
         self._masks: dict[tuple, torch.Tensor] = {}
 
+    @property
+    def only_slot(self) -> int | None:
+        """The slot of every token, if they all have one (the common case), else None."""
+        return self.groups[0][0] if len(self.groups) == 1 and self.groups[0][1] is None else None
+
     def slot_mask(self, slots: int, rank_rows: int, dtype: torch.dtype) -> torch.Tensor:
         """(T, slots x K) ones where column block s belongs to token t's slot; zeros on index -1 rows."""
         if (slots, rank_rows, dtype) not in self._masks:
@@ -75,11 +80,6 @@ def _batch(indices: torch.Tensor) -> _Batch:
     return _recent_batches[-1]
 
 
-def _slot_groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """[(slot, rows)] for each adapter slot in the batch; rows None means every row."""
-    return _batch(indices).groups
-
-
 def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
     """(T, out) = inputs (T, in) @ weights[indices[t]].T per row; rows with index -1 are zero.
@@ -90,11 +90,11 @@ def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
         weights = weights.squeeze(1)
     n_tokens = indices.shape[0]
     x_TI = inputs[:n_tokens].to(dtype)
-    groups = _slot_groups(indices)
-    if len(groups) == 1 and groups[0][1] is None:  # the common case: one adapter for the whole batch
-        return x_TI @ weights[groups[0][0]].to(dtype).t()
+    batch = _batch(indices)
+    if batch.only_slot is not None:
+        return x_TI @ weights[batch.only_slot].to(dtype).t()
     out_TO = x_TI.new_zeros(n_tokens, weights.shape[1])
-    for slot, rows in groups:
+    for slot, rows in batch.groups:
         out_TO.index_copy_(0, rows, x_TI.index_select(0, rows) @ weights[slot].to(dtype).t())
     return out_TO
 
@@ -143,6 +143,11 @@ def _from_weights(kind: str, weights: tuple[torch.Tensor, ...], build):
     return held[2]
 
 
+def _slot_stack(a_stacked, b_stacked, output_slices) -> _SlotStack:
+    """The layer's `_SlotStack`, laid out again after vLLM writes a slot."""
+    return _from_weights("stack", (*a_stacked, *b_stacked), lambda: _SlotStack(a_stacked, b_stacked, output_slices))
+
+
 def add_lora_linear(wrapper, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                     lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...], *,
                     buffer=None, **kwargs) -> None:
@@ -159,8 +164,7 @@ def add_lora_linear(wrapper, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: t
     """
     indices = wrapper.token_lora_indices
     n_tokens = indices.shape[0]
-    stack = _from_weights("stack", (*lora_a_stacked, *lora_b_stacked),
-                          lambda: _SlotStack(lora_a_stacked, lora_b_stacked, output_slices))
+    stack = _slot_stack(lora_a_stacked, lora_b_stacked, output_slices)
     batch = _batch(indices)
     groups = [(slot, rows) for slot, rows in batch.groups if stack.live[slot]]
     if not groups:
@@ -238,12 +242,10 @@ def _merged_linear(layer) -> torch.nn.Module | None:
     base rows), the slot does not train this layer, the layer is not an unquantized CPU linear,
     its merge waits its turn, or the budget is spent."""
     global _merge_spent_bytes, _merge_resume_at
-    groups = _batch(layer.punica_wrapper.token_lora_indices).groups
-    if len(groups) != 1 or groups[0][1] is not None or not hasattr(layer.base_layer, "cpu_linear"):
+    slot = _batch(layer.punica_wrapper.token_lora_indices).only_slot
+    if slot is None or not hasattr(layer.base_layer, "cpu_linear"):
         return None
-    slot = groups[0][0]
-    stack = _from_weights("stack", (*layer.lora_a_stacked, *layer.lora_b_stacked),
-                          lambda: _SlotStack(layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices))
+    stack = _slot_stack(layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices)
     if not stack.live[slot]:
         return None
     merged = getattr(layer, "flywheel_merged", None)
@@ -285,7 +287,7 @@ def skipping_dead_logits(add_lora_logits):
     def add_lora_logits_if_live(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs):
         live = _from_weights("live", (lora_a_stacked, lora_b_stacked),
                              lambda: _live_slots((lora_a_stacked,), (lora_b_stacked,)))
-        if any(live[slot] for slot, _ in _slot_groups(wrapper.sampler_indices)):
+        if any(live[slot] for slot, _ in _batch(wrapper.sampler_indices).groups):
             return add_lora_logits(wrapper, y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs)
         return None
 
