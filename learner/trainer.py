@@ -39,7 +39,7 @@ from flywheel.learner.distributed import (
     shard_base_model,
     sum_grads,
 )
-from flywheel.learner.logprobs import token_logprobs
+from flywheel.learner.logprobs import policy_kl_from_hidden, token_logprobs
 from flywheel.learner.loss import (
     LossConfig,
     Normalizer,
@@ -126,6 +126,17 @@ class UpdateRefused(RuntimeError):
 class AdapterSnapshot:
     weights: dict[str, torch.Tensor]  # parameter name -> a copy
     optimizer: dict  # the optimizer's state_dict, deep-copied
+
+
+@dataclass(frozen=True)
+class Distributions:
+    """The policy's next-token distributions at a micro-batch's N completion positions, no grad:
+    the final hidden states where the LM head is plain (the logits recomputed from them a
+    vocabulary block at a time), else the log-probs themselves."""
+
+    temperature_N: torch.Tensor  # (N,) each position's sampling temperature
+    hidden_ND: torch.Tensor | None = None  # (N, D)
+    logp_NV: torch.Tensor | None = None  # (N, V)
 
 
 @dataclass
@@ -241,34 +252,41 @@ class PolicyTrainer:
 
     # ---- log-probs ----------------------------------------------------------
 
-    def completion_logprobs(self, mb: MicroBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log pi(completion token | context) for every completion position: (B, T), and entropies.
+    def completion_logprobs(self, mb: MicroBatch, with_entropy: bool, keep: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, Distributions | None]:
+        """log pi(completion token | context) for every completion position: (B, T), their
+        entropies when asked, and with `keep` the policy's whole next-token distributions there
+        (`Distributions`, no grad: for the step's KL).
 
         Logits divided by the call's sampling temperature, as vLLM's processed logprobs are.
         """
         B, T = mb.completion_ids_BT.shape
+        temperature_N = mb.temperature_B.repeat_interleave(T)
         head = self.model.base_model.model.get_output_embeddings()
         # the head checked at start, unless an adapter loaded since put LoRA layers on it
         if self._lm_head_weight is not None and type(head) is torch.nn.Linear:
-            hidden_BTD = self._completion_hidden(mb)
-            logp_N, entropy_N = token_logprobs(hidden_BTD.reshape(B * T, -1), self._lm_head_weight,
-                                               mb.completion_ids_BT.reshape(-1),
-                                               mb.temperature_B.repeat_interleave(T), with_entropy)
-            return logp_N.view(B, T), entropy_N.view(B, T) if with_entropy else None
+            hidden_ND = self._completion_hidden(mb).reshape(B * T, -1)
+            logp_N, entropy_N = token_logprobs(hidden_ND, self._lm_head_weight, mb.completion_ids_BT.reshape(-1),
+                                               temperature_N, with_entropy)
+            kept = Distributions(temperature_N, hidden_ND=hidden_ND.detach()) if keep else None
+            return logp_N.view(B, T), entropy_N.view(B, T) if with_entropy else None, kept
         logits_BTV = self._completion_logits(mb)
         lse_BT = torch.logsumexp(logits_BTV, dim=-1)
         logp_BT = logits_BTV.gather(-1, mb.completion_ids_BT.unsqueeze(-1)).squeeze(-1) - lse_BT
-        entropy_BT = None
-        if with_entropy:
-            with torch.no_grad():
+        entropy_BT = kept = None
+        with torch.no_grad():
+            if with_entropy:
                 probs_BTV = torch.exp(logits_BTV - lse_BT.unsqueeze(-1))
                 entropy_BT = lse_BT - (probs_BTV * logits_BTV).sum(-1)
-        return logp_BT, entropy_BT
+            if keep:
+                kept = Distributions(temperature_N, logp_NV=(logits_BTV - lse_BT.unsqueeze(-1)).reshape(B * T, -1))
+        return logp_BT, entropy_BT, kept
 
-    def _policy_BTV(self, mb: MicroBatch) -> torch.Tensor:
-        """The policy's whole next-token distribution (log-probs) at each completion position, no grad."""
-        with torch.no_grad():
-            return torch.log_softmax(self._completion_logits(mb), dim=-1)
+    def _step_kl_N(self, before: Distributions, after: Distributions) -> torch.Tensor:
+        """Exact KL(before || after) at each position: how far the step moved the policy."""
+        if before.hidden_ND is not None:
+            return policy_kl_from_hidden(before.hidden_ND, after.hidden_ND, self._lm_head_weight, before.temperature_N)
+        return policy_kl(before.logp_NV, after.logp_NV)
 
     def _predicting_T(self, mb: MicroBatch) -> torch.Tensor:
         """The positions whose next-token distributions predict the completion: P - 1 + t."""
@@ -323,7 +341,8 @@ class PolicyTrainer:
         out = []
         with torch.no_grad():
             for group in pack(items, self.config.micro_batch_tokens):
-                logp_BT, _ = self.completion_logprobs(collate(group, self.pad_id).to(self.device), with_entropy=False)
+                logp_BT, _, _ = self.completion_logprobs(collate(group, self.pad_id).to(self.device),
+                                                         with_entropy=False)
                 for item, logps in zip(group, logp_BT.tolist()):
                     out.append((item, logps[:len(item.transition.completion_ids)]))
         order = {id(item): i for i, item in enumerate(items)}
@@ -374,14 +393,19 @@ class PolicyTrainer:
         stats, sums = UpdateStats(tokens=tokens), Counter()
         mismatch_max = 0.0
         old_logps: list[torch.Tensor] = []
-        owns_probe = bool(mine) and mine[0] == 0  # the batch's first micro-batch, for the step's KL
+        # the step's KL is measured on the batch's first micro-batch: its policy before the step is
+        # kept from its first training forward, and after the step it is run once more (sharded, by
+        # every rank, as every forward is a collective there)
+        owns_probe = bool(mine) and mine[0] == 0
         probe = (batches[0] if owns_probe else whole[0].to(self.device)) if owns_probe or self.sharded else None
-        before_BTV = self._policy_BTV(probe) if probe is not None else None
+        before = None
         for epoch in range(config.ppo_epochs):
             for i, mb in enumerate(batches):
                 mask_BT = mb.completion_mask_BT.bool()
                 part, gap_max = Counter(), 0.0  # this micro-batch's sums, counted unless it is a filler
-                logp_BT, entropy_BT = self.completion_logprobs(mb, with_entropy=epoch == 0)
+                logp_BT, entropy_BT, kept = self.completion_logprobs(mb, with_entropy=epoch == 0,
+                                                                     keep=owns_probe and epoch == 0 and i == 0)
+                before = kept or before
                 if epoch == 0:
                     old_logps.append(logp_BT.detach())
                     gap_BT = (old_logps[i] - mb.behavior_logp_BT).abs()[mask_BT]
@@ -392,7 +416,7 @@ class PolicyTrainer:
                 ref_BT = None
                 if loss_config.beta:
                     with torch.no_grad(), self.model.disable_adapter():
-                        ref_BT, _ = self.completion_logprobs(mb, with_entropy=False)
+                        ref_BT, _, _ = self.completion_logprobs(mb, with_entropy=False)
                     part["kl"] += float(k3_kl(logp_BT.detach(), ref_BT)[mask_BT].sum())
                 is_weight_BT = (truncated_is_weight(old_logps[i], mb.behavior_logp_BT, loss_config.is_cap)
                                 if loss_config.is_cap > 0 else None)
@@ -419,10 +443,13 @@ class PolicyTrainer:
             stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if probe is not None:  # how far the step moved the policy, on the first micro-batch
-            kl_BT = policy_kl(before_BTV, self._policy_BTV(probe))
-            sums["step_kl"] = float(kl_BT[probe.completion_mask_BT.bool()].mean()) if owns_probe else 0.0
-            del before_BTV
+        if probe is not None:
+            with torch.no_grad():
+                _, _, after = self.completion_logprobs(probe, with_entropy=False, keep=True)
+            if owns_probe:
+                mask_N = probe.completion_mask_BT.reshape(-1).bool()
+                sums["step_kl"] = float(self._step_kl_N(before, after)[mask_N].mean())
+            del before, after
         sums = Counter(dict(zip(_SUMMED, all_sum([sums[key] for key in _SUMMED], self.ranks, self.device))))
         stats.mismatch_max = all_max(mismatch_max, self.ranks, self.device)
         stats.padded_tokens = int(sums["padded_tokens"])

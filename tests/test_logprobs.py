@@ -1,11 +1,12 @@
-"""token_logprobs (chunked LM head log-probs) and the learner's CPU attention, against plain torch."""
+"""token_logprobs (the LM head log-probs a vocabulary block at a time) and the learner's CPU attention, against plain torch."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flywheel.learner import attention
-from flywheel.learner.logprobs import token_logprobs
+from flywheel.learner.logprobs import policy_kl_from_hidden, token_logprobs
+from flywheel.learner.loss import policy_kl
 
 
 def reference(hidden_ND, weight_VD, targets_N, temperature_N):
@@ -15,8 +16,8 @@ def reference(hidden_ND, weight_VD, targets_N, temperature_N):
     return logp_NV.gather(-1, targets_N[:, None]).squeeze(-1), entropy_N
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 64])  # one row at a time, chunks that do not divide N, one chunk
-def test_logprobs_entropies_and_gradients_equal_a_full_log_softmax(chunk):
+@pytest.mark.parametrize("block", [1, 3, 4, 64])  # one vocabulary row at a time, blocks that do not divide V, one block
+def test_logprobs_entropies_and_gradients_equal_a_full_log_softmax(block):
     torch.manual_seed(0)
     N, D, V = 7, 5, 11
     hidden = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
@@ -25,7 +26,7 @@ def test_logprobs_entropies_and_gradients_equal_a_full_log_softmax(chunk):
     temperature = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.7, 1.3, 1.0], dtype=torch.float64)
     g_N = torch.randn(N, dtype=torch.float64)
 
-    logp, entropy = token_logprobs(hidden, weight, targets, temperature, with_entropy=True, chunk=chunk)
+    logp, entropy = token_logprobs(hidden, weight, targets, temperature, with_entropy=True, block=block)
     (logp.double() * g_N).sum().backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -47,6 +48,28 @@ def test_without_entropy_none_and_a_frozen_weight_gets_no_gradient():
     logp, entropy = token_logprobs(hidden, weight, torch.tensor([0, 5, 2, 2]), torch.ones(4))
     logp.sum().backward()
     assert entropy is None and weight.grad is None and hidden.grad.shape == (4, 3)
+
+
+@pytest.mark.parametrize("block", [1, 4, 64])
+def test_policy_kl_from_hidden_equals_the_kl_of_full_log_softmaxes(block):
+    torch.manual_seed(0)
+    N, D, V = 6, 5, 11
+    before, after = torch.randn(N, D), torch.randn(N, D) * 2  # the second far from the first: large KLs
+    weight = torch.randn(V, D)
+    temperature = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.7, 1.3])
+
+    kl_N = policy_kl_from_hidden(before, after, weight, temperature, block=block)
+
+    def logp_NV(hidden_ND):
+        return torch.log_softmax((hidden_ND.double() @ weight.double().t()) / temperature.double()[:, None], -1)
+    torch.testing.assert_close(kl_N.double(), policy_kl(logp_NV(before), logp_NV(after)), atol=1e-5, rtol=1e-5)
+    assert kl_N.min() > 0.1
+    torch.testing.assert_close(policy_kl_from_hidden(before, before, weight, temperature, block=block),
+                               torch.zeros(N), atol=1e-6, rtol=0)
+    # one small step's KL (~1e-7 here), below fp32's rounding of the logits' log-sum-exp, is still measured
+    nudged = before + torch.randn(N, D) * 1e-3
+    small_N = policy_kl_from_hidden(before, nudged, weight, temperature, block=block)
+    torch.testing.assert_close(small_N.double(), policy_kl(logp_NV(before), logp_NV(nudged)), atol=1e-10, rtol=1e-2)
 
 
 def eager_mask(pad_B, L):

@@ -190,14 +190,14 @@ def test_logprobs_equal_a_full_forward_with_log_softmax(tiny_llama):
     assert_lists_close(trainer.score("tiny", ITEMS), full_forward_logprobs(trainer, ITEMS), atol=1e-5)
 
 
-def test_chunked_lm_head_log_probs_give_the_models_own_loss_gradients(tiny_llama):
+def test_blocked_lm_head_log_probs_give_the_models_own_loss_gradients(tiny_llama):
     trainer = trainer_with_adapter(tiny_llama)
     mb = collate(ITEMS, trainer.pad_id)
     weights_BT = torch.randn(mb.completion_ids_BT.shape, generator=torch.Generator().manual_seed(2))
     grads, entropies = [], []
-    for head in (trainer._lm_head_weight, None):  # chunked from the hidden states; the model's own forward
+    for head in (trainer._lm_head_weight, None):  # a block at a time from the hidden states; the model's own forward
         trainer._lm_head_weight = head
-        logp_BT, entropy_BT = trainer.completion_logprobs(mb, with_entropy=True)
+        logp_BT, entropy_BT, _ = trainer.completion_logprobs(mb, with_entropy=True)
         (logp_BT * weights_BT * mb.completion_mask_BT).sum().backward()
         grads.append({n: p.grad.clone() for n, p in lora_params(trainer).items()})
         entropies.append(entropy_BT[mb.completion_mask_BT.bool()])
@@ -206,6 +206,32 @@ def test_chunked_lm_head_log_probs_give_the_models_own_loss_gradients(tiny_llama
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(entropies[0], entropies[1], atol=1e-5, rtol=0)
+
+
+def test_step_kl_from_kept_hidden_states_equals_the_kl_of_kept_log_probs(tiny_llama):
+    """The two ways the update keeps the policy before its step (hidden states for a plain head,
+    else the log-probs) measure the same KL once the adapter moves."""
+    trainer = trainer_with_adapter(tiny_llama)
+    mb = collate(ITEMS, trainer.pad_id)
+    head = trainer._lm_head_weight
+
+    def kept_both():
+        kept = []
+        for trainer._lm_head_weight in (head, None):
+            kept.append(trainer.completion_logprobs(mb, with_entropy=False, keep=True)[2])
+        return kept
+
+    before = kept_both()
+    with torch.no_grad():
+        for p in lora_params(trainer).values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+    after = kept_both()
+    trainer._lm_head_weight = head
+    kl_plain_N = trainer._step_kl_N(before[0], after[0])
+    kl_full_N = trainer._step_kl_N(before[1], after[1])
+    assert before[0].hidden_ND is not None and before[1].logp_NV is not None
+    torch.testing.assert_close(kl_plain_N, kl_full_N, atol=1e-5, rtol=1e-4)
+    assert kl_full_N.max() > 1e-3
 
 
 def test_logprobs_keep_the_models_own_logit_processing(tiny_gemma2):
